@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make pipeline` (set up + run the DVC pipeline)
+# and `make test` (set up + run the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+# The offline data mirror: $LLM_PIPELINE_MIRROR if set, else ../shared/datasets when present.
+LLM_PIPELINE_MIRROR ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
+export LLM_PIPELINE_MIRROR
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup pipeline test bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# One MLflow parent run per execution (see README, MLflow).
+pipeline: setup
+	LLM_PIPELINE_RUN_GROUP=$${LLM_PIPELINE_RUN_GROUP:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
+
+test: setup
+	pytest
+
+bench: setup
+	python benchmarks/bench_gpt.py

@@ -1,0 +1,87 @@
+"""Causal multi-head self-attention, with an explicit path, an SDPA path and a KV cache."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to the context length."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (batch_size, n_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_length = max_length
+        self.length = 0  # tokens already stored; advanced by the model after all layers ran
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} tokens > context length {self.max_length}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention over `num_heads` heads with one fused q/k/v projection."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, num_heads: int,
+                 dropout: float = 0.0, qkv_bias: bool = False, use_sdpa: bool = True):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.d_out = d_out
+        self.dropout = dropout
+        self.use_sdpa = use_sdpa
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.register_buffer(
+            "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1),
+            persistent=False,
+        )
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        batch, n_tokens, _ = x.shape
+        q, k, v = self.qkv(x).split(self.d_out, dim=2)
+        # (batch, tokens, d_out) -> (batch, heads, tokens, head_dim)
+        q, k, v = (t.view(batch, n_tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)
+        if self.use_sdpa:
+            context = self._sdpa(q, k, v, past)
+        else:
+            context = self._explicit(q, k, v, past)
+        context = context.transpose(1, 2).reshape(batch, n_tokens, self.d_out)
+        return self.out_proj(context)
+
+    def _causal_mask(self, past: int, n_queries: int) -> torch.Tensor:
+        # Query i sits at absolute position past + i and may see keys 0..past + i.
+        return self.mask[past : past + n_queries, : past + n_queries]
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(self._causal_mask(past, q.shape[2]), float("-inf"))
+        weights = self.attn_dropout(torch.softmax(scores, dim=-1))
+        return weights @ v
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if q.shape[2] == 1:  # one new token sees every cached key: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        # is_causal aligns the mask top-left, which is wrong when queries start at `past`.
+        allowed = ~self._causal_mask(past, q.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)

@@ -1,0 +1,266 @@
+"""Fetch files by URL or from a local mirror, verified by sha256 and written atomically."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+# Far above any member we fetch, yet it stops a zip bomb from filling the disk.
+DEFAULT_MAX_MEMBER_BYTES = 1 << 30
+
+
+class FetchError(RuntimeError):
+    """A file could not be obtained or did not match its checksum."""
+
+
+class BadContentError(FetchError):
+    """Bytes were obtained but are wrong (checksum, archive); retrying the same URL won't help."""
+
+
+class MissingError(FetchError):
+    """A file is in no mirror and could not be downloaded (offline or network failure)."""
+
+    def __init__(self, message: str, filename: str, url: str, reason: str = ""):
+        super().__init__(message)
+        self.filename = filename
+        self.url = url
+        self.reason = reason  # the last network error, if any
+
+
+@dataclass(frozen=True)
+class Source:
+    """One remote file: where it lives, what it must hash to, and its local name.
+
+    With `archive_member` set, the URLs and the mirror hold a zip archive and `filename`
+    is that member extracted; `sha256` is then the member's hash, not the zip's, since the
+    same member can be served in zips that differ byte for byte. An empty `sha256` means
+    unpinned: accepted unverified (callers must opt in to that explicitly).
+    """
+
+    name: str
+    urls: Sequence[str]
+    sha256: str
+    filename: str
+    # Where the verified file is looked up in a mirror folder (defaults to filename).
+    mirror_path: str = ""
+    archive_member: str = ""
+
+    @property
+    def mirror_relpath(self) -> str:
+        return self.mirror_path or self.filename
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_beside(dest: Path) -> Path:
+    """A new, uniquely named temp file next to dest, for a later os.replace.
+
+    mkstemp creates it private (0600); it gets the umask's usual mode instead, so the
+    renamed result looks like any other file the user writes.
+    """
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
+
+
+def _check_sha256(path: Path, sha256: str, label: str) -> None:
+    if not sha256:
+        return
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise BadContentError(f"{label}: sha256 mismatch (expected {sha256}, got {actual})")
+
+
+def extract_member(
+    archive: Path, member: str, dest: Path, sha256: str, max_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> None:
+    """Extract only `member` of the zip `archive` to dest, atomically, verified by sha256.
+
+    The whole archive is refused if any member name is absolute or climbs out with `..`,
+    and the member is refused once it inflates past `max_bytes` (its header may lie).
+    """
+    label = f"{archive.name}:{member}"
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            for info in bundle.infolist():
+                path = PurePosixPath(info.filename.replace("\\", "/"))
+                if path.is_absolute() or ".." in path.parts or ":" in info.filename:
+                    raise BadContentError(f"{archive.name}: unsafe member path {info.filename!r}")
+            try:
+                info = bundle.getinfo(member)
+            except KeyError:
+                raise BadContentError(f"{archive.name}: no member {member!r}") from None
+            if info.file_size > max_bytes:
+                raise BadContentError(f"{label}: member is {info.file_size} bytes, over the {max_bytes}-byte limit")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_beside(dest)
+            try:
+                with bundle.open(info) as src, open(tmp, "wb") as out:
+                    while block := src.read(1 << 16):
+                        if out.tell() + len(block) > max_bytes:
+                            raise BadContentError(f"{label}: member inflates past the {max_bytes}-byte limit")
+                        out.write(block)
+                _check_sha256(tmp, sha256, label)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise BadContentError(f"{archive.name}: not a readable zip archive ({exc})") from exc
+
+
+def _install(
+    src: Path, dest: Path, sha256: str, member: str, max_bytes: int, label: str, move: bool
+) -> None:
+    """Put the verified file from src (or its zip member) at dest atomically."""
+    if member:
+        extract_member(src, member, dest, sha256, max_bytes)
+        return
+    _check_sha256(src, sha256, label)
+    if move:
+        os.replace(src, dest)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(dest)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_copy_verified(src: Path, dest: Path, sha256: str) -> None:
+    """Copy src to dest through a temp file, refusing it unless its sha256 matches."""
+    _install(src, dest, sha256, "", DEFAULT_MAX_MEMBER_BYTES, str(src), move=False)
+
+
+def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "llm-pipeline"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0)
+        bar = progress(total=total or None, desc=tmp.name.split(".part")[0].lstrip("."),
+                       unit="B", unit_scale=True) if progress else None
+        try:
+            while block := response.read(1 << 16):
+                out.write(block)
+                if bar is not None:
+                    bar.update(len(block))
+        except http.client.IncompleteRead as exc:
+            raise FetchError(f"{url}: truncated download ({out.tell() + len(exc.partial)} of {total} bytes)") from exc
+        finally:
+            if bar is not None:
+                bar.close()
+        if total and out.tell() != total:
+            raise FetchError(f"{url}: truncated download ({out.tell()} of {total} bytes)")
+
+
+def download_verified(
+    urls: Sequence[str],
+    sha256: str,
+    dest: Path,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    progress: Callable | None = None,
+    member: str = "",
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> str:
+    """Download the first URL that yields a file with the given sha256 into dest, atomically;
+    return that URL.
+
+    With `member`, each URL serves a zip whose `member` is extracted and verified instead.
+    Each URL is tried up to `retries` times with exponential backoff; nothing is left at
+    dest (or beside it) unless a verified file was obtained. Raises MissingError when every
+    attempt failed to connect or transfer, BadContentError when some URL served wrong bytes.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    bad_content = False
+    for url in urls:
+        for attempt in range(retries):
+            tmp = temp_beside(dest)
+            try:
+                _download_once(url, tmp, timeout_s, progress)
+                _install(tmp, dest, sha256, member, max_member_bytes, url, move=True)
+                return url
+            except BadContentError as exc:
+                # Wrong bytes will not fix themselves on retry: move to the next URL.
+                errors.append(str(exc))
+                bad_content = True
+                break
+            except (urllib.error.URLError, OSError, http.client.HTTPException, FetchError) as exc:
+                errors.append(f"{url}: {exc}")
+                if attempt + 1 < retries:
+                    time.sleep(backoff_s * 2**attempt)
+            finally:
+                tmp.unlink(missing_ok=True)
+    message = f"{dest.name}: could not download from any URL; " + "; ".join(errors)
+    if bad_content:
+        raise BadContentError(message)
+    raise MissingError(message, dest.name, urls[0] if urls else "(no URL)", errors[-1] if errors else "")
+
+
+def fetch_with_origin(
+    source: Source,
+    dest_dir: str | os.PathLike,
+    mirror: str | os.PathLike | None = None,
+    offline: bool = False,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    **download_kwargs,
+) -> tuple[Path, str]:
+    """Like `fetch`, and also say where the file came from: "present", "mirror:<path>" or the URL."""
+    dest = Path(dest_dir) / source.filename
+    if dest.is_file() and source.sha256 and sha256_file(dest) == source.sha256:
+        return dest, "present"
+    if mirror:
+        candidate = Path(mirror) / source.mirror_relpath
+        if candidate.is_file():
+            _install(candidate, dest, source.sha256, source.archive_member, max_member_bytes,
+                     str(candidate), move=False)
+            return dest, f"mirror:{source.mirror_relpath}"
+    url = source.urls[0] if source.urls else "(no URL)"
+    if offline:
+        raise MissingError(
+            f"{source.filename}: not in mirror {mirror or '(none)'} and offline; get it from {url}",
+            source.filename,
+            url,
+        )
+    used = download_verified(source.urls, source.sha256, dest, member=source.archive_member,
+                             max_member_bytes=max_member_bytes, **download_kwargs)
+    return dest, used
+
+
+def fetch(
+    source: Source,
+    dest_dir: str | os.PathLike,
+    mirror: str | os.PathLike | None = None,
+    offline: bool = False,
+    **download_kwargs,
+) -> Path:
+    """Make `dest_dir/source.filename` exist with the right sha256; return its path.
+
+    Order: an already present, verified file; the mirror folder; the network (unless offline).
+    """
+    return fetch_with_origin(source, dest_dir, mirror, offline, **download_kwargs)[0]

@@ -1,0 +1,169 @@
+"""The GPT model: a config dataclass with presets, transformer blocks, and size estimates."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from gpt.attention import KVCache, MultiHeadAttention
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Architecture hyperparameters; names follow the book (emb_dim, n_heads, n_layers, drop_rate)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False
+    use_sdpa: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named preset (see PRESETS) with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The published GPT-2 sizes (Radford et al. 2019; 124M/355M/774M/1558M), context 1024,
+# with q/k/v biases and a tied output head as OpenAI trained them; plus small CPU presets.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12, qkv_bias=True, tie_weights=True),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16, qkv_bias=True, tie_weights=True),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20, qkv_bias=True, tie_weights=True),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25, qkv_bias=True, tie_weights=True),
+    "mini": GPTConfig(context_length=256, emb_dim=384, n_layers=6, n_heads=6, tie_weights=True),
+    "tiny": GPTConfig(context_length=128, emb_dim=128, n_layers=4, n_heads=4, tie_weights=True),
+    "micro": GPTConfig(context_length=64, emb_dim=32, n_layers=2, n_heads=2, tie_weights=True),
+}
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand 4x, GELU (tanh form, as GPT-2), project back."""
+
+    def __init__(self, emb_dim: int, drop_rate: float):
+        super().__init__()
+        self.fc = nn.Linear(emb_dim, 4 * emb_dim)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * emb_dim, emb_dim)
+        self.dropout = nn.Dropout(drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(norm(x)), then x + ff(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.attn = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.n_heads,
+                                       cfg.drop_rate, cfg.qkv_bias, cfg.use_sdpa)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ff = FeedForward(cfg.emb_dim, cfg.drop_rate)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.attn(self.norm1(x), cache, layer))
+        return x + self.ff(self.norm2(x))
+
+
+class GPTModel(nn.Module):
+    """Token + position embeddings, a stack of transformer blocks, final norm, output head."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's init: residual projections scaled down with depth so the stream's variance stays flat.
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out_proj.weight", "ff.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache sized for this model and batch."""
+        param = self.tok_emb.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, self.cfg.context_length,
+                       self.cfg.emb_dim // self.cfg.n_heads, device=param.device, dtype=param.dtype)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (batch, tokens, emb_dim); extends `cache` when given."""
+        n_tokens = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + n_tokens > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {start + n_tokens} tokens exceeds the context length {self.cfg.context_length}"
+            )
+        positions = torch.arange(start, start + n_tokens, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += n_tokens
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, tokens, vocab_size) for token ids (batch, tokens)."""
+        return self.out_head(self.hidden_states(idx, cache))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters; a tied head counts once (parameters() yields shared tensors once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def memory_estimate(model: nn.Module, training: bool = True) -> dict[str, int]:
+    """Bytes for weights and, when training with AdamW, gradients and the two moment buffers.
+
+    Activations are left out: they depend on batch size and context length.
+    """
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    estimate = {"weights": weights}
+    if training:
+        estimate["gradients"] = weights
+        estimate["adamw_state"] = 2 * weights
+    estimate["total"] = sum(estimate.values())
+    return estimate

@@ -1,0 +1,1 @@
+"""Data stages of the llm-pipeline DVC pipeline: download, validate, tokenize."""

@@ -1,0 +1,86 @@
+"""Helpers shared by the stages: data paths, atomic writes, mirror lookup, the CLI wrapper."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from gpt.fetch import FetchError, temp_beside
+from gpt.tokenizer import TokenizerError
+from pipeline.params import ParamsError
+
+DATA = Path("data")
+RAW = DATA / "raw"
+METRICS = DATA / "metrics"
+BPE_DIR = RAW / "gpt2_bpe"  # what gpt.tokenizer.load_tokenizer reads
+VALIDATE_REPORT = METRICS / "validate.json"
+MIRROR_ENV = "LLM_PIPELINE_MIRROR"
+OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"
+
+
+class DataError(ValueError):
+    """An input file breaks its schema or cannot be used (names the file and row)."""
+
+
+def raw_file(name: str) -> Path:
+    """data/raw/<name>, which must exist."""
+    path = RAW / name
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the download stage first")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path through a temp file in the same folder, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write data as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def resolve_mirror(param: str | None) -> Path | None:
+    """The mirror folder: the `download.mirror` param, else $LLM_PIPELINE_MIRROR, else none."""
+    chosen = param or os.environ.get(MIRROR_ENV) or None
+    if chosen is None:
+        return None
+    mirror = Path(chosen).expanduser()
+    if not mirror.is_dir():
+        raise FetchError(f"mirror folder {mirror} does not exist")
+    return mirror
+
+
+def env_offline() -> bool:
+    """Whether $LLM_PIPELINE_OFFLINE asks for no network access."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+# ValueError covers ParamsError, DataError and the value checks of gpt/; anything else is a bug
+# and keeps its traceback.
+EXPECTED_ERRORS = (ParamsError, FetchError, TokenizerError, ValueError, OSError)
+
+
+def run_stage(name: str, main: Callable[[Path], None]) -> None:
+    """Parse `--params`, run main(params_path) and exit; an expected error becomes one line
+    `<name>: error: <message>` on stderr and exit status 1, without a traceback."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}",
+                                     description=f"Run the {name} stage in the current folder.")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    try:
+        main(args.params)
+    except EXPECTED_ERRORS as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{name}: error: {message}", file=sys.stderr)
+        sys.exit(1)

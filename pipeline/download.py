@@ -1,0 +1,120 @@
+"""Stage `download`: fetch every source into data/raw/ (mirror first, then network), verified."""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gpt.atomic import atomic_dir
+from gpt.fetch import FetchError, MissingError, Source, fetch_with_origin, sha256_file
+from gpt.tokenizer import BPE_SOURCES
+from pipeline.common import BPE_DIR, METRICS, RAW, atomic_write_json, env_offline, resolve_mirror, run_stage
+from pipeline.params import FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section, Str, load_params
+
+MANIFEST = METRICS / "download.json"
+HF_FILES = ("config.json", "model.safetensors")
+
+URL = Str(pattern=r"https?://\S+")
+RELPATH = Str(pattern=r"(?!.*\.\.)[A-Za-z0-9_+-][A-Za-z0-9._+/-]*", optional=True, default="")
+PARAMS = {
+    "download": Section(
+        mirror=Str(optional=True),
+        offline=Bool(),
+        retries=Int(1, 10),
+        backoff_s=Float(0, 60),
+        timeout_s=Float(0, 3600, bounds="(]"),
+        max_member_bytes=Int(low=1),
+        sources=Named(Section(
+            urls=List(URL, min_items=1),
+            sha256=SHA256,
+            filename=FILENAME,
+            mirror_path=RELPATH,
+            archive_member=RELPATH,
+        )),
+        hf_weights=Section(
+            models=List(FILENAME),
+            allow_unpinned=Bool(),
+            pins=Named(Section(
+                repo=Str(pattern=r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+"),
+                revision=Str(pattern=r"[0-9a-f]{40}", optional=True),
+                sha256=Named(dataclasses.replace(SHA256, optional=True)),
+            )),
+        ),
+    )
+}
+
+
+def planned_sources(params: dict, origin: str = "params.yaml") -> list[tuple[str, Source]]:
+    """(subfolder of data/raw, Source) for every file the stage must fetch."""
+    plan = [("", Source(name=name, **spec)) for name, spec in params["sources"].items()]
+    plan += [(BPE_DIR.name, source) for source in BPE_SOURCES]
+    plan += _weight_sources(params["hf_weights"], origin)
+    seen: set[str] = set()
+    for folder, source in plan:
+        target = f"{folder}/{source.filename}".lstrip("/")
+        if target in seen:
+            raise ParamsError(f"{origin}: two sources write data/raw/{target}")
+        seen.add(target)
+    return plan
+
+
+def _weight_sources(cfg: dict, origin: str) -> list[tuple[str, Source]]:
+    plan = []
+    for model in cfg["models"]:
+        pin = cfg["pins"].get(model)
+        key = f"download.hf_weights.pins.{model}"
+        if pin is None:
+            raise ParamsError(f"{origin}: download.hf_weights.models lists {model} but {key} is missing")
+        for name in HF_FILES:
+            sha256 = pin["sha256"].get(name)
+            unpinned = "revision" if pin["revision"] is None else f"sha256.{name}" if sha256 is None else ""
+            if unpinned and not cfg["allow_unpinned"]:
+                raise ParamsError(f"{origin}: {key}.{unpinned} is not pinned; pin it or set "
+                                  "download.hf_weights.allow_unpinned: true to fetch unverified")
+            url = f"https://huggingface.co/{pin['repo']}/resolve/{pin['revision'] or 'main'}/{name}"
+            plan.append((f"hf/{model}", Source(name=f"{model}/{name}", urls=(url,), sha256=sha256 or "",
+                                               filename=name, mirror_path=f"hf/{model}/{name}")))
+    return plan
+
+
+def fetch_all(plan: list[tuple[str, Source]], dest: Path, mirror: Path | None, offline: bool,
+              params: dict) -> list[dict]:
+    """Fetch the plan into dest; return manifest rows. Files unavailable offline or over a dead
+    network are collected and reported together in one FetchError."""
+    progress = partial(tqdm, disable=None, leave=False)  # no bars unless stderr is a terminal
+    rows, missing = [], []
+    for folder, source in plan:
+        try:
+            path, came_from = fetch_with_origin(
+                source, dest / folder, mirror=mirror, offline=offline,
+                max_member_bytes=params["max_member_bytes"], retries=params["retries"],
+                backoff_s=params["backoff_s"], timeout_s=params["timeout_s"], progress=progress)
+        except MissingError as exc:
+            reason = f" (last error: {exc.reason})" if exc.reason else ""
+            missing.append(f"{folder}/{exc.filename} <{exc.url}>{reason}".lstrip("/"))
+            continue
+        rows.append({"file": str(path.relative_to(dest)), "sha256": sha256_file(path),
+                     "bytes": path.stat().st_size, "origin": came_from, "verified": bool(source.sha256)})
+        print(f"download: {rows[-1]['file']} <- {came_from}")
+    if missing:
+        why = "offline" if offline else "network unreachable"
+        raise FetchError(f"{len(missing)} file(s) not in mirror {mirror or '(none)'} and {why}: "
+                         + "; ".join(missing))
+    return rows
+
+
+def main(params_path: Path) -> None:
+    """Fetch all sources into data/raw/ and write the manifest data/metrics/download.json."""
+    params = load_params(params_path, PARAMS)["download"]
+    plan = planned_sources(params, params_path.name)
+    mirror = resolve_mirror(params["mirror"])
+    offline = params["offline"] or env_offline()
+    with atomic_dir(RAW) as staging:
+        rows = fetch_all(plan, staging, mirror, offline, params)
+    atomic_write_json(MANIFEST, {"mirror_used": mirror is not None, "files": rows})
+
+
+if __name__ == "__main__":
+    run_stage("download", main)

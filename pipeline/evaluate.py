@@ -1,0 +1,88 @@
+"""Stage `evaluate`: validation loss and perplexity of the pretrained model, plus generations for fixed prompts."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.data import load_tokens
+from gpt.fetch import sha256_file
+from gpt.generate import generate_text
+from gpt.tokenizer import load_tokenizer
+from gpt.train import evaluate_loss, pick_device
+from pipeline.common import BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
+from pipeline.params import Float, Int, List, Section, Str, load_params
+from pipeline.pretrain import DEVICE, METRICS_FILE as PRETRAIN_METRICS, MODEL_DIR, REGISTERED_NAME, TOKENS
+from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+
+METRICS_FILE = METRICS / "evaluate.json"
+SAMPLES_FILE = DATA / "samples" / "evaluate.json"
+PARAMS = {
+    "evaluate": Section(
+        batch_size=Int(low=1),
+        max_batches=Int(low=1, optional=True),
+        prompts=List(Str(), min_items=1),
+        max_new_tokens=Int(low=1),
+        temperature=Float(0, 10, bounds="(]"),
+        top_k=Int(low=1, optional=True),
+        top_p=Float(0, 1, bounds="(]", optional=True),
+        seed=Int(low=0),
+        device=DEVICE,
+    )
+}
+
+
+def timed_loss(model, tokens, batch_size: int, max_batches: int | None) -> tuple[float, float]:
+    """(mean loss, tokens/s of the forward passes) over the token array."""
+    start = time.perf_counter()
+    loss = evaluate_loss(model, tokens, batch_size, max_batches)
+    context = model.cfg.context_length
+    windows = (len(tokens) - 1) // context
+    if max_batches is not None:
+        windows = min(windows, max_batches * batch_size)
+    return loss, windows * context / (time.perf_counter() - start)
+
+
+def main(params_path: Path) -> None:
+    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    cfg = params["evaluate"]
+    device = pick_device(cfg["device"])
+    model = load_model(MODEL_DIR, device, drop_rate=0.0).eval()
+    tokenizer = load_tokenizer(BPE_DIR)
+    val_loss, tokens_per_s = timed_loss(model, load_tokens(TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
+    train_loss, _ = timed_loss(model, load_tokens(TOKENS / "train.bin"), cfg["batch_size"], cfg["max_batches"])
+
+    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+    samples = []
+    start, new_tokens = time.perf_counter(), 0
+    for prompt in cfg["prompts"]:
+        greedy = generate_text(model, tokenizer, prompt, cfg["max_new_tokens"])
+        sampled = generate_text(model, tokenizer, prompt, cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                top_k=cfg["top_k"], top_p=cfg["top_p"], generator=generator)
+        new_tokens += len(tokenizer.encode(greedy, allowed_special="all"))
+        new_tokens += len(tokenizer.encode(sampled, allowed_special="all"))
+        samples.append({"prompt": prompt, "greedy": greedy, "sampled": sampled})
+    metrics = {
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss),
+        "train_loss": train_loss,
+        "eval_tokens_per_s": round(tokens_per_s, 1),
+        "generation_tokens_per_s": round(new_tokens / (time.perf_counter() - start), 1),
+    }
+    for sample in samples:
+        print(f"--- {sample['prompt']!r}\n greedy:  {sample['greedy']!r}\n sampled: {sample['sampled']!r}")
+    atomic_write_json(SAMPLES_FILE, samples)
+    version = json.loads(PRETRAIN_METRICS.read_text())["registered_version"]
+    with stage_run("evaluate", cfg, {"val.bin": sha256_file(TOKENS / "val.bin")}, params["mlflow"]):
+        log_step_metrics(metrics, step=0)
+        log_path(SAMPLES_FILE)
+        # The registry entry of the evaluated model carries its evaluation, for review.
+        tag_model_version(REGISTERED_NAME, version, {f"eval.{k}": v for k, v in metrics.items()})
+    atomic_write_json(METRICS_FILE, metrics)
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

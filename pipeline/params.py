@@ -1,0 +1,179 @@
+"""Load params.yaml and check each stage's sections and keys against a small declarative spec."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unparsable, or has a wrong, unknown or missing key."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one value must be; `fields` (exact keys) or `values` (any keys) for mappings."""
+
+    type: type
+    optional: bool = False  # may be missing or null; then it reads as `default`
+    default: Any = None
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    bounds: str = "[]"  # "(]" etc.: which interval ends are open
+    pattern: str = ""
+    min_items: int = 0
+    item: Spec | None = None
+    fields: Mapping[str, Spec] = field(default_factory=dict)
+    values: Spec | None = None
+
+
+def Int(low: float | None = None, high: float | None = None, **kw: Any) -> Spec:
+    return Spec(int, low=low, high=high, **kw)
+
+
+def Float(low: float | None = None, high: float | None = None, **kw: Any) -> Spec:
+    return Spec(float, low=low, high=high, **kw)
+
+
+def Str(**kw: Any) -> Spec:
+    return Spec(str, **kw)
+
+
+def Bool(**kw: Any) -> Spec:
+    return Spec(bool, **kw)
+
+
+def List(item: Spec, min_items: int = 0, **kw: Any) -> Spec:
+    return Spec(list, item=item, min_items=min_items, **kw)
+
+
+def Section(**fields: Spec) -> Spec:
+    """A mapping with exactly these keys (missing ones allowed only if optional)."""
+    return Spec(dict, fields=fields)
+
+
+def Named(values: Spec, **kw: Any) -> Spec:
+    """A mapping from free names (file-name-like) to values of one spec."""
+    return Spec(dict, values=values, **kw)
+
+
+SHA256 = Str(pattern=r"[0-9a-f]{64}")
+# A plain file name: no folders, no hidden files, so params can never point outside data/.
+FILENAME = Str(pattern=r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+# Keys read by several stages, declared once so every reader checks them the same way.
+CONTEXT_LENGTH = Int(low=1)
+CORPUS = List(FILENAME, min_items=1)
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping"}
+
+
+def _in_range(value: float, spec: Spec) -> bool:
+    low_ok = spec.low is None or (value > spec.low if spec.bounds[0] == "(" else value >= spec.low)
+    high_ok = spec.high is None or (value < spec.high if spec.bounds[1] == ")" else value <= spec.high)
+    return low_ok and high_ok
+
+
+def _range_text(spec: Spec) -> str:
+    if spec.high is None:
+        return f"{'>' if spec.bounds[0] == '(' else '>='} {spec.low:g}"
+    if spec.low is None:
+        return f"{'<' if spec.bounds[1] == ')' else '<='} {spec.high:g}"
+    return f"in {spec.bounds[0]}{spec.low:g}, {spec.high:g}{spec.bounds[1]}"
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    # YAML gives bools for true/false; they are ints to Python but never a valid number here.
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check(value: Any, spec: Spec, key: str, origin: str = "params.yaml") -> Any:
+    """Return `value` checked against spec (optional fields filled in); raise ParamsError naming `key`."""
+    def fail(what: str) -> ParamsError:
+        return ParamsError(f"{origin}: {key} must be {what}, got {value!r}")
+
+    if value is None and spec.optional:
+        return spec.default
+    if not _type_ok(value, spec.type):
+        raise fail(_TYPE_NAMES[spec.type])
+    if spec.choices and value not in spec.choices:
+        raise fail("one of " + ", ".join(map(str, spec.choices)))
+    if (spec.low is not None or spec.high is not None) and not _in_range(value, spec):
+        raise fail(_range_text(spec))
+    if spec.pattern and not re.fullmatch(spec.pattern, value):
+        raise fail(f"a string matching {spec.pattern}")
+    if spec.type is list:
+        if len(value) < spec.min_items:
+            raise fail(f"a list of at least {spec.min_items} item(s)")
+        return [check(v, spec.item, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if spec.type is dict:
+        return _check_mapping(value, spec, key, origin)
+    return float(value) if spec.type is float else value
+
+
+def _check_mapping(value: dict, spec: Spec, key: str, origin: str) -> dict:
+    if spec.values is not None:
+        for name in value:
+            if not isinstance(name, str) or not re.fullmatch(FILENAME.pattern, name):
+                raise ParamsError(f"{origin}: {key} has an invalid name {name!r}")
+        return {name: check(v, spec.values, f"{key}.{name}", origin) for name, v in value.items()}
+    unknown = sorted(set(value) - set(spec.fields), key=str)
+    if unknown:
+        raise ParamsError(f"{origin}: unknown key {key}.{unknown[0]} (allowed: {', '.join(spec.fields)})")
+    out = {}
+    for name, sub in spec.fields.items():
+        if name not in value and not sub.optional:
+            raise ParamsError(f"{origin}: missing key {key}.{name}")
+        out[name] = check(value.get(name), sub, f"{key}.{name}", origin)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The parsed params file as a mapping of section names to sections."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path.name}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path.name}: must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_params(
+    path: str | Path,
+    sections: Mapping[str, Spec],
+    keys: Mapping[str, Spec] | None = None,
+) -> dict:
+    """Read params, checking strictly the `sections` a stage owns and the dotted `keys` it
+    reads from other sections; return {section: checked values} plus {dotted key: value}.
+
+    Sections nobody declared here are left alone, so a stage never fails on (or depends on
+    the spec of) another stage's params.
+    """
+    data = read_yaml(path)
+    origin = Path(path).name
+    out: dict = {}
+    for name, spec in sections.items():
+        if name not in data:
+            raise ParamsError(f"{origin}: missing section {name}")
+        out[name] = check(data[name], spec, name, origin)
+    for dotted, spec in (keys or {}).items():
+        node: Any = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{origin}: missing key {dotted}")
+            node = node[part]
+        out[dotted] = check(node, spec, dotted, origin)
+    return out

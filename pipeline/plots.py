@@ -1,0 +1,50 @@
+"""Plot data for DVC (CSV rows) and PNG pictures of training curves."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # stages run headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.common import atomic_write_text  # noqa: E402
+
+
+def write_rows(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None:
+    """Write the given columns of `rows` as CSV (DVC plots read it), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Save a figure as PNG through a temp file, then close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_curves(path: Path, title: str, steps: list[dict], evals: list[dict]) -> None:
+    """Per-step training loss with the periodic train/val evaluations, against steps and tokens."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="0.75", lw=1, label="batch loss")
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], style, ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if steps and steps[-1].get("tokens_seen"):
+        per_step = steps[-1]["tokens_seen"] / steps[-1]["step"]
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens seen")
+    save_figure(fig, path)

@@ -1,0 +1,250 @@
+"""MLflow tracking for the stages: one child run per stage under a run-group parent, and models."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+import gpt
+from pipeline.params import Section, Str
+
+EXPERIMENT = "llm-pipeline"
+MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
+RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"
+MODEL_ARTIFACT = "model"
+REACH_TIMEOUT_S = 5.0
+# A server keeps its own artifact root; only a local store gets <project>/mlartifacts.
+_SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
+# The parent run of a group carries this tag too, so a search never mistakes a stage run for it.
+_PARENT_TAG = ("kind", "run_group")
+_RUN_GROUP = re.compile(r"[\w.:@+-]{1,200}")  # also keeps the search filter free of quotes
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")  # MLflow keys allow only these
+_CUT = "...[truncated]"
+_MODEL_REQUIREMENTS = ("torch", "tiktoken", "safetensors", "numpy", "pandas")
+
+
+class TrackingError(OSError):
+    """The tracking store cannot be reached or used (an OSError, so stages report it in one line)."""
+
+
+def tracking_uri(tracking: Mapping[str, Any] | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else the `mlflow.tracking_uri` param, else <cwd>/mlflow.db (sqlite)."""
+    return (os.environ.get("MLFLOW_TRACKING_URI") or (tracking or {}).get("tracking_uri")
+            or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+
+
+def _check_reachable(uri: str) -> None:
+    # MLflow itself retries an unreachable server for minutes; fail fast with one clear line.
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(uri, timeout=REACH_TIMEOUT_S).close()
+    except urllib.error.HTTPError as exc:
+        exc.close()  # an error status still proves a server is listening
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+
+
+def configure(tracking: Mapping[str, Any] | None = None) -> str:
+    """Point MLflow at the project's store, creating the experiment if needed; return its id."""
+    uri = tracking_uri(tracking)
+    _check_reachable(uri)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    # set_tracking_uri also exports $MLFLOW_TRACKING_URI, which would then override the
+    # params of a later configure() in this process; MLflow keeps the URI in its own global.
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    name = (tracking or {}).get("experiment") or EXPERIMENT
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = urlsplit(uri).scheme not in _SERVER_SCHEMES
+    artifacts = (Path.cwd().resolve() / "mlartifacts").as_uri() if local else None
+    return mlflow.MlflowClient().create_experiment(name, artifact_location=artifacts)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def git_state() -> tuple[str, str]:
+    """(commit, dirty) of the work tree: ("unknown", "unknown") outside git or before a commit.
+
+    dvc.lock is not counted as a change: `dvc repro` rewrites it after every stage, which would
+    otherwise split one pipeline execution into two run groups.
+    """
+    commit = _git("rev-parse", "--verify", "HEAD")
+    if not commit:
+        return "unknown", "unknown"
+    status = _git("status", "--porcelain", "--", ":/", ":(top,exclude,glob)**/dvc.lock")
+    return commit, "unknown" if status is None else str(bool(status)).lower()
+
+
+def run_group(commit: str, dirty: str) -> str:
+    """$LLM_PIPELINE_RUN_GROUP, else the commit (plus "-dirty"), so runs of the same code group."""
+    group = os.environ.get(RUN_GROUP_ENV) or (f"{commit}-dirty" if dirty == "true" else commit)
+    if not _RUN_GROUP.fullmatch(group):
+        raise TrackingError(f"${RUN_GROUP_ENV}={group!r}: use up to 200 letters, digits and ._:@+-")
+    return group
+
+
+def _key(name: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", name)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params as {"a.b.c": text}: keys made MLflow-safe, long values cut to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = prefix + _key(str(key))
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            text = text[: MAX_PARAM_VAL_LENGTH - len(_CUT)] + _CUT
+        flat[name] = text
+    return flat
+
+
+def _group_parent(client: mlflow.MlflowClient, experiment_id: str, group: str, tags: dict[str, str]) -> str:
+    key, value = _PARENT_TAG
+    found = client.search_runs([experiment_id], f"tags.run_group = '{group}' AND tags.{key} = '{value}'",
+                               max_results=1, order_by=["attributes.start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    return client.create_run(experiment_id, run_name=group, tags={**tags, key: value}).info.run_id
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, str] | None = None,
+              tracking: Mapping[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Run the block as the MLflow run of `stage`, a child of its run group's parent run.
+
+    Logs the flattened `params` and tags the run with the stage, run group, git state and
+    `data.<name>.sha256` for each of `data_hashes`. `tracking` is the checked `mlflow` params
+    section (None: the defaults). The parent's status follows the last stage that ended.
+    """
+    experiment_id = configure(tracking)
+    commit, dirty = git_state()
+    group = run_group(commit, dirty)
+    client = mlflow.MlflowClient()
+    common = {"run_group": group, "git_commit": commit, "git_dirty": dirty}
+    parent_id = _group_parent(client, experiment_id, group, common)
+    hashes = {_key(f"data.{name}.sha256"): digest for name, digest in (data_hashes or {}).items()}
+    status = "FAILED"
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
+                              tags={"stage": stage, **common, **hashes}) as run:
+            mlflow.log_params(flatten_params(params))
+            yield run
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status)
+
+
+def log_step_metrics(metrics: Mapping[str, Any], step: int) -> None:
+    """Log metrics of one step to the active run; values may be tensors or numpy scalars."""
+    mlflow.log_metrics({_key(name): float(value) for name, value in metrics.items()}, step=step)
+
+
+def log_history(history: Sequence[Mapping[str, Any]], step_key: str = "step") -> None:
+    """Log a whole per-step history (a list of {step, metric: value, ...}) in batched calls."""
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("log metrics inside stage_run(), so they belong to a stage's run")
+    now = int(time.time() * 1000)
+    entries = [Metric(_key(name), float(value), now, int(record[step_key]))
+               for record in history for name, value in record.items() if name != step_key and value is not None]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(entries), 1000):  # MLflow caps one batch at 1000 metrics
+        client.log_batch(run.info.run_id, metrics=entries[start : start + 1000])
+
+
+def log_path(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Log a file, or a folder's files (under the folder's name by default), to the active run."""
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path or path.name)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder to log")
+
+
+def _log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
+                tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
+                alias: str | None) -> ModelVersion | None:
+    """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) and register a new version."""
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("log a model inside stage_run(), so it belongs to a stage's run")
+    for key, path in artifacts.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: model artifact {key!r} not found")
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        python_model=model_code.__file__,
+        artifacts={key: str(Path(path).resolve()) for key, path in artifacts.items()},
+        code_paths=[str(Path(gpt.__file__).parent)],  # so it loads where the project is not installed
+        signature=model_code.SIGNATURE,
+        input_example=model_code.INPUT_EXAMPLE,
+        # Without the local part ("+cpu"): PyPI has no such build, pip could not install the pin.
+        pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in _MODEL_REQUIREMENTS],
+    )
+    # MLflow only warns when the input example fails; never register a model that cannot predict.
+    example, params = model_code.INPUT_EXAMPLE
+    mlflow.pyfunc.load_model(info.model_uri).predict(example, params=params)
+    if registered_name is None:
+        return None
+    number = str(mlflow.register_model(info.model_uri, registered_name).version)
+    client = mlflow.MlflowClient()
+    run_tags = client.get_run(run.info.run_id).data.tags
+    version_tags = {key: run_tags[key] for key in ("stage", "run_group", "git_commit", "git_dirty") if key in run_tags}
+    version_tags.update(tags or {})
+    version_tags.update({f"metric.{name}": float(value) for name, value in (metrics or {}).items()})
+    tag_model_version(registered_name, number, version_tags)
+    if alias:
+        client.set_registered_model_alias(registered_name, alias, number)
+    return client.get_model_version(registered_name, number)
+
+
+def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any]) -> None:
+    """Set tags on one registered model version (values stored as strings)."""
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), _key(key), str(value))
+
+
+def log_gpt_model(checkpoint_dir: str | os.PathLike, bpe_dir: str | os.PathLike, registered_name: str | None,
+                  tags: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+                  alias: str | None = None) -> ModelVersion | None:
+    """Log our GPT (checkpoint folder + GPT-2 BPE folder) as pyfunc model "model" of the active
+    run; register it as a new version of `registered_name` (None: log only), tagged with the
+    run's git state plus `tags` and `metric.<name>` for `metrics`, and point `alias` at it."""
+    # Imported here: only stages that log a model should pay for torch and the model code.
+    from pipeline.mlflow_models import gpt_generator
+
+    return _log_pyfunc(gpt_generator, {"checkpoint": checkpoint_dir, "bpe": bpe_dir},
+                       registered_name, tags, metrics, alias)

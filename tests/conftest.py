@@ -1,0 +1,86 @@
+"""Shared fixtures: the dataset mirror, temp project folders, and a runner for stage subprocesses."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR_ENV = "LLM_PIPELINE_MIRROR"
+DEFAULT_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The real dataset mirror ($LLM_PIPELINE_MIRROR, default <repo>/../shared/datasets)."""
+    path = Path(os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR)
+    assert path.is_dir(), f"dataset mirror {path} is missing; set {MIRROR_ENV}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(mirror: Path) -> Path:
+    """The GPT-2 BPE files in the mirror."""
+    return mirror / "gpt2_bpe"
+
+
+def stage_env(mirror: Path | None, **extra: str) -> dict:
+    """Environment for a stage subprocess: repo importable, no inherited mirror/offline settings."""
+    env = {k: v for k, v in os.environ.items() if k not in (MIRROR_ENV, "LLM_PIPELINE_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if mirror is not None:
+        env[MIRROR_ENV] = str(mirror)
+    env.update(extra)
+    return env
+
+
+def run_stage(project: Path, stage: str, mirror: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.<stage>` in project; return the finished process (text output)."""
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=project, env=stage_env(mirror, **env),
+                          capture_output=True, text=True, timeout=300)
+
+
+def set_param(project: Path, dotted: str, value) -> None:
+    """Change one key of project/params.yaml, e.g. set_param(p, "tokenize.train_ratio", 0.5)."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def leftovers(project: Path) -> list[str]:
+    """Temp files or folders a stage left under data/ (names starting with a dot)."""
+    return sorted(str(p.relative_to(project)) for p in (project / "data").rglob(".*")) if (project / "data").exists() else []
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty project folder holding a copy of the repo's params.yaml."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def downloaded(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
+    """A project where the download stage has run once from the mirror (copy data/ from it)."""
+    root = tmp_path_factory.mktemp("downloaded")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    result = run_stage(root, "download", mirror)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture
+def raw_project(project: Path, downloaded: Path) -> Path:
+    """A fresh project with data/raw/ already downloaded."""
+    shutil.copytree(downloaded / "data" / "raw", project / "data" / "raw")
+    return project

@@ -1,0 +1,83 @@
+"""Generation: greedy, sampling filters, end-of-text, cropping, KV cache equivalence."""
+import pytest
+import torch
+
+from gpt.generate import generate, generate_text, sample_next
+from gpt.model import GPTConfig, GPTModel
+from gpt.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(123)
+    return GPTModel(GPTConfig.from_preset("micro", context_length=32)).eval()
+
+
+@pytest.mark.parametrize("prompt_len, new", [(1, 20), (7, 60)])  # 7 + 60 overflows the 32-token context
+def test_cache_and_no_cache_give_identical_greedy_tokens(model, prompt_len, new):
+    idx = torch.randint(0, 50257, (2, prompt_len), generator=torch.Generator().manual_seed(0))
+    cached = generate(model, idx, new, use_cache=True)
+    plain = generate(model, idx, new, use_cache=False)
+    assert cached.shape == (2, prompt_len + new)
+    assert torch.equal(cached, plain)
+
+
+def test_cache_and_no_cache_sample_identically_with_same_generator(model):
+    idx = torch.tensor([[1, 2, 3]])
+    a = generate(model, idx, 15, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(5))
+    b = generate(model, idx, 15, temperature=1.0, top_k=50, use_cache=False, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_prompt_longer_than_context_is_cropped(model):
+    idx = torch.randint(0, 50257, (1, 40))
+    out = generate(model, idx, 3)
+    assert out.shape == (1, 43)
+    assert torch.equal(out[:, :40], idx)
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9]])
+    assert sample_next(logits).item() == 1
+
+
+def test_top_k_keeps_only_k_best():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 4.8]])
+    gen = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, temperature=5.0, top_k=2, generator=gen).item() for _ in range(200)}
+    assert picks == {1, 2}
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    gen = torch.Generator().manual_seed(0)
+    picks = {sample_next(probs.log(), temperature=1.0, top_p=0.7, generator=gen).item() for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 alone < 0.7, 0.5 + 0.3 covers it
+    picks = {sample_next(probs.log(), temperature=1.0, top_p=0.4, generator=gen).item() for _ in range(50)}
+    assert picks == {0}
+
+
+def test_stops_when_every_row_emitted_eos(model):
+    idx = torch.tensor([[5, 6], [7, 8]])
+    first = generate(model, idx, 1)[:, -1]
+    eos = int(first[0])
+    out = generate(model, idx, 30, eos_id=eos)
+    row0 = out[0, 2:].tolist()
+    assert row0[0] == eos and set(row0) == {eos}  # finished rows are padded with eos
+    if int(first[1]) == eos:
+        assert out.shape[1] == 3
+
+
+def test_generate_text_round_trip(model, bpe_dir):
+    tok = load_tokenizer(bpe_dir)
+    text = generate_text(model, tok, "Every effort moves you", max_new_tokens=5)
+    assert isinstance(text, str) and "<|endoftext|>" not in text
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate_text(model, tok, "")
+
+
+def test_generate_restores_training_mode(model):
+    model.train()
+    generate(model, torch.tensor([[1]]), 2)
+    assert model.training
+    model.eval()

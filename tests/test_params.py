@@ -1,0 +1,112 @@
+"""params.yaml loading: each stage's declared sections and keys are checked strictly."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_stage, set_param
+from pipeline import download, tokenize, validate
+from pipeline.params import ParamsError, load_params
+
+STAGES = {"download": download, "validate": validate, "tokenize": tokenize}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_repo_params_are_valid_for_every_stage(stage: str):
+    module = STAGES[stage]
+    params = load_params(REPO / "params.yaml", module.PARAMS, getattr(module, "KEYS", None))
+    assert stage in params
+
+
+def test_repo_defaults_reproduce_the_book():
+    params = load_params(REPO / "params.yaml", tokenize.PARAMS, tokenize.KEYS)
+    assert params["tokenize"]["train_ratio"] == 0.9
+    assert params["tokenize"]["spam"] == {"seed": 123, "train_frac": 0.7, "val_frac": 0.1}
+    assert params["validate.spam_parsing"] == "book"
+
+
+def _load_with(project: Path, dotted: str, value, module=tokenize) -> dict:
+    set_param(project, dotted, value)
+    return load_params(project / "params.yaml", module.PARAMS, getattr(module, "KEYS", None))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("tokenize.train_ratio", 1.5, "params.yaml: tokenize.train_ratio must be in (0, 1), got 1.5"),
+        ("tokenize.train_ratio", "0.9", "params.yaml: tokenize.train_ratio must be a number, got '0.9'"),
+        ("tokenize.spam.seed", True, "params.yaml: tokenize.spam.seed must be an integer, got True"),
+        ("tokenize.spam.seed", -1, "params.yaml: tokenize.spam.seed must be >= 0, got -1"),
+        ("tokenize.corpus", [], "params.yaml: tokenize.corpus must be a list of at least 1 item(s), got []"),
+        ("tokenize.corpus", ["../secret.txt"], "params.yaml: tokenize.corpus[0] must be a string matching"),
+        ("tokenize.instruct.shuffle", "no", "params.yaml: tokenize.instruct.shuffle must be true or false, got 'no'"),
+        ("tokenize.typo", 1, "params.yaml: unknown key tokenize.typo (allowed: corpus, train_ratio, spam, instruct)"),
+        ("validate.spam_parsing", "loose", "params.yaml: validate.spam_parsing must be one of book, strict, got 'loose'"),
+        ("pretrain.context_length", 0, "params.yaml: pretrain.context_length must be >= 1, got 0"),
+    ],
+)
+def test_bad_values_name_the_key(project: Path, dotted: str, value, message: str):
+    with pytest.raises(ParamsError) as info:
+        _load_with(project, dotted, value)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("download.sources.the-verdict.sha256", "abc", "download.sources.the-verdict.sha256 must be a string matching"),
+        ("download.sources.the-verdict.filename", "../x.txt", "the-verdict.filename must be a string matching"),
+        ("download.sources.the-verdict.urls", ["ftp://x"], "download.sources.the-verdict.urls[0] must be a string"),
+        ("download.retries", 0, "download.retries must be in [1, 10], got 0"),
+        ("download.sources.the-verdict.size", 1, "unknown key download.sources.the-verdict.size"),
+    ],
+)
+def test_download_section_is_strict(project: Path, dotted: str, value, message: str):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        _load_with(project, dotted, value, download)
+
+
+def test_missing_key_and_missing_section(project: Path):
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    del params["tokenize"]["train_ratio"]
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"^params.yaml: missing key tokenize.train_ratio$"):
+        load_params(path, tokenize.PARAMS)
+    del params["pretrain"]
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"^params.yaml: missing key pretrain.context_length$"):
+        load_params(path, validate.PARAMS, validate.KEYS)
+
+
+def test_sections_without_a_spec_pass_through(project: Path):
+    set_param(project, "pretrain.future_key", {"anything": [1, 2]})
+    params = _load_with(project, "evaluate", {"not": "specified yet"}, download)
+    assert set(params) == {"download"}
+
+
+def test_unreadable_params_file(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("download: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"^params.yaml: not valid YAML"):
+        load_params(tmp_path / "params.yaml", download.PARAMS)
+    with pytest.raises(ParamsError, match=r"nope.yaml: params file not found"):
+        load_params(tmp_path / "nope.yaml", download.PARAMS)
+
+
+def test_stage_reports_bad_params_in_one_line(project: Path):
+    set_param(project, "tokenize.train_ratio", 1.5)
+    result = run_stage(project, "tokenize")
+    assert result.returncode == 1
+    assert result.stderr == "tokenize: error: params.yaml: tokenize.train_ratio must be in (0, 1), got 1.5\n"
+    assert not (project / "data").exists()
+
+
+def test_split_fractions_must_leave_room(project: Path):
+    set_param(project, "tokenize.spam.train_frac", 0.95)
+    result = run_stage(project, "tokenize")
+    assert result.stderr == ("tokenize: error: params.yaml: tokenize.spam.train_frac + tokenize.spam.val_frac "
+                             "must be < 1 (the last split needs rows), got 1.05\n")

@@ -1,0 +1,166 @@
+"""MLflow tracking against a real sqlite store in a temp project: run groups, params, metrics, models."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from gpt.checkpoint import load_model, save_model
+from gpt.generate import generate_text
+from gpt.model import GPTConfig, GPTModel
+from gpt.tokenizer import load_tokenizer
+from pipeline.common import EXPECTED_ERRORS
+from pipeline.params import check
+from pipeline.tracking import (
+    MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_gpt_model,
+    log_path, log_step_metrics, run_group, stage_run, tracking_uri,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A temp project as cwd with run group g1; yields a client on its sqlite store."""
+    monkeypatch.chdir(tmp_path)
+    # set then delete, so monkeypatch restores a URI that MLflow itself may export meanwhile
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv(RUN_GROUP_ENV, "g1")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    yield MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(None)
+
+
+def test_stages_share_a_parent_and_land_in_the_project_store(store: MlflowClient, tmp_path: Path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.txt").write_text("a")
+    (tmp_path / "report.json").write_text("{}")
+    params = {"tokenize": {"spam": {"seed": 123}, "corpus": ["a.txt"]}, "odd+key": "x" * 10_000, "none": None}
+    with stage_run("tokenize", params, {"train.bin": "ab" * 32}) as first:
+        for step, loss in enumerate([1.0, 0.5, 0.25]):
+            log_step_metrics({"loss": torch.tensor(loss)}, step)
+        log_path(tmp_path / "out")
+        log_path(tmp_path / "report.json", "reports")
+    with stage_run("pretrain", {"lr": 1e-3}) as second:
+        pass
+
+    first, second = store.get_run(first.info.run_id), store.get_run(second.info.run_id)
+    parent_id = first.data.tags["mlflow.parentRunId"]
+    assert second.data.tags["mlflow.parentRunId"] == parent_id
+    parent = store.get_run(parent_id)
+    assert parent.data.tags["run_group"] == "g1" and parent.info.status == "FINISHED"
+    assert first.data.params["tokenize.spam.seed"] == "123"
+    assert first.data.params["tokenize.corpus"] == '["a.txt"]'
+    assert first.data.params["none"] == "null"
+    assert len(first.data.params["odd_key"]) == MAX_PARAM_VAL_LENGTH
+    assert second.data.params == {"lr": "0.001"}
+    tags = first.data.tags
+    assert tags["stage"] == "tokenize" and tags["run_group"] == "g1"
+    assert tags["data.train.bin.sha256"] == "ab" * 32
+    assert {"git_commit", "git_dirty"} <= tags.keys()
+    history = store.get_metric_history(first.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert {a.path for a in store.list_artifacts(first.info.run_id)} == {"out", "reports"}
+    experiment = store.get_experiment(first.info.experiment_id)
+    assert experiment.name == "llm-pipeline"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+def test_another_group_gets_another_parent_and_failures_show(store: MlflowClient, monkeypatch: pytest.MonkeyPatch):
+    with stage_run("download", {}) as first:
+        pass
+    monkeypatch.setenv(RUN_GROUP_ENV, "g2")
+    with pytest.raises(RuntimeError), stage_run("download", {}) as failed:
+        raise RuntimeError("boom")
+    failed = store.get_run(failed.info.run_id)
+    parent_id = failed.data.tags["mlflow.parentRunId"]
+    assert parent_id != store.get_run(first.info.run_id).data.tags["mlflow.parentRunId"]
+    assert failed.info.status == "FAILED" and store.get_run(parent_id).info.status == "FAILED"
+    monkeypatch.setenv(RUN_GROUP_ENV, "it's")
+    with pytest.raises(TrackingError, match=RUN_GROUP_ENV):
+        run_group("abc", "false")
+
+
+def test_run_group_defaults_to_the_git_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RUN_GROUP_ENV, raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # never see an enclosing repo
+    assert git_state() == ("unknown", "unknown")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "init")
+    commit = git("rev-parse", "HEAD")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")  # rewritten by dvc repro between stages
+    assert git_state() == (commit, "false") and run_group(*git_state()) == commit
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert run_group(*git_state()) == f"{commit}-dirty"
+
+
+def test_tracking_config_order_and_params_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    section = check({"experiment": "llm-pipeline"}, MLFLOW_SECTION, "mlflow")
+    assert section == {"tracking_uri": None, "experiment": "llm-pipeline"}
+    assert tracking_uri(section) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking_uri({"tracking_uri": "sqlite:////x.db"}) == "sqlite:////x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env.db")
+    assert tracking_uri({"tracking_uri": "sqlite:////x.db"}) == "sqlite:////env.db"
+
+
+@pytest.mark.parametrize("via_env", [True, False])
+def test_unreachable_server_fails_fast_with_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            via_env: bool):
+    monkeypatch.chdir(tmp_path)
+    uri = "http://127.0.0.1:9"  # discard port on loopback: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if not via_env:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"^MLflow tracking server {uri} is unreachable \(.+\)$") as error:
+        configure(None if via_env else {"tracking_uri": uri, "experiment": "llm-pipeline"})
+    assert time.monotonic() - start < 10
+    assert isinstance(error.value, EXPECTED_ERRORS)
+
+
+def test_gpt_model_is_registered_as_code_and_generates(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
+    torch.manual_seed(0)
+    checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
+    with stage_run("pretrain", {}):
+        first = log_gpt_model(checkpoint, bpe_dir, "gpt-base")
+        second = log_gpt_model(checkpoint, bpe_dir, "gpt-base", tags={"corpus": "tiny"},
+                               metrics={"val_loss": 2.5}, alias="candidate")
+    assert (first.version, second.version) == (1, 2)
+    assert second.tags["corpus"] == "tiny" and second.tags["metric.val_loss"] == "2.5"
+    assert second.tags["stage"] == "pretrain" and "git_commit" in second.tags
+    assert store.get_model_version_by_alias("gpt-base", "candidate").version == 2
+
+    model = mlflow.pyfunc.load_model("models:/gpt-base/2")
+    long_prompt = "the cat sat on the mat " * 40  # far more tokens than the 64-token context
+    prompts = ["Every effort moves you", "Hello, I am", long_prompt]
+    texts = model.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 6})["text"].tolist()
+    direct, tokenizer = load_model(checkpoint), load_tokenizer(bpe_dir)
+    assert len(tokenizer.encode(long_prompt)) > direct.cfg.context_length
+    assert texts == [generate_text(direct, tokenizer, p, max_new_tokens=6, temperature=0.0) for p in prompts]
+    sampled = model.predict({"prompt": ["Hello"]}, params={"max_new_tokens": 3, "temperature": 1.0, "top_k": 5})
+    assert sampled["text"].map(type).tolist() == [str]
+
+    logged = list((tmp_path / "mlartifacts").rglob("MLmodel"))
+    assert len(logged) == 2 and not (tmp_path / "mlruns").exists()
+    assert not list((tmp_path / "mlartifacts").rglob("*.pkl"))
+    example = json.loads((logged[0].parent / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["prompt"]
+

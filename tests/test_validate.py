@@ -1,0 +1,122 @@
+"""The validate stage: real data passes with the book's counts; each kind of bad row fails clearly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_stage, set_param
+from pipeline.schemas import read_spam, spam_failures
+
+
+def report(project: Path) -> dict:
+    return json.loads((project / "data" / "metrics" / "validate.json").read_text())
+
+
+def test_read_spam_book_and_strict(mirror: Path):
+    book = read_spam(mirror / "SMSSpamCollection")
+    strict = read_spam(mirror / "SMSSpamCollection", "strict")
+    assert len(book) == 5572 and book["label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+    assert len(strict) == 5574 and strict["label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    assert spam_failures(book) == [] and spam_failures(strict) == []
+
+
+def test_real_data_passes(raw_project: Path):
+    result = run_stage(raw_project, "validate")
+    assert result.returncode == 0, result.stderr
+    rep = report(raw_project)
+    assert rep["status"] == "passed"
+    spam = rep["datasets"]["spam"]
+    assert (spam["rows_checked"], spam["rows_failed"]) == (5572, 0)
+    assert spam["class_balance"] == {"ham": 4825, "spam": 747}
+    assert rep["datasets"]["instructions"]["rows_checked"] == 1100
+    assert rep["datasets"]["corpus:tinyshakespeare.txt"]["tokens"] == 338025
+    assert rep["inputs"]["SMSSpamCollection"] == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+
+
+def test_strict_spam_parsing_reads_every_line(raw_project: Path):
+    set_param(raw_project, "validate.spam_parsing", "strict")
+    assert run_stage(raw_project, "validate").returncode == 0
+    spam = report(raw_project)["datasets"]["spam"]
+    assert spam["rows_checked"] == 5574 and spam["class_balance"] == {"ham": 4827, "spam": 747}
+
+
+def _edit_lines(path: Path, edits: dict[int, str]) -> None:
+    """Replace 1-based lines of a text file."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, text in edits.items():
+        lines[number - 1] = text
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def test_bad_spam_rows_are_reported_by_row_and_block_tokenize(raw_project: Path):
+    _edit_lines(raw_project / "data/raw/SMSSpamCollection", {3: "hma\tFree entry", 5: "ham\t", 7: "spam no tab here"})
+    result = run_stage(raw_project, "validate")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("validate: error: 1 dataset(s) failed: SMSSpamCollection row 3 column label: "
+                                    "isin(('ham', 'spam')) got 'hma' (+3 more)")
+    rep = report(raw_project)
+    assert rep["status"] == "failed" and rep["datasets"]["spam"]["rows_failed"] == 3
+    failures = [(f["row"], f["column"], f["check"]) for f in rep["datasets"]["spam"]["failures"]]
+    # A line without a tab is all label and no text: two failures on row 7.
+    assert failures == [(3, "label", "isin(('ham', 'spam'))"), (5, "text", "not_nullable"),
+                        (7, "label", "isin(('ham', 'spam'))"), (7, "text", "not_nullable")]
+
+    refused = run_stage(raw_project, "tokenize")
+    assert refused.returncode == 1
+    assert refused.stderr == ("tokenize: error: data/metrics/validate.json says status 'failed'; "
+                              "fix the data and rerun validate\n")
+    assert not (raw_project / "data" / "tokens").exists()
+
+
+def _spam_extra_field(raw: Path) -> None:
+    _edit_lines(raw / "SMSSpamCollection", {4: "ham\tone\ttoo many"})
+
+
+def _instruction_missing_key(raw: Path) -> None:
+    records = json.loads((raw / "instruction-data.json").read_text())
+    del records[42]["output"]
+    (raw / "instruction-data.json").write_text(json.dumps(records))
+
+
+def _instruction_not_a_list(raw: Path) -> None:
+    (raw / "instruction-data.json").write_text(json.dumps({"data": []}))
+
+
+def _corpus_not_utf8(raw: Path) -> None:
+    data = (raw / "tinyshakespeare.txt").read_bytes()
+    (raw / "tinyshakespeare.txt").write_bytes(data[:1000] + b"\xff" + data[1000:])
+
+
+def _corpus_too_short(raw: Path) -> None:
+    (raw / "tinyshakespeare.txt").write_text("Too short to train on.\n")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_spam_extra_field, "SMSSpamCollection: Expected 2 fields in line 4, saw 3"),
+        (_instruction_missing_key, "instruction-data.json record 42 column output: missing_key got None"),
+        (_instruction_not_a_list, "instruction-data.json: top level must be a JSON list of records, got dict"),
+        (_corpus_not_utf8, "tinyshakespeare.txt: not valid UTF-8 at byte offset 1000 (invalid start byte)"),
+        (_corpus_too_short, "tinyshakespeare.txt: 7 tokens, fewer than pretrain.context_length + 1 = 129"),
+    ],
+)
+def test_bad_input_fails_with_one_line(raw_project: Path, damage, message: str):
+    set_param(raw_project, "pretrain.context_length", 128)  # fixed here, whatever the repo default
+    damage(raw_project / "data" / "raw")
+    result = run_stage(raw_project, "validate")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("validate: error: 1 dataset(s) failed: ")
+    assert message in lines[0]
+    assert report(raw_project)["status"] == "failed"
+    assert [p.name for p in (raw_project / "data" / "metrics").iterdir()] == ["validate.json"]
+
+
+def test_missing_raw_file(project: Path):
+    result = run_stage(project, "validate")
+    assert result.returncode == 1
+    assert "data/raw/SMSSpamCollection: missing; run the download stage first" in result.stderr
