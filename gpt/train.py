@@ -141,7 +141,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 class Trainer:
     """Trains a GPTModel on flat token arrays; `run()` resumes from `checkpoint_dir` when one exists.
 
-    `on_event(kind, payload)` receives "step", "eval" and "checkpoint" events, so callers can
+    `on_event(kind, payload)` receives "resume", "step", "eval" and "checkpoint" events, so callers can
     log or show progress without this loop knowing about them.
     """
 
@@ -203,6 +203,7 @@ class Trainer:
         _load_optimizer(self.optimizer, {k: v.to(self.device) if not k.endswith(".step") else v
                                          for k, v in tensors.items()}, trainer["param_groups"])
         self.state = TrainState(**trainer["state"])
+        self.on_event("resume", {"step": self.state.step, "path": str(self.checkpoint_dir)})
         return True
 
     # -- the loop ------------------------------------------------------------------------------

@@ -112,7 +112,9 @@ def main(params_path: Path) -> None:
     bar = tqdm(total=trainer.total_steps, desc="pretrain", unit="step")
 
     def on_event(kind: str, record: dict) -> None:
-        if kind == "step":
+        if kind == "resume":
+            bar.write(f"resuming from the checkpoint at step {record['step']} ({record['path']})")
+        elif kind == "step":
             bar.n = record["step"]
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=True)
             if cfg["sample_every"] and record["step"] % cfg["sample_every"] == 0:
