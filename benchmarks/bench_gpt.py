@@ -58,8 +58,8 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"preset: {args.preset} ({count_parameters(model) / 1e6:.1f}M parameters), fp32, random weights")
-    print(f"| measurement | setting | tokens/s |")
-    print(f"|---|---|---:|")
+    print("| measurement | setting | tokens/s |")
+    print("|---|---|---:|")
     print(f"| training (fwd+bwd+AdamW) | batch {args.batch_size} x context {args.context} | {train:,.0f} |")
     print(f"| generation, KV cache | batch 1, {args.new_tokens} new tokens | {cached:,.1f} |")
     print(f"| generation, no cache | batch 1, {args.new_tokens} new tokens | {uncached:,.1f} |")

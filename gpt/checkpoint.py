@@ -10,16 +10,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.atomic import atomic_dir
+from gpt.errors import CheckpointError
 from gpt.fetch import sha256_file
 from gpt.model import GPTConfig, GPTModel
 
 FORMAT = "llm-pipeline-gpt/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, tampered with, or does not fit the model."""
 
 
 def weights_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:

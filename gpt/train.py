@@ -15,17 +15,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gpt.atomic import atomic_dir
-from gpt.checkpoint import CheckpointError, load_state, save_model
+from gpt.checkpoint import load_state, save_model
+from gpt.errors import CheckpointError, TrainingError
 from gpt.data import TokenWindowDataset, create_dataloader
 from gpt.model import GPTModel
 
 TRAINER_STATE = "trainer.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 MODEL_DIR = "model"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example a non-finite loss)."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from gpt.errors import GPTError
 from gpt.fetch import FetchError, temp_beside
 from gpt.tokenizer import TokenizerError
 from pipeline.params import ParamsError
@@ -67,7 +68,7 @@ def env_offline() -> bool:
 
 # ValueError covers ParamsError, DataError and the value checks of gpt/; anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (ParamsError, FetchError, TokenizerError, ValueError, OSError)
+EXPECTED_ERRORS = (ParamsError, FetchError, TokenizerError, GPTError, ValueError, OSError)
 
 
 def run_stage(name: str, main: Callable[[Path], None]) -> None:

@@ -15,7 +15,7 @@ from gpt.fetch import sha256_file
 from gpt.generate import generate_text
 from gpt.model import PRESETS, GPTConfig, GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
-from gpt.train import Trainer, TrainConfig, TrainingError, pick_device
+from gpt.train import Trainer, TrainConfig, pick_device
 from pipeline.common import BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
 from pipeline.params import CONTEXT_LENGTH, Bool, Float, Int, Section, Str, load_params
 from pipeline.plots import plot_curves, write_rows

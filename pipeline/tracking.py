@@ -193,7 +193,7 @@ def log_path(path: str | os.PathLike, artifact_path: str | None = None) -> None:
         raise FileNotFoundError(f"{path}: no such file or folder to log")
 
 
-def _log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
+def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
                 tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
                 alias: str | None) -> ModelVersion | None:
     """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) and register a new version."""
@@ -246,5 +246,5 @@ def log_gpt_model(checkpoint_dir: str | os.PathLike, bpe_dir: str | os.PathLike,
     # Imported here: only stages that log a model should pay for torch and the model code.
     from pipeline.mlflow_models import gpt_generator
 
-    return _log_pyfunc(gpt_generator, {"checkpoint": checkpoint_dir, "bpe": bpe_dir},
+    return log_pyfunc(gpt_generator, {"checkpoint": checkpoint_dir, "bpe": bpe_dir},
                        registered_name, tags, metrics, alias)
