@@ -23,6 +23,9 @@ class GPTConfig:
     qkv_bias: bool = False
     tie_weights: bool = False
     use_sdpa: bool = True
+    # "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
+    # "torch": PyTorch's default layer init, as the book's code uses.
+    init: str = "gpt2"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -32,6 +35,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -108,11 +113,12 @@ class GPTModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # GPT-2's init: residual projections scaled down with depth so the stream's variance stays flat.
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.out_proj.weight", "ff.proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.init == "gpt2":
+            self.apply(self._init_weights)
+            # Residual projections scaled down with depth so the residual stream's variance stays flat.
+            for name, param in self.named_parameters():
+                if name.endswith(("attn.out_proj.weight", "ff.proj.weight")):
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 

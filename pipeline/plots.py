@@ -48,3 +48,19 @@ def plot_curves(path: Path, title: str, steps: list[dict], evals: list[dict]) ->
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
     save_figure(fig, path)
+
+
+def plot_confusion(path: Path, title: str, confusion: list[list[int]], labels: Sequence[str]) -> None:
+    """A confusion matrix as an annotated heat map: true class down, predicted class across."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(confusion, cmap="Blues")
+    peak = max(map(max, confusion)) or 1
+    for row, counts in enumerate(confusion):
+        for col, count in enumerate(counts):
+            ax.text(col, row, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    save_figure(fig, path)

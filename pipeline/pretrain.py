@@ -38,6 +38,7 @@ PARAMS = {
         drop_rate=Float(0, 1, bounds="[)"),
         qkv_bias=Bool(),
         tie_weights=Bool(),
+        init=Str(choices=("gpt2", "torch")),
         batch_size=Int(low=1),
         epochs=Int(low=1),
         max_steps=Int(low=1, optional=True),
@@ -67,7 +68,8 @@ def model_config(cfg: dict) -> GPTConfig:
     sizes = {k: cfg[k] for k in ("emb_dim", "n_layers", "n_heads") if cfg[k] is not None}
     try:
         return GPTConfig.from_preset(cfg["model"], context_length=cfg["context_length"], drop_rate=cfg["drop_rate"],
-                                     qkv_bias=cfg["qkv_bias"], tie_weights=cfg["tie_weights"], **sizes)
+                                     qkv_bias=cfg["qkv_bias"], tie_weights=cfg["tie_weights"], init=cfg["init"],
+                                     **sizes)
     except ValueError as exc:
         raise ValueError(f"params.yaml: pretrain: {exc}") from None
 
@@ -137,7 +139,7 @@ def main(params_path: Path) -> None:
             "val_loss": final.get("val_loss"),
             "last_batch_loss": final["loss"],
             "steps": state.step,
-            "epochs_completed": state.epoch,
+            "epochs": round(state.step * trainer.cfg.grad_accum / trainer.batches_per_epoch, 3),
             "tokens_seen": state.tokens_seen,
             "wall_time_s": round(state.elapsed_s, 2),
             "tokens_per_s": round(state.tokens_seen / max(state.elapsed_s, 1e-9), 1),

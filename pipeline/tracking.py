@@ -207,7 +207,8 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
         name=MODEL_ARTIFACT,
         python_model=model_code.__file__,
         artifacts={key: str(Path(path).resolve()) for key, path in artifacts.items()},
-        code_paths=[str(Path(gpt.__file__).parent)],  # so it loads where the project is not installed
+        # Ship the code too, so a model loads where the project is not installed.
+        code_paths=[str(Path(gpt.__file__).parent), str(Path(__file__).parent)],
         signature=model_code.SIGNATURE,
         input_example=model_code.INPUT_EXAMPLE,
         # Without the local part ("+cpu"): PyPI has no such build, pip could not install the pin.

@@ -75,6 +75,9 @@ SMALL_TRAINING = {
     "pretrain.checkpoint_every": 2,
     "evaluate.max_batches": 2,
     "evaluate.max_new_tokens": 5,
+    "finetune_classifier.epochs": 1,
+    "finetune_classifier.batch_size": 32,
+    "finetune_classifier.eval_batches": 1,
 }
 
 
@@ -86,7 +89,7 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
         set_param(repo, key, value)
     env["LLM_PIPELINE_RUN_GROUP"] = "e2e-test"
     out = sh(repo, env, str(DVC), "repro")
-    for stage in ("download", "validate", "tokenize", "pretrain", "evaluate"):
+    for stage in ("download", "validate", "tokenize", "pretrain", "evaluate", "finetune_classifier"):
         assert f"Running stage '{stage}'" in out
     for path in ("data/models/base/model.safetensors", "data/metrics/pretrain.json", "data/metrics/evaluate.json",
                  "data/plots/pretrain_loss.png", "data/plots/pretrain_loss.csv", "data/samples/evaluate.json"):

@@ -1,0 +1,80 @@
+"""Ask the instruction model: `python -m pipeline.chat [--model PATH_OR_MODELS_URI] [--input TEXT] [INSTRUCTION]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from pipeline.common import BPE_DIR, EXPECTED_ERRORS
+
+DEFAULT_MODEL = "data/models/instruct"
+URI_SCHEMES = ("models:/", "runs:/")
+
+Responder = Callable[[str, str], str]
+
+
+def local_responder(path: str, max_new_tokens: int) -> Responder:
+    """Answers from a checkpoint folder, with the project's BPE files."""
+    from gpt.checkpoint import load_model
+    from gpt.instruct import respond
+    from gpt.tokenizer import load_tokenizer
+
+    model = load_model(path).eval()
+    tokenizer = load_tokenizer(BPE_DIR)
+    return lambda instruction, input_text: respond(model, tokenizer, instruction, input_text, max_new_tokens)
+
+
+def mlflow_responder(uri: str, max_new_tokens: int) -> Responder:
+    """Answers from a logged or registered model, in the tracking store the stages use."""
+    # Imported here, as the local path's are: a checkpoint folder should not wait for MLflow to load.
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise ValueError(f"{uri}: {exc.message}") from None
+
+    def answer(instruction: str, input_text: str) -> str:
+        frame = pd.DataFrame({"instruction": [instruction], "input": [input_text]})
+        return str(model.predict(frame, params={"max_new_tokens": max_new_tokens})["text"].iloc[0])
+    return answer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One answer when an instruction is given; otherwise one per line of stdin until EOF or an empty line."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.chat", description=__doc__)
+    parser.add_argument("instruction", nargs="?", help="the instruction; omit it to read instructions from stdin")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"checkpoint folder or MLflow URI such as models:/gpt-instruct@champion "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--input", default="", help="the optional input that goes with each instruction")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    try:
+        build = mlflow_responder if args.model.startswith(URI_SCHEMES) else local_responder
+        answer = build(args.model, args.max_new_tokens)
+        if args.instruction is not None:
+            print(answer(args.instruction, args.input))
+            return
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                print("instruction> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            print(answer(line.strip(), args.input), flush=True)
+    except EXPECTED_ERRORS as exc:
+        print(f"chat: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Classify texts as ham or spam: `python -m pipeline.classify [--model PATH_OR_MODELS_URI] TEXT...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from gpt.classifier import load_classifier
+from gpt.tokenizer import load_tokenizer
+from pipeline.common import BPE_DIR, EXPECTED_ERRORS
+from pipeline.finetune_classifier import MODEL_DIR
+from pipeline.mlflow_models.spam_classifier import predict_frame
+from pipeline.params import load_params
+from pipeline.tracking import MLFLOW_SECTION, configure
+
+
+def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,
+             params_path: Path | None = None) -> pd.DataFrame:
+    """Columns `label` and `spam_probability` per text, from a classifier folder or an MLflow model URI
+    (e.g. models:/gpt-spam-classifier@champion, looked up in the store `params_path`'s mlflow section names).
+
+    Texts longer than the model's max_length keep their first max_length tokens; an empty text is an error.
+    """
+    if ":/" in model:
+        tracking = load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"] if params_path else None
+        configure(tracking)
+        return mlflow.pyfunc.load_model(model).predict(pd.DataFrame({"text": texts}))
+    classifier, spec = load_classifier(model)
+    return predict_frame(classifier, spec, load_tokenizer(bpe_dir), texts)
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+    """The TEXT arguments, else the lines of --file, else the lines of stdin."""
+    if args.texts:
+        return args.texts
+    if args.file is not None:
+        return args.file.read_text(encoding="utf-8").splitlines()
+    return sys.stdin.read().splitlines()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print `label<TAB>spam probability<TAB>text` per text; an expected error is one line and exit status 1."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.classify", description=__doc__)
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --file or stdin lines)")
+    parser.add_argument("--model", default=str(MODEL_DIR),
+                        help=f"classifier folder or MLflow model URI (default: {MODEL_DIR})")
+    parser.add_argument("--file", type=Path, help="read texts from this file, one per line")
+    parser.add_argument("--bpe", type=Path, default=BPE_DIR,
+                        help=f"GPT-2 BPE folder for a local model (default: {BPE_DIR})")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params file whose mlflow section locates the registry (default: params.yaml, if present)")
+    args = parser.parse_args(argv)
+    try:
+        texts = read_texts(args)
+        result = classify(texts, args.model, args.bpe, args.params if args.params.is_file() else None)
+    except (*EXPECTED_ERRORS, mlflow.exceptions.MlflowException) as exc:
+        print(f"classify: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(1)
+    for text, label, probability in zip(texts, result["label"], result["spam_probability"]):
+        print(f"{label}\t{probability:.4f}\t{' '.join(text.split())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Stage `finetune_classifier`: finetune the base GPT into a ham/spam classifier, evaluate it, register it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from gpt.classifier import (POSITIONS, ClassifierSpec, add_class_head, binary_metrics, classification_logits,
+                            collate, confusion_matrix, encode_texts, predict_logits, save_classifier)
+from gpt.fetch import sha256_file
+from gpt.finetune import fit, select_trainable
+from gpt.lora import merge_lora
+from gpt.model import GPTModel, count_parameters
+from gpt.tokenizer import load_tokenizer
+from gpt.train import pick_device
+from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, progress, settings
+from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.mlflow_models import spam_classifier
+from pipeline.params import Int, Section, Str, load_params
+from pipeline.plots import plot_confusion, plot_curves, write_rows
+from pipeline.pretrain import PLOTS
+from pipeline.schemas import SPAM_LABELS
+from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, log_step_metrics, stage_run
+
+SPAM_DIR = DATA / "tokens" / "spam"
+SPLITS = ("train", "val", "test")
+MODEL_DIR = DATA / "models" / "classifier"
+METRICS_FILE = METRICS / "finetune_classifier.json"
+CURVE_CSV = PLOTS / "classifier_loss.csv"
+EVAL_CSV = PLOTS / "classifier_eval.csv"
+CURVE_PNG = PLOTS / "classifier_loss.png"
+CONFUSION_JSON = PLOTS / "classifier_confusion.json"
+CONFUSION_PNG = PLOTS / "classifier_confusion.png"
+REGISTERED_NAME = "gpt-spam-classifier"
+POSITIVE = SPAM_LABELS.index("spam")
+PARAMS = {
+    "finetune_classifier": Section(
+        **COMMON_PARAMS,
+        position=Str(choices=POSITIONS),
+        max_length=Int(low=1, optional=True),
+    )
+}
+
+
+def read_split(path: Path) -> pd.DataFrame:
+    """A spam split written by tokenize (label,text), with every label checked."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the tokenize stage first")
+    # keep_default_na=False: a message reading "NA" is text, not a missing value.
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(frame.columns) != ["label", "text"]:
+        raise DataError(f"{path}: columns must be label,text, got {','.join(frame.columns)}")
+    bad = frame.index[~frame["label"].isin(SPAM_LABELS)]
+    if len(bad):
+        raise DataError(f"{path}: row {bad[0] + 1} has label {frame['label'][bad[0]]!r}; expected one of {SPAM_LABELS}")
+    return frame
+
+
+def resolve_max_length(requested: int | None, train: list[list[int]], context_length: int) -> int:
+    """The padded length: `requested`, else the longest training text; never past the model's context."""
+    if requested is not None and requested > context_length:
+        raise DataError(f"params.yaml: finetune_classifier.max_length ({requested}) exceeds the base model's "
+                        f"context length ({context_length})")
+    return requested or min(max(map(len, train)), context_length)
+
+
+def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of one epoch's batches: shuffled by (seed, epoch), the last partial batch dropped (as the book)."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, size - batch_size + 1, batch_size)]
+
+
+def loss_and_accuracy(model: GPTModel, sequences: list[list[int]], targets: torch.Tensor, spec: ClassifierSpec,
+                      batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of the model on encoded texts."""
+    logits = predict_logits(model, sequences, spec, batch_size)
+    return {"loss": F.cross_entropy(logits, targets).item(),
+            "accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+
+
+def split_report(targets: torch.Tensor, predictions: torch.Tensor) -> dict:
+    """Accuracy, precision/recall/F1 for spam and the confusion counts {true: {predicted: n}}."""
+    confusion = confusion_matrix(targets.tolist(), predictions.tolist(), len(SPAM_LABELS))
+    counts = {true: dict(zip(SPAM_LABELS, row)) for true, row in zip(SPAM_LABELS, confusion)}
+    return {**binary_metrics(confusion, POSITIVE), "confusion": counts}
+
+
+def main(params_path: Path) -> None:
+    started = time.perf_counter()
+    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    cfg = params["finetune_classifier"]
+    device = pick_device(cfg["device"])
+    tokenizer = load_tokenizer(BPE_DIR)
+    frames = {split: read_split(SPAM_DIR / f"{split}.csv") for split in SPLITS}
+    model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
+    context_length = model.cfg.context_length
+    full = {split: encode_texts(tokenizer, frame["text"].tolist(), context_length) for split, frame in frames.items()}
+    max_length = resolve_max_length(cfg["max_length"], full["train"], context_length)
+    spec = ClassifierSpec(SPAM_LABELS, cfg["position"], max_length)
+    # Truncation keeps each text's first max_length tokens, as encode_texts does at inference.
+    encoded = {split: [seq[: spec.max_length] for seq in seqs] for split, seqs in full.items()}
+    targets = {split: torch.tensor([SPAM_LABELS.index(x) for x in frame["label"]]) for split, frame in frames.items()}
+    data_hashes = {f"{split}.csv": sha256_file(SPAM_DIR / f"{split}.csv") for split in SPLITS}
+    data_hashes["base"] = base_hash(cfg["base"])
+
+    torch.manual_seed(cfg["seed"])
+    add_class_head(model, len(SPAM_LABELS))
+    select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"],
+                     always=[model.out_head])
+    trainable = count_parameters(model, trainable_only=True)
+    eval_rows = None if cfg["eval_batches"] is None else cfg["eval_batches"] * cfg["batch_size"]
+
+    def batches(epoch: int):
+        for rows in epoch_batches(len(encoded["train"]), cfg["batch_size"], cfg["seed"], epoch):
+            ids, lengths = collate([encoded["train"][r] for r in rows], spec)
+            yield ids.to(device), lengths, targets["train"][rows].to(device)
+
+    def loss_fn(net: GPTModel, batch) -> torch.Tensor:
+        ids, lengths, labels = batch
+        return F.cross_entropy(classification_logits(net, ids, lengths, spec.position), labels)
+
+    def evaluate() -> dict[str, float]:
+        out = {}
+        for split in ("train", "val"):
+            scores = loss_and_accuracy(model, encoded[split][:eval_rows], targets[split][:eval_rows], spec,
+                                       cfg["batch_size"])
+            out.update({f"{split}_{name}": value for name, value in scores.items()})
+        return out
+
+    steps_per_epoch = len(encoded["train"]) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise DataError(f"{SPAM_DIR / 'train.csv'}: {len(encoded['train'])} rows is fewer than one batch "
+                        f"(finetune_classifier.batch_size {cfg['batch_size']})")
+    bar, on_event = progress("finetune_classifier", steps_per_epoch * cfg["epochs"], lambda r: (
+        f"train loss {r['train_loss']:.3f} acc {r['train_accuracy']:.3f}, "
+        f"val loss {r['val_loss']:.3f} acc {r['val_accuracy']:.3f}"))
+    with stage_run("finetune_classifier", cfg, data_hashes, params["mlflow"]):
+        try:
+            history = fit(model, batches, loss_fn, settings(cfg), evaluate, on_event)
+        finally:
+            bar.close()
+        train_time = history[-1]["elapsed_s"]
+        if cfg["trainable"] == "lora":
+            merge_lora(model)
+        predictions = {split: predict_logits(model, encoded[split], spec, 64).argmax(-1) for split in SPLITS}
+        reports = {split: split_report(targets[split], predictions[split]) for split in SPLITS}
+        flat = {f"{split}_{name}": value for split, report in reports.items()
+                for name, value in report.items() if name != "confusion"}
+        for split, report in reports.items():
+            print(f"{split}: accuracy {report['accuracy']:.4f}, spam precision {report['precision']:.4f}, "
+                  f"recall {report['recall']:.4f}, F1 {report['f1']:.4f}")
+        save_classifier(model, spec, MODEL_DIR, extra={"stage": "finetune_classifier", "base": cfg["base"],
+                                                       "metrics": flat, "data": data_hashes})
+
+        evals = [record for record in history if "val_loss" in record]
+        write_rows(CURVE_CSV, history, ("step", "epoch", "loss", "examples_seen"))
+        write_rows(EVAL_CSV, evals,
+                   ("step", "examples_seen", "train_loss", "val_loss", "train_accuracy", "val_accuracy"))
+        plot_curves(CURVE_PNG, "Spam classifier finetuning loss", history, evals)
+        atomic_write_json(CONFUSION_JSON, [{"actual": SPAM_LABELS[t], "predicted": SPAM_LABELS[p]} for t, p in
+                                           zip(targets["test"].tolist(), predictions["test"].tolist())])
+        counts = reports["test"]["confusion"]
+        plot_confusion(CONFUSION_PNG, "Spam classifier, test split",
+                       [[counts[true][predicted] for predicted in SPAM_LABELS] for true in SPAM_LABELS], SPAM_LABELS)
+        log_history(history)
+        log_step_metrics(flat, step=history[-1]["step"])
+        for path in (CURVE_PNG, CURVE_CSV, EVAL_CSV, CONFUSION_JSON, CONFUSION_PNG):
+            log_path(path)
+        alias = first_champion(REGISTERED_NAME)
+        version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
+                             {"base": cfg["base"], "base.sha256": data_hashes["base"]}, flat, alias)
+        metrics = {
+            **reports,
+            "test_accuracy": reports["test"]["accuracy"],
+            "max_length": spec.max_length,
+            "steps": history[-1]["step"],
+            "trainable_parameters": trainable,
+            "parameters": count_parameters(model),
+            "train_time_s": round(train_time, 2),
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "device": device.type,
+            "registered_version": int(version.version),
+            "champion": alias is not None,
+        }
+        atomic_write_json(METRICS_FILE, metrics)
+
+
+if __name__ == "__main__":
+    run_stage("finetune_classifier", main)

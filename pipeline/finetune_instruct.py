@@ -1,0 +1,177 @@
+"""Stage `finetune_instruct`: finetune a base GPT on instructions, score its test responses, register `gpt-instruct`."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gpt.checkpoint import save_model
+from gpt.fetch import sha256_file
+from gpt.finetune import fit, select_trainable
+from gpt.instruct import Example, device_loss, encode_example, make_batches, mean_loss, respond, rouge_l_f1, token_f1
+from gpt.lora import merge_lora
+from gpt.model import count_parameters
+from gpt.tokenizer import load_tokenizer
+from gpt.train import pick_device
+from pipeline import judge
+from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, progress, settings
+from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.mlflow_models import instruct_generator
+from pipeline.params import Bool, Int, Section, load_params
+from pipeline.plots import plot_curves, write_rows
+from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
+
+SPLITS = DATA / "tokens" / "instruct"
+MODEL_DIR = DATA / "models" / "instruct"
+METRICS_FILE = METRICS / "finetune_instruct.json"
+RESPONSES_FILE = DATA / "samples" / "instruct_responses.json"
+PLOTS = DATA / "plots"
+REGISTERED_NAME = "gpt-instruct"
+FIELDS = ("instruction", "input", "output")
+PARAMS = {
+    "finetune_instruct": Section(
+        **COMMON_PARAMS,
+        max_length=Int(low=2),
+        mask_prompt=Bool(),
+        max_new_tokens=Int(low=1),
+        max_test_examples=Int(low=1, optional=True),
+        judge=judge.JUDGE_SECTION,
+    )
+}
+
+
+def read_split(name: str) -> list[dict]:
+    """data/tokens/instruct/<name>.json: a list of records whose instruction, input and output are strings."""
+    path = SPLITS / f"{name}.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the tokenize stage first")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path}: must be a non-empty list of records")
+    for row, record in enumerate(records):
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in FIELDS):
+            raise DataError(f"{path}: record {row} needs string fields {', '.join(FIELDS)}")
+    return records
+
+
+def encode(tokenizer, records: list[dict]) -> list[Example]:
+    """Token ids and prompt lengths of a split's records."""
+    return [encode_example(tokenizer, r["instruction"], r["input"], r["output"]) for r in records]
+
+
+def generate_responses(model, tokenizer, records: list[dict], max_new_tokens: int) -> list[dict]:
+    """Greedy responses to `records`, each with its ROUGE-L and token F1 against the reference output."""
+    out = []
+    for record in tqdm(records, desc="responses", unit="example"):
+        response = respond(model, tokenizer, record["instruction"], record["input"], max_new_tokens)
+        out.append({"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
+                    "response": response, "rouge_l_f1": rouge_l_f1(record["output"], response),
+                    "token_f1": token_f1(record["output"], response)})
+    return out
+
+
+def judge_responses(cfg: dict, responses: list[dict]) -> dict:
+    """Add the judge's score to each response; return the mean over those it could score."""
+    for item in tqdm(responses, desc="judge", unit="example"):
+        item["judge_score"] = judge.score(cfg, item["instruction"], item["input"], item["reference"], item["response"])
+    scores = [item["judge_score"] for item in responses if item["judge_score"] is not None]
+    return {"judge_score": sum(scores) / len(scores) if scores else None, "judge_scored": len(scores)}
+
+
+def main(params_path: Path) -> None:
+    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    cfg = params["finetune_instruct"]
+    if cfg["judge"]["enabled"]:
+        judge.check_reachable(cfg["judge"]["url"], cfg["judge"]["timeout_s"])
+    device = pick_device(cfg["device"])
+    records = {name: read_split(name) for name in ("train", "val", "test")}
+    tokenizer = load_tokenizer(BPE_DIR)
+    data_hashes = {f"{name}.json": sha256_file(SPLITS / f"{name}.json") for name in records}
+    data_hashes["base.model.safetensors"] = base_hash(cfg["base"])
+
+    torch.manual_seed(cfg["seed"])  # LoRA's adapter init draws from it
+    model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
+    # Positions beyond the base's context do not exist, so longer examples are cut to it.
+    max_length = min(cfg["max_length"], model.cfg.context_length)
+    select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"])
+    trainable = count_parameters(model, trainable_only=True)
+    examples = {name: encode(tokenizer, split) for name, split in records.items()}
+    batching = {"batch_size": cfg["batch_size"], "max_length": max_length, "mask_prompt": cfg["mask_prompt"]}
+    if len(examples["train"]) < cfg["batch_size"]:
+        raise DataError(f"{SPLITS / 'train.json'}: {len(examples['train'])} records, fewer than "
+                        f"finetune_instruct.batch_size={cfg['batch_size']}")
+    train_eval = make_batches(examples["train"], **batching)[: cfg["eval_batches"]]
+    val_batches = make_batches(examples["val"], **batching)
+    test_batches = make_batches(examples["test"], **batching)
+    val_loss_before = mean_loss(model, val_batches)
+
+    def epoch_batches(epoch: int) -> list:
+        return make_batches(examples["train"], **batching, shuffle=True, seed=cfg["seed"] + epoch, drop_last=True)
+
+    def evaluate() -> dict[str, float]:
+        return {"train_loss": mean_loss(model, train_eval), "val_loss": mean_loss(model, val_batches)}
+
+    bar, on_event = progress("finetune_instruct", cfg["epochs"] * (len(examples["train"]) // cfg["batch_size"]),
+                             lambda r: f"train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}")
+    with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"]):
+        try:
+            history = fit(model, epoch_batches, device_loss, settings(cfg), evaluate, on_event)
+        finally:
+            bar.close()
+        train_s = history[-1]["elapsed_s"]
+        if cfg["trainable"] == "lora":
+            merge_lora(model)  # the saved model is then a plain GPT checkpoint
+        model.eval()
+        test = records["test"][: cfg["max_test_examples"]]
+        generation_start = time.perf_counter()
+        responses = generate_responses(model, tokenizer, test, cfg["max_new_tokens"])
+        generation_s = time.perf_counter() - generation_start
+        judged = judge_responses(cfg["judge"], responses) if cfg["judge"]["enabled"] else {}
+        evals = [h for h in history if "val_loss" in h]
+        metrics = {
+            "base": cfg["base"],
+            "trainable": cfg["trainable"],
+            "trainable_parameters": trainable,
+            "parameters": count_parameters(model),
+            "max_length": max_length,
+            "val_loss_before": val_loss_before,
+            "train_loss": evals[-1]["train_loss"],
+            "val_loss": evals[-1]["val_loss"],
+            "test_loss": mean_loss(model, test_batches),
+            "rouge_l_f1": sum(r["rouge_l_f1"] for r in responses) / len(responses),
+            "token_f1": sum(r["token_f1"] for r in responses) / len(responses),
+            "responses_scored": len(responses),
+            "test_examples": len(records["test"]),
+            **judged,
+            "steps": history[-1]["step"],
+            "train_wall_time_s": round(train_s, 2),
+            "generation_wall_time_s": round(generation_s, 2),
+            "device": device.type,
+        }
+        save_model(model, MODEL_DIR, extra={"stage": "finetune_instruct", "base": cfg["base"], "data": data_hashes,
+                                            "metrics": metrics})
+        atomic_write_json(RESPONSES_FILE, responses)
+        write_rows(PLOTS / "instruct_loss.csv", history,
+                   ("step", "epoch", "loss", "examples_seen", "train_loss", "val_loss"))
+        plot_curves(PLOTS / "instruct_loss.png", "Instruction finetuning loss", history, evals)
+        log_history(history)
+        for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
+            log_path(path)
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        alias = first_champion(REGISTERED_NAME)
+        version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
+                             {"base": cfg["base"], "base_sha256": data_hashes["base.model.safetensors"]},
+                             numeric, alias)
+        metrics["registered_version"] = int(version.version)
+        metrics["champion"] = alias is not None
+        atomic_write_json(METRICS_FILE, metrics)
+
+
+if __name__ == "__main__":
+    run_stage("finetune_instruct", main)

@@ -1,0 +1,92 @@
+"""What the finetuning stages share: the base model, their common params, progress display and registration."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+from tqdm import tqdm
+
+from gpt.checkpoint import load_model
+from gpt.fetch import sha256_file
+from gpt.finetune import TRAINABLE, FinetuneConfig
+from gpt.gpt2_weights import load_hf_gpt2
+from gpt.model import GPTModel
+from pipeline.common import RAW, DataError
+from pipeline.params import Float, Int, Str
+from pipeline.pretrain import DEVICE, MODEL_DIR
+
+OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+BASE = Str(choices=("pipeline", *OPENAI_MODELS))
+CHAMPION = "champion"
+# Params every finetuning stage has; a stage adds its own next to them in its Section.
+COMMON_PARAMS = dict(
+    base=BASE,
+    drop_rate=Float(0, 1, bounds="[)"),
+    trainable=Str(choices=TRAINABLE),
+    n_blocks=Int(low=1),
+    lora_rank=Int(low=1),
+    lora_alpha=Float(low=0, bounds="(]"),
+    batch_size=Int(low=1),
+    epochs=Int(low=1),
+    lr=Float(0, 1, bounds="(]"),
+    weight_decay=Float(0, 1),
+    grad_clip=Float(low=0, bounds="(]", optional=True),
+    eval_every=Int(low=0),
+    eval_batches=Int(low=1, optional=True),
+    seed=Int(low=0),
+    device=DEVICE,
+)
+
+
+def base_dir(name: str) -> Path:
+    """Where the weights of base `name` live (data/models/base or data/raw/hf/<name>)."""
+    return MODEL_DIR if name == "pipeline" else RAW / "hf" / name
+
+
+def load_base(name: str, drop_rate: float = 0.0) -> GPTModel:
+    """Load base `name` with the given dropout; a clear error when its weights are absent."""
+    folder = base_dir(name)
+    if name == "pipeline":
+        if not folder.is_dir():
+            raise DataError(f"{folder} is missing; run the pretrain stage first")
+        return load_model(folder, drop_rate=drop_rate)
+    if not (folder / "model.safetensors").is_file():
+        raise DataError(f"OpenAI weights {name} are not in {folder}; add {name} to download.hf_weights.models "
+                        "and rerun the download stage (it needs the network or a mirror holding them)")
+    return load_hf_gpt2(folder, drop_rate=drop_rate)
+
+
+def base_hash(name: str) -> str:
+    """sha256 of the base weights, for lineage tags."""
+    return sha256_file(base_dir(name) / "model.safetensors")
+
+
+def settings(cfg: dict) -> FinetuneConfig:
+    """The optimisation settings of a checked finetuning params section."""
+    return FinetuneConfig(lr=cfg["lr"], weight_decay=cfg["weight_decay"], epochs=cfg["epochs"],
+                          grad_clip=cfg["grad_clip"], eval_every=cfg["eval_every"], seed=cfg["seed"])
+
+
+def progress(desc: str, total: int, describe_eval: Callable[[dict], str]) -> tuple[tqdm, Callable[[str, dict], None]]:
+    """A step progress bar and the fit() event handler that drives it and prints each evaluation."""
+    bar = tqdm(total=total, desc=desc, unit="step")
+
+    def on_event(kind: str, record: dict) -> None:
+        if kind == "step":
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        elif kind == "eval":
+            bar.write(f"step {record['step']}: {describe_eval(record)}")
+
+    return bar, on_event
+
+
+def first_champion(name: str) -> str | None:
+    """CHAMPION when registered model `name` does not exist yet or has no champion, else None.
+
+    The first version of a model becomes champion so `models:/<name>@champion` always resolves;
+    moving it later is a promotion decision, not a side effect of training.
+    """
+    found = mlflow.MlflowClient().search_registered_models(filter_string=f"name = '{name}'")
+    return CHAMPION if not found or CHAMPION not in found[0].aliases else None

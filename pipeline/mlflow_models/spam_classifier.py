@@ -1,0 +1,48 @@
+"""MLflow pyfunc model (logged as code): texts in column `text` to `label` and `spam_probability`."""
+from __future__ import annotations
+
+import pandas as pd
+import tiktoken
+import torch
+from mlflow.models import ModelSignature, set_model
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from gpt.classifier import ClassifierSpec, classify_texts, load_classifier
+from gpt.model import GPTModel
+from gpt.tokenizer import load_tokenizer
+
+SPAM = "spam"
+BATCH_SIZE = 32
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "text")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
+    params=ParamSchema([ParamSpec("batch_size", "long", BATCH_SIZE)]),
+)
+# Logged with the model (serving_input_example.json) and predicted once before registering it.
+INPUT_EXAMPLE = (pd.DataFrame({"text": ["You won a free prize! Text WIN to claim it now."]}), {"batch_size": 1})
+
+
+def predict_frame(model: GPTModel, spec: ClassifierSpec, tokenizer: tiktoken.Encoding, texts: list[str],
+                  batch_size: int = BATCH_SIZE) -> pd.DataFrame:
+    """Columns `label` and `spam_probability`, one row per text (see gpt.classifier.encode_texts for truncation)."""
+    labels, probabilities = classify_texts(model, tokenizer, texts, spec, batch_size)
+    spam = probabilities[:, spec.labels.index(SPAM)]
+    return pd.DataFrame({"label": labels, "spam_probability": spam.double().numpy()})
+
+
+class SpamClassifier(PythonModel):
+    """Our classifier folder (artifact `classifier`) and GPT-2 BPE files (artifact `bpe`)."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.spec = load_classifier(context.artifacts["classifier"], device=device)
+        self.tokenizer = load_tokenizer(context.artifacts["bpe"])
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict | None = None) -> pd.DataFrame:
+        batch_size = int((params or {}).get("batch_size", BATCH_SIZE))
+        return predict_frame(self.model, self.spec, self.tokenizer, list(model_input["text"]), batch_size)
+
+
+set_model(SpamClassifier())
