@@ -16,7 +16,8 @@ from gpt.lora import merge_lora
 from gpt.model import GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
-from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, progress, settings
+from pipeline.finetuning import (COMMON_PARAMS, base_hash, first_champion, load_base, progress, report_trainable,
+                                 settings)
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.mlflow_models import spam_classifier
 from pipeline.params import Int, Section, Str, load_params
@@ -110,7 +111,7 @@ def main(params_path: Path) -> None:
     add_class_head(model, len(SPAM_LABELS))
     select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"],
                      always=[model.out_head])
-    trainable = count_parameters(model, trainable_only=True)
+    trainable = report_trainable(model, cfg["trainable"])
     eval_rows = None if cfg["eval_batches"] is None else cfg["eval_batches"] * cfg["batch_size"]
 
     def batches(epoch: int):

@@ -17,7 +17,8 @@ from gpt.model import count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline import judge
-from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, progress, settings
+from pipeline.finetuning import (COMMON_PARAMS, base_hash, first_champion, load_base, progress, report_trainable,
+                                 settings)
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.mlflow_models import instruct_generator
 from pipeline.params import Bool, Int, Section, load_params
@@ -100,7 +101,7 @@ def main(params_path: Path) -> None:
     # Positions beyond the base's context do not exist, so longer examples are cut to it.
     max_length = min(cfg["max_length"], model.cfg.context_length)
     select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"])
-    trainable = count_parameters(model, trainable_only=True)
+    trainable = report_trainable(model, cfg["trainable"])
     examples = {name: encode(tokenizer, split) for name, split in records.items()}
     batching = {"batch_size": cfg["batch_size"], "max_length": max_length, "mask_prompt": cfg["mask_prompt"]}
     if len(examples["train"]) < cfg["batch_size"]:

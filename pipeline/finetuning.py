@@ -11,7 +11,7 @@ from gpt.checkpoint import load_model
 from gpt.fetch import sha256_file
 from gpt.finetune import TRAINABLE, FinetuneConfig
 from gpt.gpt2_weights import load_hf_gpt2
-from gpt.model import GPTModel
+from gpt.model import GPTModel, count_parameters
 from pipeline.common import RAW, DataError
 from pipeline.params import Float, Int, Str
 from pipeline.pretrain import DEVICE, MODEL_DIR
@@ -60,6 +60,13 @@ def load_base(name: str, drop_rate: float = 0.0) -> GPTModel:
 def base_hash(name: str) -> str:
     """sha256 of the base weights, for lineage tags."""
     return sha256_file(base_dir(name) / "model.safetensors")
+
+
+def report_trainable(model: GPTModel, mode: str) -> int:
+    """Print and return how many parameters train (LoRA trains a small fraction)."""
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
+    print(f"trainable parameters ({mode}): {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    return trainable
 
 
 def settings(cfg: dict) -> FinetuneConfig:
