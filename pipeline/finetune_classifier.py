@@ -11,13 +11,11 @@ import torch.nn.functional as F
 from gpt.classifier import (POSITIONS, ClassifierSpec, add_class_head, binary_metrics, classification_logits,
                             collate, confusion_matrix, encode_texts, predict_logits, save_classifier)
 from gpt.fetch import sha256_file
-from gpt.finetune import fit, select_trainable
-from gpt.lora import merge_lora
+from gpt.finetune import select_trainable
 from gpt.model import GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
-from pipeline.finetuning import (COMMON_PARAMS, base_hash, first_champion, load_base, progress, report_trainable,
-                                 settings)
+from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, report_trainable, train
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.mlflow_models import spam_classifier
 from pipeline.params import Int, Section, Str, load_params
@@ -60,12 +58,12 @@ def read_split(path: Path) -> pd.DataFrame:
     return frame
 
 
-def resolve_max_length(requested: int | None, train: list[list[int]], context_length: int) -> int:
+def resolve_max_length(requested: int | None, train_seqs: list[list[int]], context_length: int) -> int:
     """The padded length: `requested`, else the longest training text; never past the model's context."""
     if requested is not None and requested > context_length:
         raise DataError(f"params.yaml: finetune_classifier.max_length ({requested}) exceeds the base model's "
                         f"context length ({context_length})")
-    return requested or min(max(map(len, train)), context_length)
+    return requested or min(max(map(len, train_seqs)), context_length)
 
 
 def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -135,17 +133,12 @@ def main(params_path: Path) -> None:
     if steps_per_epoch == 0:
         raise DataError(f"{SPAM_DIR / 'train.csv'}: {len(encoded['train'])} rows is fewer than one batch "
                         f"(finetune_classifier.batch_size {cfg['batch_size']})")
-    bar, on_event = progress("finetune_classifier", steps_per_epoch * cfg["epochs"], lambda r: (
-        f"train loss {r['train_loss']:.3f} acc {r['train_accuracy']:.3f}, "
-        f"val loss {r['val_loss']:.3f} acc {r['val_accuracy']:.3f}"))
     with stage_run("finetune_classifier", cfg, data_hashes, params["mlflow"]):
-        try:
-            history = fit(model, batches, loss_fn, settings(cfg), evaluate, on_event)
-        finally:
-            bar.close()
+        history = train(model, cfg, "finetune_classifier", batches, loss_fn, evaluate,
+                        steps_per_epoch * cfg["epochs"], lambda r: (
+                            f"train loss {r['train_loss']:.3f} acc {r['train_accuracy']:.3f}, "
+                            f"val loss {r['val_loss']:.3f} acc {r['val_accuracy']:.3f}"))
         train_time = history[-1]["elapsed_s"]
-        if cfg["trainable"] == "lora":
-            merge_lora(model)
         predictions = {split: predict_logits(model, encoded[split], spec, 64).argmax(-1) for split in SPLITS}
         reports = {split: split_report(targets[split], predictions[split]) for split in SPLITS}
         flat = {f"{split}_{name}": value for split, report in reports.items()

@@ -10,15 +10,13 @@ from tqdm import tqdm
 
 from gpt.checkpoint import save_model
 from gpt.fetch import sha256_file
-from gpt.finetune import fit, select_trainable
+from gpt.finetune import select_trainable
 from gpt.instruct import Example, device_loss, encode_example, make_batches, mean_loss, respond, rouge_l_f1, token_f1
-from gpt.lora import merge_lora
 from gpt.model import count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline import judge
-from pipeline.finetuning import (COMMON_PARAMS, base_hash, first_champion, load_base, progress, report_trainable,
-                                 settings)
+from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, report_trainable, train
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.mlflow_models import instruct_generator
 from pipeline.params import Bool, Int, Section, load_params
@@ -118,16 +116,11 @@ def main(params_path: Path) -> None:
     def evaluate() -> dict[str, float]:
         return {"train_loss": mean_loss(model, train_eval), "val_loss": mean_loss(model, val_batches)}
 
-    bar, on_event = progress("finetune_instruct", cfg["epochs"] * (len(examples["train"]) // cfg["batch_size"]),
-                             lambda r: f"train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}")
     with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"]):
-        try:
-            history = fit(model, epoch_batches, device_loss, settings(cfg), evaluate, on_event)
-        finally:
-            bar.close()
+        history = train(model, cfg, "finetune_instruct", epoch_batches, device_loss, evaluate,
+                        cfg["epochs"] * (len(examples["train"]) // cfg["batch_size"]),
+                        lambda r: f"train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}")
         train_s = history[-1]["elapsed_s"]
-        if cfg["trainable"] == "lora":
-            merge_lora(model)  # the saved model is then a plain GPT checkpoint
         model.eval()
         test = records["test"][: cfg["max_test_examples"]]
         generation_start = time.perf_counter()

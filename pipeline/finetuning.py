@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from gpt.checkpoint import load_model
 from gpt.fetch import sha256_file
-from gpt.finetune import TRAINABLE, FinetuneConfig
+from gpt.finetune import TRAINABLE, FinetuneConfig, fit
 from gpt.gpt2_weights import load_hf_gpt2
+from gpt.lora import merge_lora
 from gpt.model import GPTModel, count_parameters
 from pipeline.common import RAW, DataError
 from pipeline.params import Float, Int, Str
@@ -75,9 +76,11 @@ def settings(cfg: dict) -> FinetuneConfig:
                           grad_clip=cfg["grad_clip"], eval_every=cfg["eval_every"], seed=cfg["seed"])
 
 
-def progress(desc: str, total: int, describe_eval: Callable[[dict], str]) -> tuple[tqdm, Callable[[str, dict], None]]:
-    """A step progress bar and the fit() event handler that drives it and prints each evaluation."""
-    bar = tqdm(total=total, desc=desc, unit="step")
+def train(model: GPTModel, cfg: dict, stage: str, batches: Callable, loss_fn: Callable, evaluate: Callable,
+          total_steps: int, describe_eval: Callable[[dict], str]) -> list[dict]:
+    """fit() with a progress bar that prints each evaluation; LoRA adapters are merged afterwards,
+    so what is saved is a plain model. Returns fit()'s per-step history."""
+    bar = tqdm(total=total_steps, desc=stage, unit="step")
 
     def on_event(kind: str, record: dict) -> None:
         if kind == "step":
@@ -86,7 +89,13 @@ def progress(desc: str, total: int, describe_eval: Callable[[dict], str]) -> tup
         elif kind == "eval":
             bar.write(f"step {record['step']}: {describe_eval(record)}")
 
-    return bar, on_event
+    try:
+        history = fit(model, batches, loss_fn, settings(cfg), evaluate, on_event)
+    finally:
+        bar.close()
+    if cfg["trainable"] == "lora":
+        merge_lora(model)
+    return history
 
 
 def first_champion(name: str) -> str | None:
