@@ -9,9 +9,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from gpt.errors import TrainingError
 from gpt.lora import apply_lora
 from gpt.model import GPTModel
-from gpt.train import TrainingError, make_optimizer
+from gpt.train import make_optimizer
 
 TRAINABLE = ("all", "last_blocks", "lora")
 
@@ -77,8 +78,9 @@ def fit(
         batch_list = list(batches(epoch))
         for index, batch in enumerate(batch_list):
             loss = loss_fn(model, batch)
-            if not math.isfinite(loss.item()):
-                raise TrainingError(f"non-finite finetuning loss ({loss.item()}) at step {step + 1}")
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(f"non-finite finetuning loss ({value}) at step {step + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -86,7 +88,7 @@ def fit(
             optimizer.step()
             step += 1
             seen += len(batch[0])
-            record = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "examples_seen": seen,
+            record = {"step": step, "epoch": epoch + 1, "loss": value, "examples_seen": seen,
                       "elapsed_s": time.perf_counter() - started}
             history.append(record)
             on_event("step", record)

@@ -7,6 +7,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
+from gpt.data import EpochBatchSampler
 from gpt.generate import generate_text
 from gpt.model import GPTModel
 from gpt.tokenizer import END_OF_TEXT_ID
@@ -68,11 +69,8 @@ def make_batches(examples: Sequence[Example], batch_size: int, max_length: int |
                  mask_prompt: bool = False, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Collated batches in file order, or shuffled by `seed` (pass seed + epoch for a new order each epoch)."""
-    order = (torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-             if shuffle else list(range(len(examples))))
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    return [collate([examples[i] for i in order[start : start + batch_size]], max_length, mask_prompt)
-            for start in range(0, stop, batch_size)]
+    sampler = EpochBatchSampler(len(examples), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    return [collate([examples[i] for i in rows], max_length, mask_prompt) for rows in sampler]
 
 
 def device_loss(model: GPTModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

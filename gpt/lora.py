@@ -54,7 +54,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ..
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA adapter back into its linear layer, leaving a plain model."""
-    for module_name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())

@@ -10,6 +10,11 @@ from torch import nn
 from gpt.attention import KVCache, MultiHeadAttention
 
 
+# "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
+# "torch": PyTorch's default layer init, as the book's code uses.
+INITS = ("gpt2", "torch")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Architecture hyperparameters; names follow the book (emb_dim, n_heads, n_layers, drop_rate)."""
@@ -23,9 +28,7 @@ class GPTConfig:
     qkv_bias: bool = False
     tie_weights: bool = False
     use_sdpa: bool = True
-    # "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
-    # "torch": PyTorch's default layer init, as the book's code uses.
-    init: str = "gpt2"
+    init: str = "gpt2"  # one of INITS
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -35,7 +38,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.init not in ("gpt2", "torch"):
+        if self.init not in INITS:
             raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
 
     @classmethod

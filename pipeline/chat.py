@@ -31,9 +31,9 @@ def mlflow_responder(uri: str, max_new_tokens: int) -> Responder:
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import use_project_store
 
-    mlflow.set_tracking_uri(tracking_uri())
+    use_project_store()
     try:
         model = mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:

@@ -13,20 +13,18 @@ from gpt.tokenizer import load_tokenizer
 from pipeline.common import BPE_DIR, EXPECTED_ERRORS
 from pipeline.finetune_classifier import MODEL_DIR
 from pipeline.mlflow_models.spam_classifier import predict_frame
-from pipeline.params import load_params
-from pipeline.tracking import MLFLOW_SECTION, configure
+from pipeline.tracking import use_project_store
 
 
 def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,
              params_path: Path | None = None) -> pd.DataFrame:
     """Columns `label` and `spam_probability` per text, from a classifier folder or an MLflow model URI
-    (e.g. models:/gpt-spam-classifier@champion, looked up in the store `params_path`'s mlflow section names).
+    (e.g. models:/gpt-spam-classifier@champion, looked up in the store of `params_path`'s mlflow section).
 
     Texts longer than the model's max_length keep their first max_length tokens; an empty text is an error.
     """
     if ":/" in model:
-        tracking = load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"] if params_path else None
-        configure(tracking)
+        use_project_store(params_path)
         return mlflow.pyfunc.load_model(model).predict(pd.DataFrame({"text": texts}))
     classifier, spec = load_classifier(model)
     return predict_frame(classifier, spec, load_tokenizer(bpe_dir), texts)
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args)
-        result = classify(texts, args.model, args.bpe, args.params if args.params.is_file() else None)
+        result = classify(texts, args.model, args.bpe, args.params)
     except (*EXPECTED_ERRORS, mlflow.exceptions.MlflowException) as exc:
         print(f"classify: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(1)

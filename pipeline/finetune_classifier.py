@@ -8,21 +8,40 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from gpt.classifier import (POSITIONS, ClassifierSpec, add_class_head, binary_metrics, classification_logits,
-                            collate, confusion_matrix, encode_texts, predict_logits, save_classifier)
+from gpt.classifier import (
+    POSITIONS,
+    ClassifierSpec,
+    add_class_head,
+    binary_metrics,
+    classification_logits,
+    collate,
+    confusion_matrix,
+    encode_texts,
+    predict_logits,
+    save_classifier,
+)
+from gpt.data import EpochBatchSampler
 from gpt.fetch import sha256_file
 from gpt.finetune import select_trainable
 from gpt.model import GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
-from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, report_trainable, train
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import spam_classifier
 from pipeline.params import Int, Section, Str, load_params
 from pipeline.plots import plot_confusion, plot_curves, write_rows
 from pipeline.pretrain import PLOTS
 from pipeline.schemas import SPAM_LABELS
-from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, log_step_metrics, stage_run
+from pipeline.tracking import (
+    MLFLOW_SECTION,
+    first_champion,
+    log_history,
+    log_path,
+    log_pyfunc,
+    log_step_metrics,
+    stage_run,
+)
 
 SPAM_DIR = DATA / "tokens" / "spam"
 SPLITS = ("train", "val", "test")
@@ -66,12 +85,6 @@ def resolve_max_length(requested: int | None, train_seqs: list[list[int]], conte
     return requested or min(max(map(len, train_seqs)), context_length)
 
 
-def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Row indices of one epoch's batches: shuffled by (seed, epoch), the last partial batch dropped (as the book)."""
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, size - batch_size + 1, batch_size)]
-
-
 def loss_and_accuracy(model: GPTModel, sequences: list[list[int]], targets: torch.Tensor, spec: ClassifierSpec,
                       batch_size: int) -> dict[str, float]:
     """Mean cross-entropy and accuracy of the model on encoded texts."""
@@ -113,7 +126,8 @@ def main(params_path: Path) -> None:
     eval_rows = None if cfg["eval_batches"] is None else cfg["eval_batches"] * cfg["batch_size"]
 
     def batches(epoch: int):
-        for rows in epoch_batches(len(encoded["train"]), cfg["batch_size"], cfg["seed"], epoch):
+        # The book's loader: shuffled each epoch, the last partial batch dropped.
+        for rows in EpochBatchSampler(len(encoded["train"]), cfg["batch_size"], seed=cfg["seed"], epoch=epoch):
             ids, lengths = collate([encoded["train"][r] for r in rows], spec)
             yield ids.to(device), lengths, targets["train"][rows].to(device)
 

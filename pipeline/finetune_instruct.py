@@ -16,12 +16,12 @@ from gpt.model import count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline import judge
-from pipeline.finetuning import COMMON_PARAMS, base_hash, first_champion, load_base, report_trainable, train
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import instruct_generator
 from pipeline.params import Bool, Int, Section, load_params
 from pipeline.plots import plot_curves, write_rows
-from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
+from pipeline.tracking import MLFLOW_SECTION, first_champion, log_history, log_path, log_pyfunc, stage_run
 
 SPLITS = DATA / "tokens" / "instruct"
 MODEL_DIR = DATA / "models" / "instruct"

@@ -1,10 +1,9 @@
-"""What the finetuning stages share: the base model, their common params, progress display and registration."""
+"""What the finetuning stages share: the base model, their common params, and training with progress."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-import mlflow
 from tqdm import tqdm
 
 from gpt.checkpoint import load_model
@@ -19,7 +18,6 @@ from pipeline.pretrain import DEVICE, MODEL_DIR
 
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BASE = Str(choices=("pipeline", *OPENAI_MODELS))
-CHAMPION = "champion"
 # Params every finetuning stage has; a stage adds its own next to them in its Section.
 COMMON_PARAMS = dict(
     base=BASE,
@@ -96,13 +94,3 @@ def train(model: GPTModel, cfg: dict, stage: str, batches: Callable, loss_fn: Ca
     if cfg["trainable"] == "lora":
         merge_lora(model)
     return history
-
-
-def first_champion(name: str) -> str | None:
-    """CHAMPION when registered model `name` does not exist yet or has no champion, else None.
-
-    The first version of a model becomes champion so `models:/<name>@champion` always resolves;
-    moving it later is a promotion decision, not a side effect of training.
-    """
-    found = mlflow.MlflowClient().search_registered_models(filter_string=f"name = '{name}'")
-    return CHAMPION if not found or CHAMPION not in found[0].aliases else None

@@ -13,7 +13,7 @@ from gpt.checkpoint import save_model
 from gpt.data import load_tokens
 from gpt.fetch import sha256_file
 from gpt.generate import generate_text
-from gpt.model import PRESETS, GPTConfig, GPTModel, count_parameters
+from gpt.model import INITS, PRESETS, GPTConfig, GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import Trainer, TrainConfig, pick_device
 from pipeline.common import BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
@@ -38,7 +38,7 @@ PARAMS = {
         drop_rate=Float(0, 1, bounds="[)"),
         qkv_bias=Bool(),
         tie_weights=Bool(),
-        init=Str(choices=("gpt2", "torch")),
+        init=Str(choices=INITS),
         batch_size=Int(low=1),
         epochs=Int(low=1),
         max_steps=Int(low=1, optional=True),

@@ -21,12 +21,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import gpt
-from pipeline.params import Section, Str
+from pipeline.params import Section, Str, load_params
 
 EXPERIMENT = "llm-pipeline"
 MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
 RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"
 MODEL_ARTIFACT = "model"
+CHAMPION = "champion"
 REACH_TIMEOUT_S = 5.0
 # A server keeps its own artifact root; only a local store gets <project>/mlartifacts.
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
@@ -194,8 +195,8 @@ def log_path(path: str | os.PathLike, artifact_path: str | None = None) -> None:
 
 
 def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
-                tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
-                alias: str | None) -> ModelVersion | None:
+               tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
+               alias: str | None) -> ModelVersion | None:
     """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) and register a new version."""
     run = mlflow.active_run()
     if run is None:
@@ -231,6 +232,24 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
     return client.get_model_version(registered_name, number)
 
 
+def first_champion(name: str) -> str | None:
+    """CHAMPION when registered model `name` does not exist yet or has no champion, else None.
+
+    The first version of a model becomes champion so `models:/<name>@champion` always resolves;
+    moving it later is a promotion decision, not a side effect of training.
+    """
+    found = mlflow.MlflowClient().search_registered_models(filter_string=f"name = '{name}'")
+    return CHAMPION if not found or CHAMPION not in found[0].aliases else None
+
+
+def use_project_store(params_path: str | os.PathLike | None = "params.yaml") -> str:
+    """Point MLflow at the store the stages log to (the params file's mlflow section when that file
+    exists, else the defaults), for commands that read models back; return the experiment id."""
+    if params_path is None or not Path(params_path).is_file():
+        return configure()
+    return configure(load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"])
+
+
 def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any]) -> None:
     """Set tags on one registered model version (values stored as strings)."""
     client = mlflow.MlflowClient()
@@ -248,4 +267,4 @@ def log_gpt_model(checkpoint_dir: str | os.PathLike, bpe_dir: str | os.PathLike,
     from pipeline.mlflow_models import gpt_generator
 
     return log_pyfunc(gpt_generator, {"checkpoint": checkpoint_dir, "bpe": bpe_dir},
-                       registered_name, tags, metrics, alias)
+                      registered_name, tags, metrics, alias)

@@ -57,6 +57,13 @@ def set_param(project: Path, dotted: str, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def flip_last_byte(path: Path) -> None:
+    """Tamper with a file the way a bad disk or a hand edit would: one changed byte."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def leftovers(project: Path) -> list[str]:
     """Temp files or folders a stage left under data/ (names starting with a dot)."""
     return sorted(str(p.relative_to(project)) for p in (project / "data").rglob(".*")) if (project / "data").exists() else []

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import flip_last_byte
 
 from gpt.checkpoint import CheckpointError, load_model, load_state, save_model
 from gpt.model import GPTConfig, GPTModel
@@ -56,10 +57,7 @@ def test_other_architecture_is_refused(tmp_path):
 
 def test_tampered_weights_are_refused(tmp_path):
     save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "ckpt")
-    weights = tmp_path / "ckpt" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_last_byte(tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(CheckpointError, match="tampered or corrupt"):
         load_model(tmp_path / "ckpt")
 

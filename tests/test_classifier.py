@@ -5,12 +5,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_last_byte
 from torch import nn
 
 from gpt.checkpoint import save_model
-from gpt.classifier import (ClassifierSpec, add_class_head, binary_metrics, classification_logits, classify_texts,
-                            collate, confusion_matrix, encode_texts, load_classifier, pad_batch, predict_logits,
-                            save_classifier)
+from gpt.classifier import (
+    ClassifierSpec,
+    add_class_head,
+    binary_metrics,
+    classification_logits,
+    classify_texts,
+    collate,
+    confusion_matrix,
+    encode_texts,
+    load_classifier,
+    pad_batch,
+    predict_logits,
+    save_classifier,
+)
 from gpt.errors import CheckpointError
 from gpt.finetune import FinetuneConfig, fit, select_trainable
 from gpt.lora import merge_lora
@@ -97,10 +109,7 @@ def test_save_load_round_trip_and_tampering_refused(tmp_path: Path):
     texts = [[1, 2, 3], [4, 5]]
     assert torch.equal(predict_logits(loaded, texts, spec), predict_logits(model, texts, spec))
 
-    weights = tmp_path / "clf" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_last_byte(tmp_path / "clf" / "model.safetensors")
     with pytest.raises(CheckpointError, match="sha256 does not match"):
         load_classifier(tmp_path / "clf")
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import torch
 from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -10,6 +9,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from gpt.checkpoint import load_model
 from gpt.generate import generate_text
 from gpt.tokenizer import load_tokenizer
+from gpt.train import pick_device
 
 # top_k 0 and top_p 1.0 disable those filters; temperature 0.0 is greedy.
 SIGNATURE = ModelSignature(
@@ -31,7 +31,7 @@ class GPTGenerator(PythonModel):
     """Our GPT checkpoint (artifact `checkpoint`) and GPT-2 BPE files (artifact `bpe`)."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device("auto")
         self.model = load_model(context.artifacts["checkpoint"], device=device).eval()
         self.tokenizer = load_tokenizer(context.artifacts["bpe"])
 

@@ -7,7 +7,8 @@ from mlflow.pyfunc import PythonModelContext
 from mlflow.types.schema import ColSpec, Schema
 
 from gpt.instruct import format_prompt
-from pipeline.mlflow_models.gpt_generator import SIGNATURE as GPT_SIGNATURE, GPTGenerator
+from pipeline.mlflow_models.gpt_generator import SIGNATURE as GPT_SIGNATURE
+from pipeline.mlflow_models.gpt_generator import GPTGenerator
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),

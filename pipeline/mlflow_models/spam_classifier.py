@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pandas as pd
 import tiktoken
-import torch
 from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -11,6 +10,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from gpt.classifier import ClassifierSpec, classify_texts, load_classifier
 from gpt.model import GPTModel
 from gpt.tokenizer import load_tokenizer
+from gpt.train import pick_device
 
 SPAM = "spam"
 BATCH_SIZE = 32
@@ -35,7 +35,7 @@ class SpamClassifier(PythonModel):
     """Our classifier folder (artifact `classifier`) and GPT-2 BPE files (artifact `bpe`)."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device("auto")
         self.model, self.spec = load_classifier(context.artifacts["classifier"], device=device)
         self.tokenizer = load_tokenizer(context.artifacts["bpe"])
 
