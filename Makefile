@@ -18,12 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# One MLflow parent run per execution (see README, MLflow).
+# dvc repro with one MLflow parent run per execution (see README, MLflow).
 pipeline: setup
-	LLM_PIPELINE_RUN_GROUP=$${LLM_PIPELINE_RUN_GROUP:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
+	llm-pipeline run
 
 test: setup
 	pytest
 
+# One markdown table (README, Benchmarks); e.g. make bench BENCH_ARGS="--device cuda" or
+# BENCH_ARGS="--dvc-repo /tmp/dvc-scratch --dvc-target evaluate" after benchmarks/dvc_scratch.py.
+BENCH_ARGS ?=
 bench: setup
-	python benchmarks/bench_gpt.py
+	python benchmarks/bench_gpt.py $(BENCH_ARGS)

@@ -1,69 +1,331 @@
-"""Benchmark the gpt package on this machine: training and generation tokens/s for a preset.
+"""Benchmark the gpt package on this machine and print one markdown table.
 
-    python benchmarks/bench_gpt.py --preset gpt2-small --batch-size 2 --context 256
+    python benchmarks/bench_gpt.py                        # CPU, mini + gpt2-small, everything but dvc
+    python benchmarks/bench_gpt.py --device cuda          # bf16 autocast, bf16 matmul peak
+    python benchmarks/bench_gpt.py --dvc-repo PATH        # adds the no-op `dvc repro` row
+
+Rows: the machine's measured matmul peak and memory bandwidth; training tokens/s and MFU (model
+FLOPs utilization against that peak) of the real training step (gpt.train.Trainer: make_optimizer,
+batch_loss, clipping, the precision/compile settings); batch-1 decoding tokens/s with and without
+the KV cache against the memory-bandwidth bound; tokenization MB/s of the pipeline's path
+(pipeline.tokenize.split_corpus) against raw tiktoken; the seconds of a no-op `dvc repro`.
+Definitions are printed under the table. Timings synchronize CUDA before reading the clock.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
-from gpt.generate import generate
-from gpt.model import GPTConfig, GPTModel, count_parameters
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/bench_gpt.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from gpt.generate import generate  # noqa: E402
+from gpt.model import GPTConfig, GPTModel  # noqa: E402
+from gpt.train import PRECISIONS, Trainer, TrainConfig, autocast_dtype, pick_device, tune_malloc  # noqa: E402
+
+# Training shape per preset: (batch, context). mini is the issue's preset; gpt2-small uses the
+# same 2,048 tokens per step (its own context is 1024; 256 keeps a CPU step to ~10 s).
+TRAIN_SHAPES = {"mini": (8, 256), "gpt2-small": (8, 256)}
+DEFAULT_SHAPE = (8, 256)
 
 
-def train_tokens_per_s(model: GPTModel, batch_size: int, context: int, steps: int, warmup: int) -> float:
-    """Tokens/s of forward + backward + AdamW step on random tokens."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    model.train()
-    gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, model.cfg.vocab_size, (batch_size, context + 1), generator=gen)
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return steps * batch_size * context / (time.perf_counter() - start)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def generate_tokens_per_s(model: GPTModel, new_tokens: int, use_cache: bool, prompt_len: int = 8) -> float:
-    """Batch-1 greedy decoding tokens/s (prefill included, as a user would see it)."""
+def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` timed calls (the least disturbed by other load)."""
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# -- machine ------------------------------------------------------------------------------------
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Best FLOP/s of large square matmuls (2 n^3 FLOPs each) in `dtype`, and the setting."""
+    sizes, repeats, inner = ((4096, 8192), 5, 20) if device.type == "cuda" else ((2048, 3072), 3, 1)
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+
+        def run() -> None:
+            for _ in range(inner):
+                torch.mm(a, b, out=out)
+        run()  # warm-up (threads, kernels, clocks)
+        rate = 2 * n**3 * inner / best_seconds(run, device, repeats)
+        if rate > best:
+            best, best_n = rate, n
+    return best, f"{str(dtype).removeprefix('torch.')} mm {best_n}x{best_n}, best of {repeats}"
+
+
+def bandwidths(device: torch.device) -> dict[str, float]:
+    """Bytes/s of a large fp32 copy (bytes read + bytes written) and of a sum (bytes read)."""
+    n_bytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+    x = torch.ones(n_bytes // 4, device=device)
+    y = torch.empty_like(x)
+    repeats = 10 if device.type == "cuda" else 5
+    y.copy_(x), x.sum()  # warm-up: first touch of y's pages
+    copy = 2 * n_bytes / best_seconds(lambda: y.copy_(x), device, repeats)
+    read = n_bytes / best_seconds(lambda: x.sum(), device, repeats)
+    return {"copy": copy, "read": read, "bytes": n_bytes}
+
+
+# -- training -----------------------------------------------------------------------------------
+def matmul_params(cfg: GPTConfig) -> int:
+    """Weights that take part in matmuls: 12 d^2 per block (q/k/v, out, MLP in/out) + the LM head
+    (vocab x d, counted once even when tied; the real vocabulary, not the padding). Embedding
+    lookups, biases and norms are not matmuls and are left out."""
+    return 12 * cfg.n_layers * cfg.emb_dim**2 + cfg.vocab_size * cfg.emb_dim
+
+
+def train_flops_per_token(cfg: GPTConfig, context: int) -> float:
+    """6 N (forward 2N + backward 4N) plus attention's 12 L T d (PaLM / nanoGPT convention)."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * context * cfg.emb_dim
+
+
+def train_tokens_per_s(preset: str, batch: int, context: int, device: torch.device, steps: int, warmup: int,
+                       settings: dict) -> tuple[float, GPTConfig]:
+    """Tokens/s of gpt.train.Trainer's own step loop (data loading, forward + loss under the
+    precision setting, backward, clipping, AdamW) on random tokens; the first `warmup` steps
+    (and a compile's trial step) are not timed."""
+    cfg = GPTConfig.from_preset(preset, context_length=context, pad_vocab_to=64 if settings["pad_vocab"] else 1)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).to(device)
+    total = warmup + steps
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, cfg.vocab_size, total * batch * context + 1).astype(np.uint16)
+    val = rng.integers(0, cfg.vocab_size, context + 1).astype(np.uint16)
+    train_cfg = TrainConfig(batch_size=batch, max_steps=total, eval_every=0, checkpoint_every=0,
+                            compile=settings["compile"], precision=settings["precision"],
+                            fused_adamw=settings["fused_adamw"])
+    stamps: list[float] = []
+
+    def on_event(kind: str, record: dict) -> None:
+        if kind == "step":
+            sync(device)
+            stamps.append(time.perf_counter())
+    Trainer(model, train, val, train_cfg, on_event=on_event).run()
+    seconds = stamps[-1] - stamps[warmup - 1] if warmup else stamps[-1] - stamps[0]
+    timed = steps if warmup else steps - 1
+    del model
+    return timed * batch * context / seconds, cfg
+
+
+# -- decoding -----------------------------------------------------------------------------------
+def decode_bytes_per_token(model: GPTModel) -> int:
+    """Bytes of weights one decoding step must read: every parameter once (a tied head is the token
+    embedding, read whole by the head matmul), but only one row of each embedding lookup table."""
+    cfg, emb = model.cfg, model.tok_emb.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = cfg.emb_dim * emb.element_size()
+    total -= model.pos_emb.weight.numel() * emb.element_size() - row
+    if not cfg.tie_weights:
+        total -= emb.numel() * emb.element_size() - row
+    return total
+
+
+def decode_tokens_per_s(model: GPTModel, prompt_len: int, new_tokens: int, use_cache: bool,
+                        device: torch.device, repeats: int) -> float:
+    """Steady-state batch-1 greedy decoding rate of gpt.generate.generate: (new - 1) tokens over
+    the time of generate(new) minus that of generate(1), so the prompt's prefill cancels out."""
     prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    generate(model, prompt, 5, use_cache=use_cache)  # warm-up
-    start = time.perf_counter()
-    generate(model, prompt, new_tokens, use_cache=use_cache)
-    return new_tokens / (time.perf_counter() - start)
+    prompt = prompt.to(device)
+    generate(model, prompt, 3, use_cache=use_cache)  # warm-up
+    one = best_seconds(lambda: generate(model, prompt, 1, use_cache=use_cache), device, repeats)
+    full = best_seconds(lambda: generate(model, prompt, new_tokens, use_cache=use_cache), device, repeats)
+    return (new_tokens - 1) / max(full - one, 1e-9)
+
+
+# -- tokenization -------------------------------------------------------------------------------
+def tokenization(text_path: Path, bpe_dir: Path, repeats: int) -> tuple[float, float, int]:
+    """MB/s (UTF-8 bytes, 1 MB = 1e6 B) of the pipeline's corpus encoding (split_corpus, as the
+    tokenize stage calls it: train/val cut, chunk-parallel encode_text, join) and of raw tiktoken
+    encode_ordinary of the same text with the same encoding."""
+    from gpt.tokenizer import load_tokenizer
+    from pipeline.tokenize import split_corpus
+
+    enc = load_tokenizer(bpe_dir)
+    text = text_path.read_text(encoding="utf-8")
+    n_bytes = len(text.encode("utf-8"))
+    cpu = torch.device("cpu")
+    enc.encode_ordinary(text)  # warm-up (regex compile, rank tables)
+    raw = best_seconds(lambda: enc.encode_ordinary(text), cpu, repeats)
+    ours = best_seconds(lambda: split_corpus(enc, [text], 0.9), cpu, repeats)
+    return n_bytes / ours / 1e6, n_bytes / raw / 1e6, n_bytes
+
+
+# -- dvc ----------------------------------------------------------------------------------------
+def dvc_noop(repo: Path, target: str | None, repeats: int) -> tuple[float | None, str]:
+    """Seconds of `dvc repro [target]` when `dvc status` says nothing changed; else (None, why)."""
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+    if dvc is None:
+        return None, "dvc not installed"
+    targets = [target] if target else []
+    status = subprocess.run([dvc, "status", *targets], cwd=repo, capture_output=True, text=True)
+    if status.returncode != 0 or "up to date" not in status.stdout:
+        changed = sum(1 for line in status.stdout.splitlines() if line.endswith(":") and not line.startswith("\t"))
+        return None, f"not timed: the pipeline in {repo} is not up to date ({changed} stage(s) changed)"
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = subprocess.run([dvc, "repro", *targets], cwd=repo, capture_output=True, text=True)
+        best = min(best, time.perf_counter() - start)
+        if result.returncode != 0:
+            return None, f"`dvc repro` failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}"
+    return best, f"`dvc repro{' ' + target if target else ''}` in {repo}, best of {repeats}"
+
+
+# -- table --------------------------------------------------------------------------------------
+def fmt(value: float, unit: str, digits: int = 0) -> str:
+    return f"{value:,.{digits}f} {unit}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="gpt2-small")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    parser.add_argument("--presets", default="mini,gpt2-small", help="training presets, comma-separated "
+                        "(mini, gpt2-small: batch 8 x context 256; others: 8 x 256)")
+    parser.add_argument("--train-shape", action="append", default=[], metavar="PRESET=BATCHxCONTEXT",
+                        help="another training shape for a preset, e.g. gpt2-small=16x1024 (repeatable)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 on CPU, 20 on GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 1, 3 with --compile)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as pretrain.precision")
+    parser.add_argument("--compile", action="store_true", help="as pretrain.compile: true")
+    parser.add_argument("--fused-adamw", choices=("auto", "true", "false"), default="auto",
+                        help="as pretrain.fused_adamw (auto: fused on CUDA only)")
+    parser.add_argument("--pad-vocab", action="store_true", help="as pretrain.pad_vocab: true")
+    parser.add_argument("--decode-preset", default="gpt2-small")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 64 on CPU, 256 on GPU)")
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("LLM_PIPELINE_MIRROR") or REPO.parent / "shared" / "datasets"),
+                        help="dataset mirror with tinyshakespeare.txt and gpt2_bpe/ (default $LLM_PIPELINE_MIRROR)")
+    parser.add_argument("--dvc-repo", type=Path, default=None, help="a project checkout whose pipeline is up to "
+                        "date (see benchmarks/dvc_scratch.py); without it the dvc row is skipped")
+    parser.add_argument("--dvc-target", default=None, help="stage for `dvc repro` (default: the whole pipeline)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: train, decode, tokenize, dvc")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's allocator as it is (the pretrain stage calls gpt.train.tune_malloc)")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig.from_preset(args.preset, drop_rate=0.0))
-    train = train_tokens_per_s(model, args.batch_size, args.context, args.steps, args.warmup)
-    cached = generate_tokens_per_s(model, args.new_tokens, use_cache=True)
-    uncached = generate_tokens_per_s(model, args.new_tokens, use_cache=False)
+    malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"preset: {args.preset} ({count_parameters(model) / 1e6:.1f}M parameters), fp32, random weights")
-    print("| measurement | setting | tokens/s |")
-    print("|---|---|---:|")
-    print(f"| training (fwd+bwd+AdamW) | batch {args.batch_size} x context {args.context} | {train:,.0f} |")
-    print(f"| generation, KV cache | batch 1, {args.new_tokens} new tokens | {cached:,.1f} |")
-    print(f"| generation, no cache | batch 1, {args.new_tokens} new tokens | {uncached:,.1f} |")
-    print(f"KV cache speed-up: {cached / uncached:.1f}x")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    gpu = device.type != "cpu"
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    shapes = dict(TRAIN_SHAPES)
+    for item in args.train_shape:
+        try:
+            preset, shape = item.split("=")
+            shapes[preset] = tuple(int(v) for v in shape.lower().split("x"))
+            assert len(shapes[preset]) == 2
+        except (ValueError, AssertionError):
+            parser.error(f"--train-shape {item!r}: expected PRESET=BATCHxCONTEXT, e.g. gpt2-small=16x1024")
+    steps = args.steps or (20 if gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
+    new_tokens = args.new_tokens or (256 if gpu else 64)
+    repeats = 5 if gpu else 3
+    fused = {"auto": None, "true": True, "false": False}[args.fused_adamw]
+    settings = {"precision": args.precision, "compile": args.compile, "fused_adamw": fused, "pad_vocab": args.pad_vocab}
+    train_dtype = autocast_dtype(args.precision, device) or torch.float32
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    notes: list[str] = []
+    peak, peak_setting = matmul_peak(device, train_dtype)
+    rows.append(("matmul peak", peak_setting, fmt(peak / 1e9, "GFLOP/s"), "", ""))
+    bw = bandwidths(device)
+    rows.append(("memory bandwidth, read", f"fp32 sum of {bw['bytes'] >> 20} MiB: bytes read / s",
+                 fmt(bw["read"] / 1e9, "GB/s", 1), "", ""))
+    rows.append(("memory bandwidth, copy", f"fp32 copy of {bw['bytes'] >> 20} MiB: (bytes read + written) / s",
+                 fmt(bw["copy"] / 1e9, "GB/s", 1), "", ""))
+
+    if "train" not in skip:
+        optim = "fused AdamW" if (fused if fused is not None else device.type == "cuda") else "AdamW"
+        mode = f"{str(train_dtype).removeprefix('torch.')}{' autocast' if train_dtype != torch.float32 else ''}, " \
+               f"{'compiled' if args.compile else 'eager'}, {optim}{', vocab padded to 64' if args.pad_vocab else ''}"
+        for preset in filter(None, (p.strip() for p in args.presets.split(","))):
+            batch, context = shapes.get(preset, DEFAULT_SHAPE)
+            rate, cfg = train_tokens_per_s(preset, batch, context, device, steps, warmup, settings)
+            flops = train_flops_per_token(cfg, context)
+            rows.append((f"training {preset}", f"batch {batch} x context {context}, {mode}, {steps} steps",
+                         fmt(rate, "tokens/s"), f"{flops * rate / 1e9:,.0f} GFLOP/s ({flops / 1e6:,.0f} MFLOP/token)",
+                         f"MFU {flops * rate / peak:.0%}"))
+
+    if "decode" not in skip:
+        torch.manual_seed(0)
+        model = GPTModel(GPTConfig.from_preset(args.decode_preset, drop_rate=0.0)).to(device).eval()
+        per_token = decode_bytes_per_token(model)
+        bound = bw["read"] / per_token
+        setting = f"batch 1, greedy, prompt {args.prompt_tokens} + {new_tokens} tokens, fp32"
+        cached = decode_tokens_per_s(model, args.prompt_tokens, new_tokens, True, device, repeats)
+        rows.append((f"decoding {args.decode_preset}, KV cache", setting, fmt(cached, "tokens/s", 1),
+                     f"bound {bound:,.1f} tokens/s ({per_token / 1e6:,.1f} MB/token)", f"{cached / bound:.0%} of bound"))
+        uncached = decode_tokens_per_s(model, args.prompt_tokens, new_tokens, False, device, max(1, repeats - 1))
+        rows.append((f"decoding {args.decode_preset}, no cache", setting, fmt(uncached, "tokens/s", 1),
+                     "KV cache", f"{uncached / cached:.2f}x"))
+        kv_bytes = 2 * model.cfg.n_layers * model.cfg.emb_dim * 4 * (args.prompt_tokens + new_tokens)
+        notes.append(f"KV-cache reads are not in the bound: at most {kv_bytes / 1e6:.1f} MB/token here "
+                     f"({kv_bytes / per_token:.1%} of the weights).")
+        del model
+
+    if "tokenize" not in skip:
+        text_path, bpe_dir = args.mirror / "tinyshakespeare.txt", args.mirror / "gpt2_bpe"
+        if text_path.is_file() and bpe_dir.is_dir():
+            ours, raw, n_bytes = tokenization(text_path, bpe_dir, 5)
+            rows.append(("tokenization", f"split_corpus of tinyshakespeare.txt ({n_bytes / 1e6:.2f} MB), "
+                         f"{os.cpu_count()} threads", fmt(ours, "MB/s", 1),
+                         f"raw tiktoken encode_ordinary {raw:,.1f} MB/s", f"{ours / raw:.2f}x"))
+        else:
+            rows.append(("tokenization", f"skipped: {text_path} or {bpe_dir} missing (--mirror)", "", "", ""))
+
+    if "dvc" not in skip:
+        if args.dvc_repo is None:
+            rows.append(("no-op `dvc repro`", "skipped: no --dvc-repo given", "", "", ""))
+        else:
+            seconds, setting = dvc_noop(args.dvc_repo.resolve(), args.dvc_target, 3)
+            rows.append(("no-op `dvc repro`", setting, "" if seconds is None else fmt(seconds, "s", 2),
+                         "target 5 s" if seconds is not None else "", ""))
+
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    malloc = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")]
+    malloc_text = "tune_malloc() applied" if malloc_tuned else "glibc defaults"
+    print(f"machine: {name} ({device.type}), {threads} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"allocator: {malloc_text}{' + ' + ' '.join(malloc) if malloc else ''}")
+    print()
+    print("| measurement | setting | result | reference | ratio |")
+    print("|---|---|---:|---|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print("MFU = training FLOPs/s over the matmul peak above; FLOPs/token = 6 x matmul weights (12 L d^2 + the "
+          "LM head's V d, tied or not; no embeddings, biases, norms) + 12 L T d for attention.")
+    print("Decode bound = read bandwidth / bytes of weights one token must read (all parameters once, the tied "
+          "head included; one row of each embedding table); decoding rates are steady state, prefill excluded.")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ class KVCache:
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (batch_size, n_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        # Uninitialised: only the first `length` positions, already written, are ever read.
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_length = max_length
         self.length = 0  # tokens already stored; advanced by the model after all layers ran
 

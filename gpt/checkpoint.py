@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +28,21 @@ def weights_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, raising a failed write (a full disk) as the OSError it is.
+
+    safetensors reports I/O errors as SafetensorError with the errno only in its text; as an
+    OSError, atomic_dir names the output and the stages report it in one line.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+
+
 def save_model(model: GPTModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `path/model.safetensors` and `path/config.json` atomically; return `path`.
 
@@ -34,7 +50,7 @@ def save_model(model: GPTModel, path: str | os.PathLike, extra: dict | None = No
     load) and `extra`, any JSON-serialisable metadata the caller wants to keep with it.
     """
     with atomic_dir(path) as tmp:
-        save_file(weights_state_dict(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_tensors(weights_state_dict(model), tmp / WEIGHTS, metadata={"format": FORMAT})
         config = {
             "format": FORMAT,
             "model": model.cfg.to_dict(),

@@ -55,8 +55,11 @@ def save_tokens(tokens: np.ndarray | list[int], path: str | os.PathLike) -> None
         raise ValueError(f"{path}: token ids out of uint16 range")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part")
-    array.astype(TOKEN_DTYPE).tofile(tmp)
-    os.replace(tmp, path)
+    try:
+        array.astype(TOKEN_DTYPE).tofile(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no part file
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -64,15 +67,26 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     Because the order is a pure function of seed and epoch, training can resume mid-epoch
     exactly: rebuild the sampler for the saved epoch and skip `start_batch` batches.
+
+    With `world_size` > 1 (data-parallel training) every rank walks the same global batches of
+    `batch_size` and yields only its contiguous share of each, `batch_size // world_size` rows,
+    so the ranks together see exactly the batches one process would.
     """
 
     def __init__(self, n_items: int, batch_size: int, shuffle: bool = True, drop_last: bool = True,
-                 seed: int = 123, epoch: int = 0, start_batch: int = 0):
+                 seed: int = 123, epoch: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes ({world_size})")
+        if world_size > 1 and not drop_last:
+            raise ValueError("sharding batches across processes needs drop_last=True (equal shares)")
         self.n_items, self.batch_size = n_items, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.rank, self.world_size = rank, world_size
 
     def order(self) -> list[int]:
         if not self.shuffle:
@@ -90,6 +104,9 @@ class EpochBatchSampler(Sampler[list[int]]):
             batch = order[start : start + self.batch_size]
             if len(batch) < self.batch_size and self.drop_last:
                 return
+            if self.world_size > 1:
+                share = self.batch_size // self.world_size
+                batch = batch[self.rank * share : (self.rank + 1) * share]
             yield batch
 
 
@@ -104,10 +121,17 @@ def create_dataloader(
     num_workers: int = 0,
     epoch: int = 0,
     start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader of (inputs, targets) windows for one epoch; its order depends only on seed and epoch."""
+    """A DataLoader of (inputs, targets) windows for one epoch; its order depends only on seed and epoch.
+
+    `rank`/`world_size` shard each batch of `batch_size` across data-parallel processes (see
+    EpochBatchSampler); sharding needs drop_last=True.
+    """
     dataset = TokenWindowDataset(tokens, max_length, stride)
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, seed, epoch, start_batch)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, seed, epoch, start_batch,
+                                rank, world_size)
     # An own generator: otherwise each new iterator draws from the global RNG (for worker
     # seeds), which would shift dropout masks after a mid-epoch resume.
     generator = torch.Generator().manual_seed(seed + epoch)

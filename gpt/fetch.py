@@ -157,6 +157,7 @@ def atomic_copy_verified(src: Path, dest: Path, sha256: str) -> None:
 
 
 def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None) -> None:
+    """Fetch url into tmp; errors do not repeat the URL (the caller prefixes it)."""
     request = urllib.request.Request(url, headers={"User-Agent": "llm-pipeline"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
@@ -168,12 +169,12 @@ def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | Non
                 if bar is not None:
                     bar.update(len(block))
         except http.client.IncompleteRead as exc:
-            raise FetchError(f"{url}: truncated download ({out.tell() + len(exc.partial)} of {total} bytes)") from exc
+            raise FetchError(f"truncated download ({out.tell() + len(exc.partial)} of {total} bytes)") from exc
         finally:
             if bar is not None:
                 bar.close()
         if total and out.tell() != total:
-            raise FetchError(f"{url}: truncated download ({out.tell()} of {total} bytes)")
+            raise FetchError(f"truncated download ({out.tell()} of {total} bytes)")
 
 
 def download_verified(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -12,22 +12,29 @@ from torch import nn
 from gpt.errors import TrainingError
 from gpt.lora import apply_lora
 from gpt.model import GPTModel
-from gpt.train import make_optimizer
+from gpt.train import lr_at, make_optimizer
 
 TRAINABLE = ("all", "last_blocks", "lora")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Optimisation settings; `eval_every` counts optimizer steps (0: once per epoch)."""
+    """Optimisation settings; `eval_every` counts optimizer steps (0: once per epoch).
+
+    The learning rate is constant at `lr` (the book) unless `min_lr` is set: then it warms up
+    linearly over `warmup_steps` and decays along a cosine to `min_lr` at the last step.
+    """
 
     lr: float = 5e-5
+    min_lr: float | None = None
+    warmup_steps: int = 0
     weight_decay: float = 0.1
     epochs: int = 5
     grad_clip: float | None = None
     eval_every: int = 50
     seed: int = 123
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults, as the book uses
+    fused_adamw: bool | None = None  # see gpt.train.TrainConfig
 
 
 def select_trainable(model: GPTModel, mode: str, n_blocks: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,
@@ -70,13 +77,17 @@ def fit(
     every cfg.eval_every steps and at the end of each epoch."""
     on_event = on_event or (lambda kind, payload: None)
     optimizer = make_optimizer(model, cfg)
+    schedule = replace(cfg, min_lr=cfg.lr if cfg.min_lr is None else cfg.min_lr)
     torch.manual_seed(cfg.seed)
     history: list[dict] = []
     step, started, seen = 0, time.perf_counter(), 0
     model.train()
     for epoch in range(cfg.epochs):
         batch_list = list(batches(epoch))
+        total_steps = len(batch_list) * cfg.epochs  # every epoch has as many batches as this one
         for index, batch in enumerate(batch_list):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, schedule)
             loss = loss_fn(model, batch)
             value = loss.item()
             if not math.isfinite(value):
@@ -88,7 +99,8 @@ def fit(
             optimizer.step()
             step += 1
             seen += len(batch[0])
-            record = {"step": step, "epoch": epoch + 1, "loss": value, "examples_seen": seen,
+            record = {"step": step, "epoch": epoch + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"],
+                      "examples_seen": seen,
                       "elapsed_s": time.perf_counter() - started}
             history.append(record)
             on_event("step", record)

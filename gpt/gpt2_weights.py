@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gpt.atomic import atomic_dir
-from gpt.checkpoint import CheckpointError
+from gpt.checkpoint import CheckpointError, save_tensors
 from gpt.model import GPTConfig, GPTModel
 
 # Our name -> (Hugging Face name, stored transposed as Conv1D)
@@ -75,13 +76,23 @@ def config_from_hf(hf: dict, drop_rate: float = 0.0) -> GPTConfig:
     )
 
 
-def load_hf_gpt2(path: str | os.PathLike, drop_rate: float = 0.0) -> GPTModel:
-    """Build our GPTModel from a Hugging Face GPT-2 folder (model.safetensors + config.json)."""
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` (the padded vocabulary); unchanged if it has them."""
+    extra = rows - tensor.shape[0]
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra > 0 else tensor
+
+
+def load_hf_gpt2(path: str | os.PathLike, drop_rate: float = 0.0, pad_vocab_to: int = 1) -> GPTModel:
+    """Build our GPTModel from a Hugging Face GPT-2 folder (model.safetensors + config.json).
+
+    `pad_vocab_to` > 1 pads the embedding/head with zero rows (see GPTConfig.pad_vocab_to); the
+    real rows are OpenAI's weights unchanged, so the logits are the same as without padding.
+    """
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: not found (a GPT-2 checkpoint needs config.json and model.safetensors)")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), drop_rate)
+    cfg = replace(config_from_hf(json.loads((path / "config.json").read_text()), drop_rate), pad_vocab_to=pad_vocab_to)
     try:
         tensors = load_file(str(path / "model.safetensors"))
     except SafetensorError as exc:
@@ -101,6 +112,8 @@ def load_hf_gpt2(path: str | os.PathLike, drop_rate: float = 0.0) -> GPTModel:
         state["out_head.weight"] = tensors["lm_head.weight"]
     else:
         raise CheckpointError(f"{path / 'model.safetensors'}: untied model without lm_head.weight")
+    for key in ("tok_emb.weight", "out_head.weight"):
+        state[key] = _pad_rows(state[key], cfg.padded_vocab_size)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -131,9 +144,11 @@ def hf_config(cfg: GPTConfig) -> dict:
 def save_hf_gpt2(model: GPTModel, path: str | os.PathLike) -> Path:
     """Export our model in Hugging Face GPT-2 layout, loadable by `GPT2LMHeadModel.from_pretrained`.
 
-    A model trained without q/k/v biases is exported with zero biases, which computes the same.
+    A model trained without q/k/v biases is exported with zero biases, which computes the same;
+    a padded vocabulary is exported without its padding rows.
     """
-    ours = model.state_dict()
+    vocab = model.cfg.vocab_size
+    ours = {k: v[:vocab] if k in ("tok_emb.weight", "out_head.weight") else v for k, v in model.state_dict().items()}
     tensors = {}
     for key, (theirs, transposed) in key_map(model.cfg.n_layers).items():
         tensor = ours.get(key)
@@ -144,6 +159,6 @@ def save_hf_gpt2(model: GPTModel, path: str | os.PathLike) -> Path:
     if not model.cfg.tie_weights:
         tensors["lm_head.weight"] = ours["out_head.weight"].detach().contiguous()
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
     return Path(path)

@@ -29,9 +29,12 @@ class GPTConfig:
     tie_weights: bool = False
     use_sdpa: bool = True
     init: str = "gpt2"  # one of INITS
+    # Embedding/head rows rounded up to a multiple of this (64 suits GPU matmuls); the extra rows
+    # are zeros that no token id reaches, and forward() drops their logits. 1: no padding.
+    pad_vocab_to: int = 1
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_to"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.emb_dim % self.n_heads:
@@ -40,6 +43,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.init not in INITS:
             raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and output head: vocab_size rounded up to pad_vocab_to."""
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -122,8 +130,20 @@ class GPTModel(nn.Module):
             for name, param in self.named_parameters():
                 if name.endswith(("attn.out_proj.weight", "ff.proj.weight")):
                     nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            self._pad_vocab_rows()
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def _pad_vocab_rows(self) -> None:
+        # Padded after initialising the real rows, so a padded model draws the same random
+        # numbers (and so has the same real weights) as an unpadded one built from the same seed.
+        extra = self.cfg.padded_vocab_size - self.cfg.vocab_size
+        for module in (self.tok_emb, self.out_head):
+            weight = module.weight
+            module.weight = nn.Parameter(torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]))
+        self.tok_emb.num_embeddings = self.out_head.out_features = self.cfg.padded_vocab_size
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -146,8 +166,8 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"sequence of {start + n_tokens} tokens exceeds the context length {self.cfg.context_length}"
             )
-        positions = torch.arange(start, start + n_tokens, device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        # Positions start..start+n-1 are a slice of the table: a view, no index tensor or gather.
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb.weight[start : start + n_tokens])
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
@@ -156,7 +176,10 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size) for token ids (batch, tokens)."""
-        return self.out_head(self.hidden_states(idx, cache))
+        logits = self.out_head(self.hidden_states(idx, cache))
+        if logits.shape[-1] == self.cfg.padded_vocab_size != self.cfg.vocab_size:
+            logits = logits[..., : self.cfg.vocab_size]  # padded ids are never predicted
+        return logits
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,9 +1,12 @@
 """Pretraining loop: AdamW, warmup + cosine schedule, clipping, accumulation, exact checkpoint resume."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,12 +15,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from gpt import distributed
 from gpt.atomic import atomic_dir
-from gpt.checkpoint import load_state, save_model
+from gpt.checkpoint import load_state, save_model, save_tensors
 from gpt.errors import CheckpointError, TrainingError
 from gpt.data import TokenWindowDataset, create_dataloader
+from gpt.fetch import sha256_file
 from gpt.model import GPTModel
 
 TRAINER_STATE = "trainer.json"
@@ -44,6 +49,29 @@ class TrainConfig:
     eval_batches: int | None = 10
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 123
+    # Speed settings (see EXECUTION_SETTINGS): a checkpoint resumes under other values of these.
+    compile: bool = False  # torch.compile the model for training; falls back to eager if that fails
+    precision: str = "auto"  # one of PRECISIONS: autocast dtype of forward + loss
+    fused_adamw: bool | None = None  # None: fused on CUDA only (on CPU it differs in the last bits)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype forward + loss run in under autocast, or None for plain fp32.
+
+    "auto" is bf16 on CUDA GPUs with native bf16 (Ampere and later), fp32 elsewhere; "bf16" is
+    honoured on any device (on CPU it is only faster where the CPU has bf16 instructions).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return None
 
 
 @dataclass
@@ -56,6 +84,27 @@ class TrainState:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)  # one entry per step: loss, lr, tokens
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep large freed blocks for reuse; True when applied (Linux with glibc only).
+
+    glibc serves each allocation above its mmap threshold (32 MiB at most by default) with a fresh
+    mmap and unmaps it when freed, so the logits over 50k tokens and their gradient (hundreds of MB)
+    are page-faulted in again at every step: high system time, ~15-35% of a CPU training step.
+    This raises the mmap and trim thresholds in this process, as MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ in the environment would; results are unchanged. Meant for a training
+    process's entry point (the memory stays with the process until it exits).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        limit = 2**31 - 1  # mallopt takes an int
+        # M_MMAP_THRESHOLD (older glibc caps it at 32 MiB: then M_MMAP_MAX = 0, no mmap), M_TRIM_THRESHOLD.
+        return bool((libc.mallopt(-3, limit) or libc.mallopt(-4, 0)) and libc.mallopt(-1, limit))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -86,8 +135,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else next(model.parameters()).device.type == "cuda"
+    # Unfused: the multi-tensor (foreach) path, which computes exactly what the per-tensor default does, faster.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
 
 
 def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -98,8 +148,12 @@ def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 @torch.no_grad()
 def evaluate_loss(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None,
-                  stride: int | None = None) -> float:
-    """Mean loss over the first `max_batches` windows-batches of `tokens`, in fixed order."""
+                  stride: int | None = None, rank: int = 0, world_size: int = 1) -> float:
+    """Mean loss over the first `max_batches` windows-batches of `tokens`, in fixed order.
+
+    With `world_size` > 1 every rank must call this: each evaluates rows rank::world_size of each
+    batch and the sums and counts are all-reduced, so every rank gets the one-process mean.
+    """
     context = model.cfg.context_length
     loader = create_dataloader(tokens, batch_size, context, stride or context, shuffle=False, drop_last=False)
     device = next(model.parameters()).device
@@ -109,9 +163,15 @@ def evaluate_loss(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batc
     for i, (inputs, targets) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        if world_size > 1:
+            inputs, targets = inputs[rank::world_size], targets[rank::world_size]
+            if not len(inputs):
+                continue
         total += batch_loss(model, inputs.to(device), targets.to(device)).item() * inputs.shape[0]
         count += inputs.shape[0]
     model.train(was_training)
+    if world_size > 1:
+        total, count = distributed.all_reduce_sum([total, count])
     return total / count
 
 
@@ -123,6 +183,25 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         for name, value in per_param.items()
     }
     return tensors, {"param_groups": state["param_groups"]}
+
+
+def _read_trainer_state(folder: Path) -> dict:
+    """trainer.json of a checkpoint folder, after checking it parses and that the optimizer file it
+    lists is the one written with it (a CheckpointError naming the bad file otherwise)."""
+    path = folder / TRAINER_STATE
+    try:
+        trainer = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); delete the folder to start over") from None
+    required = ("state", "train_config", "param_groups", "optimizer_sha256")
+    if not isinstance(trainer, dict) or any(key not in trainer for key in required):
+        raise CheckpointError(f"{path}: needs the keys {', '.join(required)}; delete the folder to start over")
+    expected = trainer["optimizer_sha256"]
+    optimizer = folder / OPTIMIZER_STATE
+    if not optimizer.is_file() or sha256_file(optimizer) != expected:
+        raise CheckpointError(f"{optimizer}: missing or its sha256 does not match {TRAINER_STATE} "
+                              "(tampered or corrupt); delete the folder to start over")
+    return trainer
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
@@ -140,12 +219,23 @@ class Trainer:
 
     `on_event(kind, payload)` receives "resume", "step", "eval" and "checkpoint" events, so callers can
     log or show progress without this loop knowing about them.
+
+    Under torchrun, after gpt.distributed.setup(), it trains data-parallel (DDP): every rank takes
+    its batch_size / world_size rows of each global batch, gradients and the logged loss are
+    averaged over ranks, so the loss curve is the one-process curve for the same batch_size. Only
+    rank 0 writes checkpoints and receives events; every rank keeps the same state and history.
+    Dropout masks differ per rank (each rank seeds seed + rank), as in any DDP run.
     """
 
     def __init__(self, model: GPTModel, train_tokens: np.ndarray, val_tokens: np.ndarray, cfg: TrainConfig,
                  checkpoint_dir: str | os.PathLike | None = None,
                  on_event: Callable[[str, dict], None] | None = None):
         self.model, self.cfg = model, cfg
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if cfg.batch_size % self.world_size:
+            raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
+                                f"({self.world_size}): each takes an equal share of every batch")
+        self.is_main = self.rank == 0
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length
         self.stride = cfg.stride or self.context
@@ -161,46 +251,100 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_event = on_event or (lambda kind, payload: None)
         self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.optimizer = make_optimizer(model, cfg)
+        self.train_model = distributed.wrap(model, self.device)  # DDP under torchrun, else `model`
         self.state = TrainState()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _compile(self) -> None:
+        """Swap in torch.compile of the training model, tried on one dummy forward + backward
+        (compilers fail at the first call, not at torch.compile); on failure warn and stay eager."""
+        if getattr(self.train_model, "_orig_mod", None) is not None:
+            return  # already compiled
+        rows = self.cfg.batch_size // self.world_size
+        dummy = torch.zeros(rows, self.context, dtype=torch.long, device=self.device)
+        was_training = self.model.training
+        self.model.train()
+        try:
+            compiled = torch.compile(self.train_model)
+            with self._autocast():
+                loss = batch_loss(compiled, dummy, dummy)
+            loss.backward()
+        except Exception as exc:  # no C++ compiler, unsupported platform or op, ...
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(f"warning: torch.compile failed ({type(exc).__name__}: {reason}); training without it",
+                  file=sys.stderr)
+        else:
+            self.train_model = compiled
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.model.train(was_training)
+
+    def _emit(self, kind: str, payload: dict) -> None:
+        if self.is_main:
+            self.on_event(kind, payload)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Write model, optimizer moments, RNG and loop position as one atomic folder."""
         if self.checkpoint_dir is None:
             return
+        # Each rank's RNG state goes to rank 0, which alone writes (rank r > 0 as rng.*.rank<r>).
+        ranks_rng = distributed.gather_to_main(self._rng_state()) if self.world_size > 1 else None
+        if not self.is_main:
+            return
         with atomic_dir(self.checkpoint_dir) as tmp:
             save_model(self.model, tmp / MODEL_DIR)
             tensors, groups = _optimizer_tensors(self.optimizer)
-            tensors["rng.torch"] = torch.get_rng_state()
-            if self.device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-            save_file(tensors, str(tmp / OPTIMIZER_STATE))
-            trainer = {"state": asdict(self.state), "train_config": asdict(self.cfg), **groups}
+            tensors.update(self._rng_state())
+            for r, states in enumerate(ranks_rng or ()):
+                if r:
+                    tensors.update({f"{key}.rank{r}": value for key, value in states.items()})
+            save_tensors(tensors, tmp / OPTIMIZER_STATE)
+            trainer = {"state": asdict(self.state), "train_config": asdict(self.cfg),
+                       "optimizer_sha256": sha256_file(tmp / OPTIMIZER_STATE), **groups}
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer) + "\n")
-        self.on_event("checkpoint", {"step": self.state.step, "path": str(self.checkpoint_dir)})
+        self._emit("checkpoint", {"step": self.state.step, "path": str(self.checkpoint_dir)})
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        states = {"rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def load_checkpoint(self) -> bool:
         """Restore from `checkpoint_dir` if it holds a checkpoint; True when resumed."""
         if self.checkpoint_dir is None or not (self.checkpoint_dir / TRAINER_STATE).is_file():
             return False
-        trainer = json.loads((self.checkpoint_dir / TRAINER_STATE).read_text())
-        saved_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in trainer["train_config"].items()}
-        if saved_cfg != asdict(self.cfg):
-            changed = sorted(k for k in saved_cfg if saved_cfg[k] != asdict(self.cfg).get(k))
+        trainer = _read_trainer_state(self.checkpoint_dir)
+        # Speed settings may change between runs; a key older checkpoints lack has its default.
+        saved_cfg = {k: tuple(v) if isinstance(v, list) else v
+                     for k, v in {**asdict(TrainConfig()), **trainer["train_config"]}.items()
+                     if k not in EXECUTION_SETTINGS}
+        current_cfg = {k: v for k, v in asdict(self.cfg).items() if k not in EXECUTION_SETTINGS}
+        if saved_cfg != current_cfg:
+            changed = sorted(k for k in saved_cfg if saved_cfg[k] != current_cfg.get(k))
             raise CheckpointError(
                 f"{self.checkpoint_dir}: saved with other training settings ({', '.join(changed)}); "
                 "delete it to start over"
             )
         load_state(self.checkpoint_dir / MODEL_DIR, self.model)
-        tensors = load_file(str(self.checkpoint_dir / OPTIMIZER_STATE))
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        if "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors.pop("rng.cuda"), self.device)
+        tensors = load_file(str(self.checkpoint_dir / OPTIMIZER_STATE))  # its sha256 was checked above
+        rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.")]}
+        # A rank missing from the checkpoint (saved by fewer processes) continues rank 0's stream.
+        own = f".rank{self.rank}" if self.rank and f"rng.torch.rank{self.rank}" in rng else ""
+        torch.set_rng_state(rng[f"rng.torch{own}"])
+        if f"rng.cuda{own}" in rng:
+            torch.cuda.set_rng_state(rng[f"rng.cuda{own}"], self.device)
         _load_optimizer(self.optimizer, {k: v.to(self.device) if not k.endswith(".step") else v
                                          for k, v in tensors.items()}, trainer["param_groups"])
         self.state = TrainState(**trainer["state"])
-        self.on_event("resume", {"step": self.state.step, "path": str(self.checkpoint_dir)})
+        self._emit("resume", {"step": self.state.step, "path": str(self.checkpoint_dir)})
         return True
 
     # -- the loop ------------------------------------------------------------------------------
@@ -209,7 +353,8 @@ class Trainer:
         while True:
             loader = create_dataloader(self.train_tokens, self.cfg.batch_size, self.context, self.stride,
                                        shuffle=True, drop_last=True, seed=self.cfg.seed,
-                                       epoch=self.state.epoch, start_batch=self.state.batch_in_epoch)
+                                       epoch=self.state.epoch, start_batch=self.state.batch_in_epoch,
+                                       rank=self.rank, world_size=self.world_size)
             for inputs, targets in loader:
                 self.state.batch_in_epoch += 1
                 yield inputs.to(self.device), targets.to(self.device)
@@ -218,14 +363,17 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         args = (self.cfg.batch_size, self.cfg.eval_batches, self.stride)
-        return {"train_loss": evaluate_loss(self.model, self.train_tokens, *args),
-                "val_loss": evaluate_loss(self.model, self.val_tokens, *args)}
+        shard = {"rank": self.rank, "world_size": self.world_size}
+        return {"train_loss": evaluate_loss(self.model, self.train_tokens, *args, **shard),
+                "val_loss": evaluate_loss(self.model, self.val_tokens, *args, **shard)}
 
     def run(self) -> TrainState:
         """Train until total_steps; returns the final state (its history is the loss curve)."""
+        if self.cfg.compile:
+            self._compile()  # before seeding: its trial step must not shift the RNG streams
         resumed = self.load_checkpoint()
         if not resumed:
-            torch.manual_seed(self.cfg.seed)
+            torch.manual_seed(self.cfg.seed + self.rank)
         self.model.train()
         batches = self._micro_batches()
         started = time.perf_counter() - self.state.elapsed_s
@@ -234,12 +382,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(self.cfg.grad_accum):
+            for micro in range(self.cfg.grad_accum):
                 inputs, targets = next(batches)
-                loss = batch_loss(self.model, inputs, targets) / self.cfg.grad_accum
-                loss.backward()
+                # Under DDP gradients are averaged over ranks once, on the last micro-batch.
+                with distributed.grad_sync(self.train_model, micro == self.cfg.grad_accum - 1):
+                    with self._autocast():
+                        loss = batch_loss(self.train_model, inputs, targets) / self.cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
-                self.state.tokens_seen += inputs.numel()
+                self.state.tokens_seen += inputs.numel() * self.world_size
+            if self.world_size > 1:
+                loss_sum = distributed.all_reduce_mean(loss_sum)  # the global batch's loss, same on every rank
             if not math.isfinite(loss_sum):
                 raise TrainingError(
                     f"non-finite training loss ({loss_sum}) at step {self.state.step + 1}; "
@@ -253,11 +406,11 @@ class Trainer:
             self.state.elapsed_s = time.perf_counter() - started
             record = {"step": self.state.step, "loss": loss_sum, "lr": lr, "tokens_seen": self.state.tokens_seen}
             self.state.history.append(record)
-            self.on_event("step", record)
+            self._emit("step", record)
             last = self.state.step == self.total_steps
             if self.cfg.eval_every and (self.state.step % self.cfg.eval_every == 0 or last):
                 record.update(self.evaluate())
-                self.on_event("eval", record)
+                self._emit("eval", record)
             if last or (self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0):
                 self.save_checkpoint()
         return self.state

@@ -1,14 +1,13 @@
-"""Ask the instruction model: `python -m pipeline.chat [--model PATH_OR_MODELS_URI] [--input TEXT] [INSTRUCTION]`."""
+"""Ask the instruction model: `llm-pipeline chat [--model PATH_OR_MODELS_URI] [--input TEXT] [INSTRUCTION]`."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Callable
 
-from pipeline.common import BPE_DIR, EXPECTED_ERRORS
+from pipeline.common import BPE_DIR, EXPECTED_ERRORS, is_model_uri, load_mlflow_model
 
 DEFAULT_MODEL = "data/models/instruct"
-URI_SCHEMES = ("models:/", "runs:/")
 
 Responder = Callable[[str, str], str]
 
@@ -26,18 +25,9 @@ def local_responder(path: str, max_new_tokens: int) -> Responder:
 
 def mlflow_responder(uri: str, max_new_tokens: int) -> Responder:
     """Answers from a logged or registered model, in the tracking store the stages use."""
-    # Imported here, as the local path's are: a checkpoint folder should not wait for MLflow to load.
-    import mlflow
     import pandas as pd
-    from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import use_project_store
-
-    use_project_store()
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except MlflowException as exc:
-        raise ValueError(f"{uri}: {exc.message}") from None
+    model = load_mlflow_model(uri)
 
     def answer(instruction: str, input_text: str) -> str:
         frame = pd.DataFrame({"instruction": [instruction], "input": [input_text]})
@@ -47,7 +37,7 @@ def mlflow_responder(uri: str, max_new_tokens: int) -> Responder:
 
 def main(argv: list[str] | None = None) -> None:
     """One answer when an instruction is given; otherwise one per line of stdin until EOF or an empty line."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.chat", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llm-pipeline chat", description=__doc__)
     parser.add_argument("instruction", nargs="?", help="the instruction; omit it to read instructions from stdin")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"checkpoint folder or MLflow URI such as models:/gpt-instruct@champion "
@@ -58,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     try:
-        build = mlflow_responder if args.model.startswith(URI_SCHEMES) else local_responder
+        build = mlflow_responder if is_model_uri(args.model) else local_responder
         answer = build(args.model, args.max_new_tokens)
         if args.instruction is not None:
             print(answer(args.instruction, args.input))

@@ -1,19 +1,18 @@
-"""Classify texts as ham or spam: `python -m pipeline.classify [--model PATH_OR_MODELS_URI] TEXT...`."""
+"""Classify texts as ham or spam: `llm-pipeline classify [--model PATH_OR_MODELS_URI] TEXT...`."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from gpt.classifier import load_classifier
 from gpt.tokenizer import load_tokenizer
-from pipeline.common import BPE_DIR, EXPECTED_ERRORS
+from pipeline.common import BPE_DIR, EXPECTED_ERRORS, is_model_uri, load_mlflow_model
 from pipeline.finetune_classifier import MODEL_DIR
 from pipeline.mlflow_models.spam_classifier import predict_frame
-from pipeline.tracking import use_project_store
 
 
 def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,
@@ -23,9 +22,8 @@ def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_
 
     Texts longer than the model's max_length keep their first max_length tokens; an empty text is an error.
     """
-    if ":/" in model:
-        use_project_store(params_path)
-        return mlflow.pyfunc.load_model(model).predict(pd.DataFrame({"text": texts}))
+    if is_model_uri(model):
+        return load_mlflow_model(model, params_path).predict(pd.DataFrame({"text": texts}))
     classifier, spec = load_classifier(model)
     return predict_frame(classifier, spec, load_tokenizer(bpe_dir), texts)
 
@@ -41,7 +39,7 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print `label<TAB>spam probability<TAB>text` per text; an expected error is one line and exit status 1."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.classify", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llm-pipeline classify", description=__doc__)
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --file or stdin lines)")
     parser.add_argument("--model", default=str(MODEL_DIR),
                         help=f"classifier folder or MLflow model URI (default: {MODEL_DIR})")
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         texts = read_texts(args)
         result = classify(texts, args.model, args.bpe, args.params)
-    except (*EXPECTED_ERRORS, mlflow.exceptions.MlflowException) as exc:
+    except (*EXPECTED_ERRORS, MlflowException) as exc:  # a served model's bad input
         print(f"classify: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(1)
     for text, label, probability in zip(texts, result["label"], result["spam_probability"]):

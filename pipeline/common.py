@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from gpt.atomic import remove_stale_temps, reporting_full_disk
 from gpt.errors import GPTError
 from gpt.fetch import FetchError, temp_beside
 from gpt.tokenizer import TokenizerError
@@ -20,6 +21,7 @@ BPE_DIR = RAW / "gpt2_bpe"  # what gpt.tokenizer.load_tokenizer reads
 VALIDATE_REPORT = METRICS / "validate.json"
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
 
 class DataError(ValueError):
@@ -34,15 +36,23 @@ def raw_file(name: str) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temp file in the same folder, then rename over it."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path through a temp file in the same folder, then rename over it; a full
+    disk is an OSError naming path, and temp files of an earlier killed write are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    remove_stale_temps(path)
+    with reporting_full_disk(path):
+        tmp = temp_beside(path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """atomic_write_bytes of UTF-8 text with \\n line ends."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -64,6 +74,27 @@ def resolve_mirror(param: str | None) -> Path | None:
 def env_offline() -> bool:
     """Whether $LLM_PIPELINE_OFFLINE asks for no network access."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def is_model_uri(model: str) -> bool:
+    """Whether `model` names an MLflow model (models:/ or runs:/) rather than a checkpoint folder."""
+    return model.startswith(MODEL_URI_SCHEMES)
+
+
+def load_mlflow_model(uri: str, params_path: Path | None = Path("params.yaml")) -> Any:
+    """The pyfunc model at `uri`, from the store of `params_path`'s mlflow section (the stages' store);
+    a missing model or alias is a ValueError naming the URI."""
+    # Imported here: commands that read a checkpoint folder should not wait for MLflow to load.
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import use_project_store
+
+    use_project_store(params_path)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise ValueError(f"{uri}: {exc.message}") from None
 
 
 # ValueError covers ParamsError, DataError and the value checks of gpt/; anything else is a bug

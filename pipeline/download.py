@@ -99,7 +99,7 @@ def fetch_all(plan: list[tuple[str, Source]], dest: Path, mirror: Path | None, o
                      "bytes": path.stat().st_size, "origin": came_from, "verified": bool(source.sha256)})
         print(f"download: {rows[-1]['file']} <- {came_from}")
     if missing:
-        why = "offline" if offline else "network unreachable"
+        why = "offline" if offline else "could not be downloaded"  # unreachable, or cut short: see last error
         raise FetchError(f"{len(missing)} file(s) not in mirror {mirror or '(none)'} and {why}: "
                          + "; ".join(missing))
     return rows

@@ -53,36 +53,38 @@ def main(params_path: Path) -> None:
     device = pick_device(cfg["device"])
     model = load_model(MODEL_DIR, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
-    val_loss, tokens_per_s = timed_loss(model, load_tokens(TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
-    train_loss, _ = timed_loss(model, load_tokens(TOKENS / "train.bin"), cfg["batch_size"], cfg["max_batches"])
-
-    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
-    samples = []
-    start, new_tokens = time.perf_counter(), 0
-    for prompt in cfg["prompts"]:
-        greedy = generate_text(model, tokenizer, prompt, cfg["max_new_tokens"])
-        sampled = generate_text(model, tokenizer, prompt, cfg["max_new_tokens"], temperature=cfg["temperature"],
-                                top_k=cfg["top_k"], top_p=cfg["top_p"], generator=generator)
-        new_tokens += len(tokenizer.encode(greedy, allowed_special="all"))
-        new_tokens += len(tokenizer.encode(sampled, allowed_special="all"))
-        samples.append({"prompt": prompt, "greedy": greedy, "sampled": sampled})
-    metrics = {
-        "val_loss": val_loss,
-        "val_perplexity": math.exp(val_loss),
-        "train_loss": train_loss,
-        "eval_tokens_per_s": round(tokens_per_s, 1),
-        "generation_tokens_per_s": round(new_tokens / (time.perf_counter() - start), 1),
-    }
-    for sample in samples:
-        print(f"--- {sample['prompt']!r}\n greedy:  {sample['greedy']!r}\n sampled: {sample['sampled']!r}")
-    atomic_write_json(SAMPLES_FILE, samples)
     version = json.loads(PRETRAIN_METRICS.read_text())["registered_version"]
+    # The run opens before any output is written: an unreachable tracking server leaves the old ones.
     with stage_run("evaluate", cfg, {"val.bin": sha256_file(TOKENS / "val.bin")}, params["mlflow"]):
+        val_loss, tokens_per_s = timed_loss(model, load_tokens(TOKENS / "val.bin"), cfg["batch_size"],
+                                            cfg["max_batches"])
+        train_loss, _ = timed_loss(model, load_tokens(TOKENS / "train.bin"), cfg["batch_size"], cfg["max_batches"])
+
+        generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+        samples = []
+        start, new_tokens = time.perf_counter(), 0
+        for prompt in cfg["prompts"]:
+            greedy = generate_text(model, tokenizer, prompt, cfg["max_new_tokens"])
+            sampled = generate_text(model, tokenizer, prompt, cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                    top_k=cfg["top_k"], top_p=cfg["top_p"], generator=generator)
+            new_tokens += len(tokenizer.encode(greedy, allowed_special="all"))
+            new_tokens += len(tokenizer.encode(sampled, allowed_special="all"))
+            samples.append({"prompt": prompt, "greedy": greedy, "sampled": sampled})
+        metrics = {
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(val_loss),
+            "train_loss": train_loss,
+            "eval_tokens_per_s": round(tokens_per_s, 1),
+            "generation_tokens_per_s": round(new_tokens / (time.perf_counter() - start), 1),
+        }
+        for sample in samples:
+            print(f"--- {sample['prompt']!r}\n greedy:  {sample['greedy']!r}\n sampled: {sample['sampled']!r}")
+        atomic_write_json(SAMPLES_FILE, samples)
         log_step_metrics(metrics, step=0)
         log_path(SAMPLES_FILE)
         # The registry entry of the evaluated model carries its evaluation, for review.
         tag_model_version(REGISTERED_NAME, version, {f"eval.{k}": v for k, v in metrics.items()})
-    atomic_write_json(METRICS_FILE, metrics)
+    atomic_write_json(METRICS_FILE, {**metrics, "registered_version": version})
 
 if __name__ == "__main__":
     run_stage("evaluate", main)

@@ -35,7 +35,6 @@ from pipeline.pretrain import PLOTS
 from pipeline.schemas import SPAM_LABELS
 from pipeline.tracking import (
     MLFLOW_SECTION,
-    first_champion,
     log_history,
     log_path,
     log_pyfunc,
@@ -177,9 +176,9 @@ def main(params_path: Path) -> None:
         log_step_metrics(flat, step=history[-1]["step"])
         for path in (CURVE_PNG, CURVE_CSV, EVAL_CSV, CONFUSION_JSON, CONFUSION_PNG):
             log_path(path)
-        alias = first_champion(REGISTERED_NAME)
+        # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
-                             {"base": cfg["base"], "base.sha256": data_hashes["base"]}, flat, alias)
+                             {"base": cfg["base"]}, flat, None)
         metrics = {
             **reports,
             "test_accuracy": reports["test"]["accuracy"],
@@ -191,7 +190,6 @@ def main(params_path: Path) -> None:
             "wall_time_s": round(time.perf_counter() - started, 2),
             "device": device.type,
             "registered_version": int(version.version),
-            "champion": alias is not None,
         }
         atomic_write_json(METRICS_FILE, metrics)
 

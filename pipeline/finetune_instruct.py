@@ -21,7 +21,7 @@ from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trai
 from pipeline.mlflow_models import instruct_generator
 from pipeline.params import Bool, Int, Section, load_params
 from pipeline.plots import plot_curves, write_rows
-from pipeline.tracking import MLFLOW_SECTION, first_champion, log_history, log_path, log_pyfunc, stage_run
+from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
 
 SPLITS = DATA / "tokens" / "instruct"
 MODEL_DIR = DATA / "models" / "instruct"
@@ -158,12 +158,10 @@ def main(params_path: Path) -> None:
         for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
             log_path(path)
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        alias = first_champion(REGISTERED_NAME)
+        # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
-                             {"base": cfg["base"], "base_sha256": data_hashes["base.model.safetensors"]},
-                             numeric, alias)
+                             {"base": cfg["base"]}, numeric, None)
         metrics["registered_version"] = int(version.version)
-        metrics["champion"] = alias is not None
         atomic_write_json(METRICS_FILE, metrics)
 
 

@@ -12,6 +12,7 @@ from gpt.finetune import TRAINABLE, FinetuneConfig, fit
 from gpt.gpt2_weights import load_hf_gpt2
 from gpt.lora import merge_lora
 from gpt.model import GPTModel, count_parameters
+from gpt.train import tune_malloc
 from pipeline.common import RAW, DataError
 from pipeline.params import Float, Int, Str
 from pipeline.pretrain import DEVICE, MODEL_DIR
@@ -29,6 +30,8 @@ COMMON_PARAMS = dict(
     batch_size=Int(low=1),
     epochs=Int(low=1),
     lr=Float(0, 1, bounds="(]"),
+    min_lr=Float(0, 1, optional=True),
+    warmup_steps=Int(low=0),
     weight_decay=Float(0, 1),
     grad_clip=Float(low=0, bounds="(]", optional=True),
     eval_every=Int(low=0),
@@ -70,7 +73,8 @@ def report_trainable(model: GPTModel, mode: str) -> int:
 
 def settings(cfg: dict) -> FinetuneConfig:
     """The optimisation settings of a checked finetuning params section."""
-    return FinetuneConfig(lr=cfg["lr"], weight_decay=cfg["weight_decay"], epochs=cfg["epochs"],
+    return FinetuneConfig(lr=cfg["lr"], min_lr=cfg["min_lr"], warmup_steps=cfg["warmup_steps"],
+                          weight_decay=cfg["weight_decay"], epochs=cfg["epochs"],
                           grad_clip=cfg["grad_clip"], eval_every=cfg["eval_every"], seed=cfg["seed"])
 
 
@@ -78,6 +82,7 @@ def train(model: GPTModel, cfg: dict, stage: str, batches: Callable, loss_fn: Ca
           total_steps: int, describe_eval: Callable[[dict], str]) -> list[dict]:
     """fit() with a progress bar that prints each evaluation; LoRA adapters are merged afterwards,
     so what is saved is a plain model. Returns fit()'s per-step history."""
+    tune_malloc()  # reuse freed logits memory instead of page-faulting it in every step (same results)
     bar = tqdm(total=total_steps, desc=stage, unit="step")
 
     def on_event(kind: str, record: dict) -> None:

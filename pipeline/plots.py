@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.common import atomic_write_text  # noqa: E402
+from pipeline.common import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 def write_rows(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None:
@@ -24,12 +24,13 @@ def write_rows(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save a figure as PNG through a temp file, then close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    """Save a figure as PNG, atomically, then close it."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_curves(path: Path, title: str, steps: list[dict], evals: list[dict]) -> None:

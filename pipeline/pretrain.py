@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gpt import distributed
 from gpt.checkpoint import save_model
 from gpt.data import load_tokens
 from gpt.fetch import sha256_file
 from gpt.generate import generate_text
 from gpt.model import INITS, PRESETS, GPTConfig, GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
-from gpt.train import Trainer, TrainConfig, pick_device
+from gpt.train import EXECUTION_SETTINGS, PRECISIONS, Trainer, TrainConfig, pick_device, tune_malloc
 from pipeline.common import BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
 from pipeline.params import CONTEXT_LENGTH, Bool, Float, Int, Section, Str, load_params
 from pipeline.plots import plot_curves, write_rows
@@ -59,6 +60,10 @@ PARAMS = {
         checkpoint_every=Int(low=0),
         seed=Int(low=0),
         device=DEVICE,
+        compile=Bool(),
+        precision=Str(choices=PRECISIONS),
+        fused_adamw=Bool(optional=True),
+        pad_vocab=Bool(),
     )
 }
 
@@ -69,7 +74,7 @@ def model_config(cfg: dict) -> GPTConfig:
     try:
         return GPTConfig.from_preset(cfg["model"], context_length=cfg["context_length"], drop_rate=cfg["drop_rate"],
                                      qkv_bias=cfg["qkv_bias"], tie_weights=cfg["tie_weights"], init=cfg["init"],
-                                     **sizes)
+                                     pad_vocab_to=64 if cfg["pad_vocab"] else 1, **sizes)
     except ValueError as exc:
         raise ValueError(f"params.yaml: pretrain: {exc}") from None
 
@@ -81,12 +86,13 @@ def train_config(cfg: dict) -> TrainConfig:
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
         stride=cfg["stride"], eval_every=cfg["eval_every"], eval_batches=cfg["eval_batches"],
         checkpoint_every=cfg["checkpoint_every"], seed=cfg["seed"],
+        compile=cfg["compile"], precision=cfg["precision"], fused_adamw=cfg["fused_adamw"],
     )
 
 
 def run_digest(cfg: dict, data_hashes: dict[str, str]) -> str:
     """Identifies a training run: same params and data resume the same checkpoint folder."""
-    keyed = {k: v for k, v in cfg.items() if k != "device"}
+    keyed = {k: v for k, v in cfg.items() if k != "device" and k not in EXECUTION_SETTINGS}
     blob = json.dumps({"params": keyed, "data": data_hashes}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -97,21 +103,20 @@ REGISTERED_NAME = "gpt-base"
 def main(params_path: Path) -> None:
     params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
     cfg = params["pretrain"]
-    device = pick_device(cfg["device"])
+    tune_malloc()  # reuse freed logits memory instead of page-faulting it in every step (same results)
+    # Under `torchrun --nproc_per_node=N -m pipeline.pretrain` this joins the DDP group (gloo on CPU,
+    # nccl on cuda:LOCAL_RANK); rank 0 alone writes outputs, logs and checkpoints.
+    device = distributed.setup(pick_device(cfg["device"]))
+    main_rank = distributed.is_main()
     train_tokens, val_tokens = load_tokens(TOKENS / "train.bin"), load_tokens(TOKENS / "val.bin")
     data_hashes = {name: sha256_file(TOKENS / name) for name in ("train.bin", "val.bin")}
     checkpoint_dir = CHECKPOINTS / run_digest(cfg, data_hashes)
-    # Checkpoints of other params or data can never be resumed by this run: drop them.
-    for stale in CHECKPOINTS.glob("*") if CHECKPOINTS.exists() else ():
-        if stale != checkpoint_dir:
-            shutil.rmtree(stale, ignore_errors=True)
-
     torch.manual_seed(cfg["seed"])
     model = GPTModel(model_config(cfg)).to(device)
     tokenizer = load_tokenizer(BPE_DIR)
     samples: list[dict] = []
     trainer = Trainer(model, train_tokens, val_tokens, train_config(cfg), checkpoint_dir)
-    bar = tqdm(total=trainer.total_steps, desc="pretrain", unit="step")
+    bar = tqdm(total=trainer.total_steps, desc="pretrain", unit="step", disable=not main_rank)
 
     def on_event(kind: str, record: dict) -> None:
         if kind == "resume":
@@ -126,7 +131,10 @@ def main(params_path: Path) -> None:
         elif kind == "eval":
             bar.write(f"step {record['step']}: train loss {record['train_loss']:.3f}, val loss {record['val_loss']:.3f}")
 
-    trainer.on_event = on_event
+    trainer.on_event = on_event  # the trainer calls it on rank 0 only
+    if not main_rank:
+        trainer.run()  # the other ranks train their shares; rank 0 writes everything
+        return
     with stage_run("pretrain", cfg, data_hashes, params["mlflow"]):
         try:
             state = trainer.run()
@@ -145,6 +153,7 @@ def main(params_path: Path) -> None:
             "tokens_per_s": round(state.tokens_seen / max(state.elapsed_s, 1e-9), 1),
             "parameters": count_parameters(model),
             "device": device.type,
+            "processes": trainer.world_size,
         }
         save_model(model, MODEL_DIR, extra={"stage": "pretrain", "metrics": metrics, "data": data_hashes})
         write_rows(PLOTS / "pretrain_loss.csv", history, ("step", "loss", "lr", "tokens_seen"))
@@ -159,7 +168,15 @@ def main(params_path: Path) -> None:
         version = log_gpt_model(MODEL_DIR, BPE_DIR, REGISTERED_NAME, metrics=numeric)
         metrics["registered_version"] = int(version.version)
         atomic_write_json(METRICS_FILE, metrics)
+    # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
+    # a failed run with new params keeps the resume point of the old ones.
+    for stale in CHECKPOINTS.glob("*"):
+        if stale != checkpoint_dir:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    run_stage("pretrain", main)
+    try:
+        run_stage("pretrain", main)
+    finally:
+        distributed.shutdown()

@@ -1,6 +1,7 @@
 """MLflow tracking for the stages: one child run per stage under a run-group parent, and models."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,10 @@ EXPERIMENT = "llm-pipeline"
 MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
 RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"
 MODEL_ARTIFACT = "model"
+# Promotion (pipeline.promote) owns these: champion serves, challenger is the newest version put up.
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+PARAMS_DIGEST_TAG = "params_digest"
 REACH_TIMEOUT_S = 5.0
 # A server keeps its own artifact root; only a local store gets <project>/mlartifacts.
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
@@ -129,6 +133,18 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def params_digest(params: Mapping[str, Any]) -> str:
+    """sha256 of the params as canonical JSON (sorted keys, no spaces): equal params, equal digest."""
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _lineage_tag(key: str) -> bool:
+    # What a registered version copies from its run: where it came from, not how the run was named.
+    return key in ("stage", "run_group", "git_commit", "git_dirty", PARAMS_DIGEST_TAG) or (
+        key.startswith("data.") and key.endswith(".sha256"))
+
+
 def _group_parent(client: mlflow.MlflowClient, experiment_id: str, group: str, tags: dict[str, str]) -> str:
     key, value = _PARENT_TAG
     found = client.search_runs([experiment_id], f"tags.run_group = '{group}' AND tags.{key} = '{value}'",
@@ -143,8 +159,8 @@ def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, s
               tracking: Mapping[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
     """Run the block as the MLflow run of `stage`, a child of its run group's parent run.
 
-    Logs the flattened `params` and tags the run with the stage, run group, git state and
-    `data.<name>.sha256` for each of `data_hashes`. `tracking` is the checked `mlflow` params
+    Logs the flattened `params` and tags the run with the stage, run group, git state,
+    `params_digest` (see params_digest) and `data.<name>.sha256` for each of `data_hashes`. `tracking` is the checked `mlflow` params
     section (None: the defaults). The parent's status follows the last stage that ended.
     """
     experiment_id = configure(tracking)
@@ -157,7 +173,8 @@ def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, s
     status = "FAILED"
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
-                              tags={"stage": stage, **common, **hashes}) as run:
+                              tags={"stage": stage, **common, PARAMS_DIGEST_TAG: params_digest(params),
+                                    **hashes}) as run:
             mlflow.log_params(flatten_params(params))
             yield run
         status = "FINISHED"
@@ -197,7 +214,9 @@ def log_path(path: str | os.PathLike, artifact_path: str | None = None) -> None:
 def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
                tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
                alias: str | None) -> ModelVersion | None:
-    """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) and register a new version."""
+    """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) to the active run and register
+    it as a new version of `registered_name` (None: log only), tagged by tag_new_version. Stages pass
+    no `alias`: the promote stage owns `champion` and `challenger`."""
     run = mlflow.active_run()
     if run is None:
         raise TrackingError("log a model inside stage_run(), so it belongs to a stage's run")
@@ -220,39 +239,45 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
     mlflow.pyfunc.load_model(info.model_uri).predict(example, params=params)
     if registered_name is None:
         return None
-    number = str(mlflow.register_model(info.model_uri, registered_name).version)
+    number = mlflow.register_model(info.model_uri, registered_name).version
+    return tag_new_version(registered_name, number, tags, metrics, alias)
+
+
+def tag_new_version(name: str, version: int | str, tags: Mapping[str, Any] | None = None,
+                    metrics: Mapping[str, Any] | None = None, alias: str | None = None) -> ModelVersion:
+    """Tag a version registered from the active run with that run's lineage (stage, run group, git
+    state, params digest, data hashes), `tags` and `metric.<name>` for `metrics`; point `alias` at it."""
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("tag a new model version inside stage_run(), so it carries a stage's lineage")
     client = mlflow.MlflowClient()
     run_tags = client.get_run(run.info.run_id).data.tags
-    version_tags = {key: run_tags[key] for key in ("stage", "run_group", "git_commit", "git_dirty") if key in run_tags}
+    version_tags = {key: value for key, value in run_tags.items() if _lineage_tag(key)}
     version_tags.update(tags or {})
-    version_tags.update({f"metric.{name}": float(value) for name, value in (metrics or {}).items()})
-    tag_model_version(registered_name, number, version_tags)
+    version_tags.update({f"metric.{key}": float(value) for key, value in (metrics or {}).items()})
+    tag_model_version(name, version, version_tags)
     if alias:
-        client.set_registered_model_alias(registered_name, alias, number)
-    return client.get_model_version(registered_name, number)
+        client.set_registered_model_alias(name, alias, str(version))
+    return client.get_model_version(name, str(version))
 
 
-def first_champion(name: str) -> str | None:
-    """CHAMPION when registered model `name` does not exist yet or has no champion, else None.
-
-    The first version of a model becomes champion so `models:/<name>@champion` always resolves;
-    moving it later is a promotion decision, not a side effect of training.
-    """
-    found = mlflow.MlflowClient().search_registered_models(filter_string=f"name = '{name}'")
-    return CHAMPION if not found or CHAMPION not in found[0].aliases else None
+def project_tracking(params_path: str | os.PathLike | None = "params.yaml") -> dict | None:
+    """The params file's checked mlflow section, or None (the defaults) when there is no such file."""
+    if params_path is None or not Path(params_path).is_file():
+        return None
+    return load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"]
 
 
 def use_project_store(params_path: str | os.PathLike | None = "params.yaml") -> str:
-    """Point MLflow at the store the stages log to (the params file's mlflow section when that file
-    exists, else the defaults), for commands that read models back; return the experiment id."""
-    if params_path is None or not Path(params_path).is_file():
-        return configure()
-    return configure(load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"])
+    """Point MLflow at the store the stages log to (see project_tracking), for commands that read
+    models back; return the experiment id."""
+    return configure(project_tracking(params_path))
 
 
-def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any]) -> None:
-    """Set tags on one registered model version (values stored as strings)."""
-    client = mlflow.MlflowClient()
+def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any],
+                      client: mlflow.MlflowClient | None = None) -> None:
+    """Set tags on one registered model version (values stored as strings), through `client` if given."""
+    client = client or mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), _key(key), str(value))
 
@@ -261,8 +286,7 @@ def log_gpt_model(checkpoint_dir: str | os.PathLike, bpe_dir: str | os.PathLike,
                   tags: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
                   alias: str | None = None) -> ModelVersion | None:
     """Log our GPT (checkpoint folder + GPT-2 BPE folder) as pyfunc model "model" of the active
-    run; register it as a new version of `registered_name` (None: log only), tagged with the
-    run's git state plus `tags` and `metric.<name>` for `metrics`, and point `alias` at it."""
+    run and register it as a new version of `registered_name` (None: log only); see log_pyfunc."""
     # Imported here: only stages that log a model should pay for torch and the model code.
     from pipeline.mlflow_models import gpt_generator
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # this venv's console scripts: dvc, prefect, llm-pipeline
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 DEFAULT_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -91,3 +93,36 @@ def raw_project(project: Path, downloaded: Path) -> Path:
     """A fresh project with data/raw/ already downloaded."""
     shutil.copytree(downloaded / "data" / "raw", project / "data" / "raw")
     return project
+
+
+def sh(cwd: Path, env: dict, *args: str) -> str:
+    """Run a command that must succeed; return its stdout + stderr."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_dvc_repo(root: Path, mirror: Path) -> tuple[Path, dict]:
+    """A scratch git + DVC project under root holding a copy of the pipeline, committed; and the
+    environment its `dvc` commands need (this venv first on PATH, as dvc.yaml runs `python`)."""
+    repo = root / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    for package in ("pipeline", "gpt"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = stage_env(mirror, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                    GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    sh(repo, env, "git", "init", "-q")
+    sh(repo, env, str(BIN / "dvc"), "init", "-q")
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "init")
+    return repo, env

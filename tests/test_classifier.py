@@ -143,3 +143,22 @@ def test_lora_mode_trains_only_adapters_and_head(tmp_path: Path):
     merge_lora(model)
     save_classifier(model, spec, tmp_path / "clf")
     assert torch.allclose(predict_logits(load_classifier(tmp_path / "clf")[0], ids.tolist(), spec), before, atol=1e-5)
+
+
+def test_fit_keeps_lr_constant_unless_min_lr_asks_for_warmup_and_cosine():
+    model = micro_classifier()
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(0))
+
+    def batches(epoch):
+        return [(ids, torch.full((4,), 6), ids[:, -1] % 2)] * 5
+
+    def loss_fn(net, batch):
+        return nn.functional.cross_entropy(classification_logits(net, batch[0], batch[1]), batch[2])
+
+    constant = fit(model, batches, loss_fn, FinetuneConfig(lr=1e-3, epochs=2, eval_every=0))
+    assert [r["lr"] for r in constant] == [1e-3] * 10
+    cosine = fit(model, batches, loss_fn, FinetuneConfig(lr=1e-3, min_lr=1e-5, warmup_steps=2, epochs=2, eval_every=0))
+    lrs = [r["lr"] for r in cosine]
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])  # linear warmup, then the peak
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # then decays every step
+    assert 1e-5 < lrs[-1] < 1e-4  # towards min_lr, which it reaches after the last step

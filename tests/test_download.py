@@ -4,11 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-import pytest
 
 from conftest import leftovers, run_stage, set_param
 from gpt.fetch import sha256_file
@@ -52,31 +49,6 @@ def test_downloads_everything_from_mirror(downloaded: Path, mirror: Path):
     assert leftovers(downloaded) == []
 
 
-@pytest.mark.parametrize("damage", ["edit", "truncate"])
-def test_corrupt_mirror_file_is_refused(project: Path, mirror: Path, tmp_path: Path, damage: str):
-    bad = copy_mirror(mirror, tmp_path / "bad-mirror")
-    target = bad / "tinyshakespeare.txt"
-    data = target.read_bytes()
-    target.write_bytes(data.replace(b"Citizen", b"Citizan", 1) if damage == "edit" else data[: len(data) // 2])
-    result = run_stage(project, "download", bad)
-    assert_failed_cleanly(project, result, "tinyshakespeare.txt", "sha256 mismatch")
-
-
-def _write_zip(path: Path, members: dict[str, bytes]) -> None:
-    with zipfile.ZipFile(path, "w") as bundle:
-        for name, data in members.items():
-            bundle.writestr(name, data)
-
-
-def test_zip_with_parent_member_is_refused(project: Path, mirror: Path, tmp_path: Path):
-    bad = copy_mirror(mirror, tmp_path / "bad-mirror")
-    _write_zip(bad / "sms+spam+collection.zip", {"../evil.txt": b"x", "SMSSpamCollection":
-                                                   (mirror / "SMSSpamCollection").read_bytes()})
-    result = run_stage(project, "download", bad)
-    assert_failed_cleanly(project, result, "sms+spam+collection.zip", "unsafe member path", "../evil.txt")
-    assert not (tmp_path / "evil.txt").exists() and not (project / "data" / "evil.txt").exists()
-
-
 def test_oversized_zip_member_is_refused(project: Path, mirror: Path):
     set_param(project, "download.max_member_bytes", 1000)
     result = run_stage(project, "download", mirror)
@@ -94,13 +66,7 @@ def test_offline_without_mirror_lists_every_missing_file(project: Path):
     assert "<https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe>" in message
 
 
-def test_offline_env_var_is_honoured(project: Path, mirror: Path, tmp_path: Path):
-    partial = copy_mirror(mirror, tmp_path / "partial", without=("the-verdict.txt",))
-    result = run_stage(project, "download", partial, LLM_PIPELINE_OFFLINE="1")
-    assert_failed_cleanly(project, result, "1 file(s) not in mirror", "the-verdict.txt <https://raw.githubusercontent")
-
-
-class _Server:
+class FileServer:
     """Loopback HTTP server: serves `files`; paths in `truncate` announce the full length but
     send half and hang up. Counts requests per path."""
 
@@ -137,7 +103,7 @@ class _Server:
         self.httpd.server_close()
 
 
-def _point_at(project: Path, server: _Server, source: str, path: str) -> None:
+def point_at(project: Path, server: FileServer, source: str, path: str) -> None:
     set_param(project, f"download.sources.{source}.urls", [f"{server.url}{path}"])
     set_param(project, "download.backoff_s", 0.01)
     set_param(project, "download.retries", 2)
@@ -147,9 +113,9 @@ def test_http_download_with_zip_extraction(project: Path, mirror: Path, tmp_path
     partial = copy_mirror(mirror, tmp_path / "partial", without=("the-verdict.txt", "sms+spam+collection.zip"))
     files = {"/verdict": (mirror / "the-verdict.txt").read_bytes(),
              "/sms.zip": (mirror / "sms+spam+collection.zip").read_bytes()}
-    with _Server(files) as server:
-        _point_at(project, server, "the-verdict", "/verdict")
-        _point_at(project, server, "sms-spam", "/sms.zip")
+    with FileServer(files) as server:
+        point_at(project, server, "the-verdict", "/verdict")
+        point_at(project, server, "sms-spam", "/sms.zip")
         result = run_stage(project, "download", partial)
     assert result.returncode == 0, result.stderr
     rows = {r["file"]: r for r in json.loads((project / "data/metrics/download.json").read_text())["files"]}
@@ -159,19 +125,10 @@ def test_http_download_with_zip_extraction(project: Path, mirror: Path, tmp_path
     assert leftovers(project) == []
 
 
-def test_truncated_http_download_is_retried_then_refused(project: Path, mirror: Path, tmp_path: Path):
-    partial = copy_mirror(mirror, tmp_path / "partial", without=("the-verdict.txt",))
-    with _Server({"/verdict": (mirror / "the-verdict.txt").read_bytes()}, frozenset({"/verdict"})) as server:
-        _point_at(project, server, "the-verdict", "/verdict")
-        result = run_stage(project, "download", partial)
-    assert_failed_cleanly(project, result, "the-verdict.txt", "truncated download")
-    assert server.hits["/verdict"] == 2
-
-
 def test_wrong_bytes_over_http_are_refused(project: Path, mirror: Path, tmp_path: Path):
     partial = copy_mirror(mirror, tmp_path / "partial", without=("the-verdict.txt",))
-    with _Server({"/verdict": b"not the verdict"}) as server:
-        _point_at(project, server, "the-verdict", "/verdict")
+    with FileServer({"/verdict": b"not the verdict"}) as server:
+        point_at(project, server, "the-verdict", "/verdict")
         result = run_stage(project, "download", partial)
     assert_failed_cleanly(project, result, "the-verdict.txt", "sha256 mismatch")
     assert server.hits["/verdict"] == 1  # wrong content is not retried

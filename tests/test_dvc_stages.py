@@ -1,42 +1,22 @@
 """dvc.yaml end to end in a scratch git repo: repro, no-op repro, and a tokenize-only rerun."""
 from __future__ import annotations
 
-import os
-import shutil
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, set_param, stage_env
+from conftest import leftovers, make_dvc_repo, set_param, sh
 
 DVC = Path(sys.executable).with_name("dvc")
 
 
-def sh(cwd: Path, env: dict, *args: str) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
 @pytest.fixture
 def dvc_repo(tmp_path: Path, mirror: Path) -> tuple[Path, dict]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    for package in ("pipeline", "gpt"):
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    env = stage_env(mirror, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-                    GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    # `python` in the stage commands must be this interpreter.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    sh(repo, env, "git", "init", "-q")
-    sh(repo, env, str(DVC), "init", "-q")
-    sh(repo, env, "git", "add", "-A")
-    sh(repo, env, "git", "commit", "-q", "-m", "init")
-    return repo, env
+    return make_dvc_repo(tmp_path, mirror)
 
 
 def test_repro_then_noop_then_tokenize_only(dvc_repo):
@@ -78,7 +58,43 @@ SMALL_TRAINING = {
     "finetune_classifier.epochs": 1,
     "finetune_classifier.batch_size": 32,
     "finetune_classifier.eval_batches": 1,
+    "finetune_instruct.epochs": 1,
+    "finetune_instruct.eval_batches": 1,
+    "finetune_instruct.max_new_tokens": 5,
+    "finetune_instruct.max_test_examples": 3,
 }
+
+
+def test_second_repro_fails_fast_on_the_lock_and_the_first_completes(dvc_repo):
+    repo, env = dvc_repo
+    for key, value in SMALL_TRAINING.items():  # download to pretrain: long enough to overlap the second
+        set_param(repo, key, value)
+    first = subprocess.Popen([str(DVC), "repro", "pretrain"], cwd=repo, env={**env, "PYTHONUNBUFFERED": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in first.stdout:  # DVC holds the workspace lock from before the first stage runs
+        output.append(line)
+        if "Running stage 'download'" in line:
+            break
+    start = time.monotonic()
+    second = subprocess.run([str(DVC), "repro", "pretrain"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=120)
+    seconds, overlapped = time.monotonic() - start, first.poll() is None
+    output.append(first.stdout.read())
+    assert first.wait(timeout=300) == 0, "".join(output)
+
+    print(second.stderr)
+    assert second.returncode == 255 and overlapped
+    # DVC frees its workspace lock while a stage's command runs, but keeps that stage's deps and
+    # outs locked: the second run meets one lock or the other, depending on the moment.
+    assert ("ERROR: Unable to acquire lock. Most likely another DVC process is running" in second.stderr
+            or re.search(r"ERROR: failed to reproduce '\w+': '.+' is busy, it is being blocked by:\n"
+                         r"\s*\(PID \d+\): .*dvc repro pretrain", second.stderr))
+    assert seconds < 30  # DVC retries the workspace lock for 3 s, then gives up; an output lock at once
+    assert "Running stage" not in second.stdout + second.stderr
+    assert "Running stage 'pretrain'" in "".join(output)
+    assert "up to date" in sh(repo, env, str(DVC), "status", "pretrain")  # outputs match dvc.lock
+    assert leftovers(repo) == []
 
 
 def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
@@ -89,7 +105,8 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
         set_param(repo, key, value)
     env["LLM_PIPELINE_RUN_GROUP"] = "e2e-test"
     out = sh(repo, env, str(DVC), "repro")
-    for stage in ("download", "validate", "tokenize", "pretrain", "evaluate", "finetune_classifier"):
+    for stage in ("download", "validate", "tokenize", "pretrain", "evaluate", "finetune_classifier",
+                  "finetune_instruct", "promote"):
         assert f"Running stage '{stage}'" in out
     for path in ("data/models/base/model.safetensors", "data/metrics/pretrain.json", "data/metrics/evaluate.json",
                  "data/plots/pretrain_loss.png", "data/plots/pretrain_loss.csv", "data/samples/evaluate.json"):
@@ -108,6 +125,8 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
     assert len(client.get_metric_history(pretrain.info.run_id, "loss")) == 6
     assert "val_loss" in by_stage["evaluate"].data.metrics
 
+    for name in ("gpt-base", "gpt-spam-classifier", "gpt-instruct"):  # promote made each first version champion
+        assert client.get_model_version_by_alias(name, "champion").version == "1"
     version = client.get_model_version("gpt-base", "1")
     assert version.tags["eval.val_loss"] == str(by_stage["evaluate"].data.metrics["val_loss"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")  # restored after the test

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from conftest import REPO, run_stage, set_param
 from gpt.checkpoint import load_model, save_model
@@ -16,6 +17,7 @@ from pipeline import chat, finetune_instruct, tokenize
 from pipeline.finetune_instruct import SPLITS
 from pipeline.params import load_params
 from pipeline.presets import apply_preset
+from pipeline.promote import promote
 from pipeline.tokenize import write_instructions
 from test_judge import UNREACHABLE, fake_ollama  # noqa: F401 (a fixture)
 
@@ -64,7 +66,7 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     assert metrics["responses_scored"] == 3 and metrics["test_examples"] == CUT["test"]
     assert 0.0 <= metrics["rouge_l_f1"] <= 1.0 and 0.0 <= metrics["token_f1"] <= 1.0
     assert metrics["judge_score"] == 87 and metrics["judge_scored"] == 3 and len(fake_ollama.requests) == 3
-    assert metrics["registered_version"] == 1 and metrics["champion"] is True
+    assert metrics["registered_version"] == 1
 
     responses = json.loads((project / "data/samples/instruct_responses.json").read_text())
     test = json.loads((project / "data/tokens/instruct/test.json").read_text())
@@ -83,6 +85,7 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     # both answering the first test record exactly as the stage did (greedy, same prompt format).
     first = ["--input", test[0]["input"], "--max-new-tokens", "5", test[0]["instruction"]]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "gpt-instruct", 1, margin=0.0)  # the first: champion
     try:
         chat.main(first)
         local = capsys.readouterr().out

@@ -27,17 +27,38 @@ def small_hf_model(tie: bool = True):
     return model
 
 
+@pytest.mark.parametrize("pad", [1, 64])
 @pytest.mark.parametrize("tie", [True, False])
-def test_logits_match_transformers(tmp_path, tie):
+def test_logits_match_transformers(tmp_path, tie, pad):
     hf = small_hf_model(tie)
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ours = load_hf_gpt2(tmp_path / "hf").eval()
-    assert ours.cfg.tie_weights is tie and ours.cfg.qkv_bias
+    ours = load_hf_gpt2(tmp_path / "hf", pad_vocab_to=pad).eval()
+    assert ours.cfg.tie_weights is tie and ours.cfg.qkv_bias and ours.cfg.pad_vocab_to == pad
     ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids).logits
         actual = ours(ids)
+    assert actual.shape == expected.shape
     assert (actual - expected).abs().max().item() <= 1e-4
+
+
+def test_padded_load_is_exact(tmp_path):
+    hf = small_hf_model(tie=False)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    plain = load_hf_gpt2(tmp_path / "hf").eval()
+    padded = load_hf_gpt2(tmp_path / "hf", pad_vocab_to=64).eval()
+    assert padded.tok_emb.weight.shape[0] == padded.out_head.weight.shape[0] == 50304
+    for key, value in plain.state_dict().items():  # OpenAI's rows unchanged, zero rows after them
+        assert torch.equal(padded.state_dict()[key][: value.shape[0]], value), key
+    assert not padded.tok_emb.weight[50257:].any() and not padded.out_head.weight[50257:].any()
+    ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(padded(ids), plain(ids), rtol=0, atol=1e-6)
+    # Exported without the padding: the same file as the unpadded model's export.
+    save_hf_gpt2(padded, tmp_path / "padded")
+    save_hf_gpt2(plain, tmp_path / "plain")
+    assert (tmp_path / "padded" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "padded" / "config.json").read_text())["vocab_size"] == 50257
 
 
 def test_export_round_trip(tmp_path):

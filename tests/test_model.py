@@ -64,3 +64,48 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="unknown GPTConfig field"):
         GPTConfig.from_dict({"emb_dims": 3})
     assert GPTConfig.from_dict(PRESETS["mini"].to_dict()) == PRESETS["mini"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_vocab_keeps_weights_and_logits(tie):
+    torch.manual_seed(0)
+    plain = GPTModel(GPTConfig.from_preset("micro", drop_rate=0.0, tie_weights=tie)).eval()
+    torch.manual_seed(0)
+    padded = GPTModel(GPTConfig.from_preset("micro", drop_rate=0.0, tie_weights=tie, pad_vocab_to=64)).eval()
+    assert padded.cfg.padded_vocab_size == 50304 and padded.tok_emb.weight.shape == (50304, 32)
+    assert padded.out_head.weight.shape == (50304, 32) and (padded.out_head.weight is padded.tok_emb.weight) is tie
+    # Same seed, same real weights; the extra rows are zeros.
+    for key, value in plain.state_dict().items():
+        assert torch.equal(padded.state_dict()[key][: value.shape[0]], value), key
+    assert not padded.tok_emb.weight[50257:].any() and not padded.out_head.weight[50257:].any()
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        expected, actual = plain(x), padded(x)
+    assert actual.shape == (2, 20, 50257)  # padded ids are never predicted
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_padded_vocab_rows_stay_zero_in_training():
+    model = GPTModel(GPTConfig.from_preset("micro", pad_vocab_to=64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randint(0, 50257, (2, 16))
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not model.tok_emb.weight[50257:].any()
+
+
+def test_padded_vocab_checkpoint_round_trip(tmp_path):
+    from gpt.checkpoint import CheckpointError, load_model, load_state, save_model
+
+    model = GPTModel(GPTConfig.from_preset("micro", drop_rate=0.0, pad_vocab_to=64)).eval()
+    save_model(model, tmp_path / "ckpt")
+    back = load_model(tmp_path / "ckpt").eval()
+    assert back.cfg == model.cfg
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match="tok_emb.weight has shape"):
+        load_state(tmp_path / "ckpt", GPTModel(GPTConfig.from_preset("micro")))
+    with pytest.raises(ValueError, match="pad_vocab_to must be a positive integer"):
+        GPTConfig(pad_vocab_to=0)

@@ -21,7 +21,7 @@ from pipeline.common import EXPECTED_ERRORS
 from pipeline.params import check
 from pipeline.tracking import (
     MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_gpt_model,
-    log_path, log_step_metrics, run_group, stage_run, tracking_uri,
+    log_path, log_step_metrics, params_digest, run_group, stage_run, tracking_uri,
 )
 
 
@@ -65,6 +65,7 @@ def test_stages_share_a_parent_and_land_in_the_project_store(store: MlflowClient
     assert tags["stage"] == "tokenize" and tags["run_group"] == "g1"
     assert tags["data.train.bin.sha256"] == "ab" * 32
     assert {"git_commit", "git_dirty"} <= tags.keys()
+    assert tags["params_digest"] == params_digest(params) != second.data.tags["params_digest"]
     history = store.get_metric_history(first.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
     assert {a.path for a in store.list_artifacts(first.info.run_id)} == {"out", "reports"}
@@ -72,6 +73,13 @@ def test_stages_share_a_parent_and_land_in_the_project_store(store: MlflowClient
     assert experiment.name == "llm-pipeline"
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
     assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+def test_params_digest_is_canonical():
+    digest = params_digest({"a": 1, "b": {"c": [1, 2], "d": None}})
+    assert digest == params_digest({"b": {"d": None, "c": [1, 2]}, "a": 1})  # key order does not matter
+    assert digest != params_digest({"a": 1, "b": {"c": [2, 1], "d": None}})
+    assert len(digest) == 64 and int(digest, 16) >= 0
 
 
 def test_another_group_gets_another_parent_and_failures_show(store: MlflowClient, monkeypatch: pytest.MonkeyPatch):
@@ -139,13 +147,17 @@ def test_unreachable_server_fails_fast_with_one_clear_error(tmp_path: Path, monk
 def test_gpt_model_is_registered_as_code_and_generates(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     torch.manual_seed(0)
     checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
-    with stage_run("pretrain", {}):
+    with stage_run("pretrain", {"lr": 0.001}, {"train.bin": "cd" * 32}):
         first = log_gpt_model(checkpoint, bpe_dir, "gpt-base")
         second = log_gpt_model(checkpoint, bpe_dir, "gpt-base", tags={"corpus": "tiny"},
                                metrics={"val_loss": 2.5}, alias="candidate")
     assert (first.version, second.version) == (1, 2)
     assert second.tags["corpus"] == "tiny" and second.tags["metric.val_loss"] == "2.5"
-    assert second.tags["stage"] == "pretrain" and "git_commit" in second.tags
+    # The version carries its run's lineage: code, params and data.
+    assert second.tags["stage"] == "pretrain" and second.tags["run_group"] == "g1" and "git_commit" in second.tags
+    assert second.tags["params_digest"] == params_digest({"lr": 0.001})
+    assert second.tags["data.train.bin.sha256"] == "cd" * 32
+    assert not first.aliases  # stages set no alias; the promote stage does
     assert store.get_model_version_by_alias("gpt-base", "candidate").version == 2
 
     model = mlflow.pyfunc.load_model("models:/gpt-base/2")

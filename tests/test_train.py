@@ -94,3 +94,123 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="shorter than one window"):
         Trainer(new_model(), tokens(10), tokens(600), CFG)
+
+
+# -- speed settings: compile, precision, fused AdamW ----------------------------------------------
+SHORT = TrainConfig(lr=3e-3, max_steps=3, batch_size=4, eval_every=0, seed=5)
+
+
+def losses(cfg, model_seed=1):
+    return [h["loss"] for h in Trainer(new_model(model_seed), tokens(), tokens(600, seed=9), cfg).run().history]
+
+
+class _FailsWhenCalled(torch.nn.Module):
+    """What torch.compile returns where the compiler is missing: it fails at the first call."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        raise RuntimeError("C++ compiler not found\nmore details")
+
+
+@pytest.mark.parametrize("failure", ["at_compile", "at_first_call"])
+def test_compile_failure_warns_once_and_trains_eagerly(monkeypatch, capsys, failure):
+    from dataclasses import replace
+
+    eager = losses(SHORT)
+    capsys.readouterr()
+
+    def broken_compile(module, *args, **kwargs):
+        if failure == "at_compile":
+            raise RuntimeError("torch.compile is not supported on this platform")
+        return _FailsWhenCalled(module)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compiled = losses(replace(SHORT, compile=True))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: torch.compile failed (RuntimeError: ")
+    assert lines[0].endswith("; training without it")
+    assert compiled == eager  # the trial step ran before seeding: the eager run is the plain one
+
+
+def test_precision_is_checked_and_resolved():
+    from dataclasses import replace
+
+    from gpt.train import autocast_dtype
+
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        Trainer(new_model(), tokens(), tokens(600, seed=9), replace(SHORT, precision="fp16"))
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert losses(replace(SHORT, precision="fp32")) == losses(replace(SHORT, precision="auto"))  # auto: fp32 on CPU
+    bf16 = losses(replace(SHORT, precision="bf16"))  # allowed on CPU when asked for
+    assert all(np.isfinite(bf16)) and bf16 != losses(SHORT)
+
+
+def test_precision_param_is_validated(tmp_path):
+    import shutil
+
+    from conftest import REPO, set_param
+    from pipeline.params import ParamsError, load_params
+    from pipeline.pretrain import PARAMS, model_config, train_config
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    cfg = load_params(tmp_path / "params.yaml", PARAMS)["pretrain"]
+    assert train_config(cfg).precision == "auto" and not train_config(cfg).compile
+    assert model_config(cfg).pad_vocab_to == 1
+    assert model_config({**cfg, "pad_vocab": True}).pad_vocab_to == 64
+    set_param(tmp_path, "pretrain.precision", "fp16")
+    with pytest.raises(ParamsError, match="pretrain.precision must be one of auto, fp32, bf16, got 'fp16'"):
+        load_params(tmp_path / "params.yaml", PARAMS)
+
+
+def test_resume_accepts_other_speed_settings(tmp_path):
+    from dataclasses import replace
+
+    train, val = tokens(), tokens(600, seed=9)
+    full = Trainer(new_model(), train, val, CFG, tmp_path / "full").run()
+
+    def crash_at_3(kind, payload):
+        if kind == "checkpoint" and payload["step"] == 3:
+            raise Crash
+    with pytest.raises(Crash):
+        Trainer(new_model(), train, val, CFG, tmp_path / "resumed", on_event=crash_at_3).run()
+    faster = replace(CFG, precision="fp32", fused_adamw=False)
+    resumed = Trainer(new_model(seed=99), train, val, faster, tmp_path / "resumed").run()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_default_optimizer_computes_what_plain_adamw_does():
+    from gpt.train import make_optimizer
+
+    results = []
+    for plain in (False, True):
+        model = new_model()
+        optimizer = make_optimizer(model, SHORT)
+        if plain:  # torch's own CPU default: one tensor at a time
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            optimizer = torch.optim.AdamW(groups, lr=SHORT.lr, betas=SHORT.betas, foreach=False)
+            assert optimizer.param_groups[0]["foreach"] is False
+        else:
+            assert optimizer.param_groups[0]["foreach"] is True
+        x = torch.from_numpy(tokens(64).astype(np.int64)).view(4, 16)
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_tune_malloc_applies_on_glibc():
+    import platform
+    import subprocess
+    import sys
+
+    # In a child process: it changes the allocator of the whole process.
+    result = subprocess.run([sys.executable, "-c", "from gpt.train import tune_malloc; print(tune_malloc())"],
+                            capture_output=True, text=True, check=True)
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert result.stdout.strip() == str(glibc)

@@ -1,0 +1,80 @@
+"""`llm-pipeline`: one command for the project; each subcommand is a module's own CLI."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
+
+PRETRAIN_LAUNCH_ENV = "LLM_PIPELINE_PRETRAIN_LAUNCH"
+
+# name -> ("module:function" taking argv, one-line help). Targets are imported only when used,
+# so `llm-pipeline --help` does not wait for torch or MLflow to load.
+COMMANDS = {
+    "run": ("pipeline.cli:run", "run the DVC pipeline (dvc repro) as one MLflow run group"),
+    "flow": ("pipeline.flows:main", "run Prefect flows, or serve the scheduled deployment"),
+    "generate": ("pipeline.generate:main", "continue prompts with the pretrained GPT"),
+    "chat": ("pipeline.chat:main", "ask the instruction-finetuned model"),
+    "classify": ("pipeline.classify:main", "classify texts as ham or spam, with probabilities"),
+    "review": ("pipeline.review:main", "print the registered models: versions, aliases, key metrics, lineage"),
+    "serve": ("pipeline.cli:serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+}
+
+
+def run(argv: list[str]) -> None:
+    """Run `dvc repro [TARGET...]` in the current folder; every stage it runs logs under one MLflow
+    parent run (run group: $LLM_PIPELINE_RUN_GROUP, else the UTC start time)."""
+    parser = ArgumentParser(prog="llm-pipeline run", description=run.__doc__)
+    parser.add_argument("targets", nargs="*", metavar="STAGE", help="stages to bring up to date (default: all)")
+    parser.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="pretrain with this many data-parallel processes (torchrun, DDP); default 1")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    from pipeline.tracking import RUN_GROUP_ENV
+
+    env = {RUN_GROUP_ENV: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), **os.environ}
+    if args.nproc > 1:  # read by dvc.yaml's pretrain cmd
+        env[PRETRAIN_LAUNCH_ENV] = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node={args.nproc}"
+    sys.exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *args.targets, *["--force"][: args.force]],
+                             env=env))
+
+
+def serve(argv: list[str]) -> None:
+    """Serve an MLflow model from the project's store with `mlflow models serve` (POST /invocations);
+    it binds 127.0.0.1 unless --host says otherwise."""
+    parser = ArgumentParser(prog="llm-pipeline serve", description=serve.__doc__)
+    parser.add_argument("model", nargs="?", default="models:/gpt-spam-classifier@champion",
+                        help="model URI (default: models:/gpt-spam-classifier@champion)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=5001, help="(default: 5001)")
+    parser.add_argument("--params", default="params.yaml", help="params file whose mlflow section names the store")
+    args = parser.parse_args(argv)
+    import mlflow
+
+    from pipeline.tracking import use_project_store
+
+    use_project_store(args.params)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    sys.exit(subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model,
+                              "--host", args.host, "--port", str(args.port), "--env-manager", "local"], env=env))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    listing = "\n".join(f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items())
+    parser = ArgumentParser(prog="llm-pipeline", formatter_class=RawDescriptionHelpFormatter,
+                            description="Train, review and use the project's GPT models.",
+                            epilog=f"commands:\n{listing}\n\n`llm-pipeline COMMAND --help` describes one.")
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # prints the help or a usage error and exits
+    module, function = COMMANDS[argv[0]][0].split(":")
+    getattr(importlib.import_module(module), function)(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Prefect flows over dvc.yaml: a `dvc repro --single-item` task per stage, end-to-end flow, nightly deployment."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Prefect reads these when it is imported. Keep its state in the project, send nothing anywhere
+# (server analytics, and the SDK's telemetry, which honours DO_NOT_TRACK), serve any local API on
+# 127.0.0.1, and give an ephemeral server time to start on a busy 2-core machine.
+_PREFECT_DEFAULTS = {
+    "PREFECT_HOME": str(Path(__file__).resolve().parents[1] / ".prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+for _name, _value in _PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from pathlib import PurePosixPath  # noqa: E402
+from typing import IO, Any, Callable, Mapping, Sequence  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import Flow, Task, flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.settings import PREFECT_API_URL  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+from prefect.types.entrypoint import EntrypointType  # noqa: E402
+
+from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
+from pipeline.presets import apply_preset  # noqa: E402
+from pipeline.tracking import MLFLOW_SECTION, RUN_GROUP_ENV  # noqa: E402
+
+PROG = "llm-pipeline flow"
+PIPELINE_FLOW = "pipeline"
+DEFAULT_DEPLOYMENT = "nightly"
+DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
+# Only the download stage touches the network, where a retry can help; a failed training run
+# must stop and be looked at, not silently start again.
+RETRIES = {"download": 3}
+RETRY_BACKOFF_S = 10  # waits 10 s, 20 s, 40 s
+_STAGE_MODULE = re.compile(r"-m (pipeline\.\w+)\b")  # the stage module in a dvc.yaml cmd
+_DVC_WRAPPER = "ERROR: failed to reproduce"
+
+
+class FlowError(RuntimeError):
+    """An expected failure of a flow command, reported in one line."""
+
+
+class StageFailed(FlowError):
+    """`dvc repro` of one stage exited non-zero (names the stage and its last stderr line)."""
+
+
+def project_dir(project: str | os.PathLike | None) -> Path:
+    """The project folder (default: the current one), which must hold dvc.yaml."""
+    root = Path(project or Path.cwd()).resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise ParamsError(f"{root}: no dvc.yaml here; pass the project folder")
+    return root
+
+
+def dvc_stages(project: Path) -> dict[str, dict]:
+    """dvc.yaml's stages by name, in file order."""
+    stages = read_yaml(project / "dvc.yaml").get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ParamsError(f"{project / 'dvc.yaml'}: no stages")
+    return stages
+
+
+def _paths(entries: Sequence[str | Mapping]) -> list[PurePosixPath]:
+    # An entry is a path, or {path: options} for outs, metrics and plots with options.
+    return [PurePosixPath(next(iter(e)) if isinstance(e, Mapping) else e) for e in entries]
+
+
+def _overlaps(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def upstream(stages: Mapping[str, dict], name: str) -> list[str]:
+    """The stages whose outputs `name` reads directly (a dep equal to, inside or above an out)."""
+    deps = _paths(stages[name].get("deps", []))
+    return [other for other, spec in stages.items() if other != name and any(
+        _overlaps(dep, out) for dep in deps
+        for out in _paths([*spec.get("outs", []), *spec.get("metrics", []), *spec.get("plots", [])]))]
+
+
+def plan(stages: Mapping[str, dict], targets: Sequence[str] | None = None) -> list[str]:
+    """The stages to run for `targets` (default: all) with everything they depend on, each after
+    its inputs and otherwise in dvc.yaml's order."""
+    unknown = [t for t in targets or [] if t not in stages]
+    if unknown:
+        raise ParamsError(f"unknown stage {unknown[0]}; dvc.yaml has {', '.join(stages)}")
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        for before in upstream(stages, name):
+            visit(before)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in stages:
+        if targets is None or name in targets:
+            visit(name)
+    return ordered
+
+
+def _set_dotted(params: dict, dotted: str, value: Any) -> bool:
+    """Set params[a][b][c] for "a.b.c", an existing key; return whether the value changed."""
+    *parents, last = dotted.split(".")
+    node: Any = params
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        raise ParamsError(f"unknown param {dotted}: params.yaml has no such key")
+    changed = node[last] != value
+    node[last] = value
+    return changed
+
+
+def _within(a: str, b: str) -> bool:
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+
+def readers(stages: Mapping[str, dict], keys: Sequence[str]) -> list[str]:
+    """The stages whose dvc.yaml `params` read any of the dotted keys (or a key inside one)."""
+    return [name for name, spec in stages.items()
+            if any(_within(key, p) for p in spec.get("params", []) if isinstance(p, str) for key in keys)]
+
+
+def check_params(params_path: Path, stages: Mapping[str, dict], names: Sequence[str]) -> None:
+    """Load params_path with the param specs of stages `names` (those run as `python -m pipeline.X`)."""
+    for name in names:
+        match = _STAGE_MODULE.search(str(stages[name].get("cmd", "")))
+        if not match:
+            continue
+        module = importlib.import_module(match.group(1))
+        sections = dict(getattr(module, "PARAMS", {}))
+        if "mlflow" in stages[name].get("params", []):
+            sections["mlflow"] = MLFLOW_SECTION
+        load_params(params_path, sections, getattr(module, "KEYS", None))
+
+
+def apply_params(project: Path, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> list[str]:
+    """Write preset `preset`, then the dotted `overrides`, into project/params.yaml; return the
+    changed keys.
+
+    Like `dvc exp run -S`, the values stay in params.yaml (its comments are dropped; `git diff`
+    shows the change), so a later `dvc repro` sees the same params. The result is first checked
+    with the param specs of every stage that reads a changed key, then replaces params.yaml in one
+    rename; on any error params.yaml is unchanged.
+    """
+    if not preset and not overrides:
+        return []
+    path = project / "params.yaml"
+    # A draft named params.yaml, so that errors read "params.yaml: ...", beside the real one
+    # (same file system) for an atomic rename.
+    with tempfile.TemporaryDirectory(dir=project, prefix=".params-") as tmp:
+        draft = Path(tmp) / path.name
+        draft.write_bytes(path.read_bytes())
+        changed = apply_preset(preset, draft) if preset else []
+        params = read_yaml(draft)
+        changed += [key for key, value in (overrides or {}).items() if _set_dotted(params, key, value)]
+        draft.write_text(yaml.safe_dump(params, sort_keys=False, width=100), encoding="utf-8")
+        stages = dvc_stages(project)
+        check_params(draft, stages, readers(stages, changed))
+        if changed:
+            os.replace(draft, path)
+    return changed
+
+
+def stage_env(run_group: str) -> dict[str, str]:
+    """Environment for `dvc repro`: this interpreter first on PATH (dvc.yaml runs `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env[RUN_GROUP_ENV] = run_group
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env["PYTHONUNBUFFERED"] = "1"  # stage output reaches the task log as it is printed
+    return env
+
+
+def _pump(stream: IO[str], log: Callable[[str], None], lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+        log(lines[-1])
+
+
+def _last_error(err: list[str], returncode: int) -> str:
+    lines = [line.strip() for line in err if line.strip()]
+    # The stage's own error line says more than DVC's "ERROR: failed to reproduce" after it.
+    own = [line for line in lines if not line.startswith(_DVC_WRAPPER)]
+    return (own or lines or [f"exit status {returncode}"])[-1]
+
+
+@task(name="dvc repro", cache_policy=NO_CACHE)  # skipping an up-to-date stage is DVC's decision
+def repro(stage: str, project: str, run_group: str) -> bool:
+    """`dvc repro --single-item <stage>` in project, its output streamed line by line to the task
+    log; return whether the stage ran (False: DVC found it up to date or restored it from cache)."""
+    logger = get_run_logger()
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    with subprocess.Popen(command, cwd=project, env=stage_env(run_group), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
+        out: list[str] = []
+        err: list[str] = []
+        # stderr at warning level: it carries the stage's errors and DVC's own complaints.
+        reader = threading.Thread(target=_pump, args=(proc.stderr, logger.warning, err), daemon=True)
+        reader.start()
+        _pump(proc.stdout, logger.info, out)
+        reader.join()
+    if proc.returncode:
+        raise StageFailed(f"stage {stage} failed: {_last_error(err, proc.returncode)}")
+    return any(line.startswith(f"Running stage '{stage}'") for line in out + err)
+
+
+def task_for(stage: str) -> Task:
+    """The `dvc repro` task of one stage: retried with exponential backoff for download only."""
+    retries = RETRIES.get(stage, 0)
+    return repro.with_options(name=f"dvc repro {stage}", retries=retries,
+                              retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S) if retries else 0)
+
+
+def run_stages(targets: Sequence[str] | None, preset: str | None, overrides: Mapping[str, Any] | None,
+               project: str | None) -> dict[str, str]:
+    """The body of every flow: apply params, then one task per planned stage; {stage: ran | up to date}."""
+    root = project_dir(project)
+    stages = dvc_stages(root)
+    names = plan(stages, targets)
+    logger = get_run_logger()
+    changed = apply_params(root, preset, overrides)
+    if changed:
+        logger.info("params.yaml: changed %s", ", ".join(changed))
+    # One MLflow parent run for all stages of this flow run, unless the caller chose a group.
+    group = os.environ.get(RUN_GROUP_ENV) or f"prefect-{flow_run.id}"
+    return {name: "ran" if task_for(name)(name, str(root), group) else "up to date" for name in names}
+
+
+@flow(name=PIPELINE_FLOW)
+def pipeline_flow(stages: list[str] | None = None, preset: str | None = None,
+                  overrides: dict[str, Any] | None = None, project: str | None = None) -> dict[str, str]:
+    """Run dvc.yaml end to end (or only `stages` and what they depend on), one `dvc repro` task per
+    stage; `preset` and `overrides` ({"pretrain.epochs": 1}) are written into params.yaml first."""
+    return run_stages(stages, preset, overrides, project)
+
+
+def stage_flow(stage: str) -> Flow:
+    """The flow of one dvc.yaml stage, named `stage-<stage>`: its upstream stages, then it."""
+    def run_stage(preset: str | None = None, overrides: dict[str, Any] | None = None,
+                  project: str | None = None) -> dict[str, str]:
+        return run_stages([stage], preset, overrides, project)
+
+    return flow(run_stage, name=f"stage-{stage}", description=f"dvc.yaml stage {stage} after its upstream stages")
+
+
+def serve(cron: str = DEFAULT_CRON, name: str = DEFAULT_DEPLOYMENT) -> None:
+    """Serve the end-to-end flow as deployment `pipeline/<name>` on `cron` (UTC) until interrupted."""
+    # By module path: loading pipeline/flows.py as a script would put pipeline/ first on sys.path,
+    # where pipeline/tokenize.py shadows the standard library's tokenize.
+    # limit=1: DVC locks the repository, so a second concurrent run could only fail.
+    pipeline_flow.serve(name=name, cron=cron, limit=1, entrypoint_type=EntrypointType.MODULE_PATH)
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    project = project_dir(args.project)
+    if args.stage != "all":
+        plan(dvc_stages(project), [args.stage])  # an unknown stage fails here, before Prefect starts
+    chosen = pipeline_flow if args.stage == "all" else stage_flow(args.stage)
+    results = chosen(preset=args.preset, overrides=dict(args.overrides), project=str(project))
+    for stage, outcome in results.items():
+        print(f"{stage}: {outcome}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    # Without an API URL Prefect would serve against a temporary server that nothing else can reach.
+    if not PREFECT_API_URL.value():
+        raise FlowError("serve needs a Prefect server: start one with `prefect server start --host 127.0.0.1 "
+                        "--port 4200` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    serve(args.cron, args.name)
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    stages = dvc_stages(project_dir(args.project))
+    print(f"{PIPELINE_FLOW}: {' '.join(plan(stages))}")
+    for name in stages:
+        print(f"stage-{name}: {' '.join(plan(stages, [name]))}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Run dvc.yaml's stages as Prefect flows, "
+                                     "one task per stage (`dvc repro --single-item`), or serve them on a schedule.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a flow now, in this process", description=(
+        "Run one stage's flow (its upstream stages, then it) or the whole pipeline ('all'). "
+        "--preset and --set are written into params.yaml first, as `dvc exp run -S` does. "
+        "Without PREFECT_API_URL a temporary local Prefect server is started."))
+    run.add_argument("stage", nargs="?", default="all", help="a dvc.yaml stage, or all (default)")
+    run.add_argument("--preset", help="a preset of pipeline/presets.yaml to write into params.yaml")
+    run.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=_override, action="append", default=[],
+                     help="set a param, e.g. --set pretrain.epochs=1 (the value is read as YAML); repeatable")
+    run.add_argument("--project", help="project folder (default: the current one)")
+    run.set_defaults(handler=_cmd_run)
+    serve_cmd = commands.add_parser("serve", help="serve the end-to-end flow on a cron schedule", description=(
+        f"Register deployment '{PIPELINE_FLOW}/NAME' of the end-to-end flow with the Prefect server at "
+        "$PREFECT_API_URL, scheduled by CRON (UTC), and run its flow runs in the current folder until "
+        "interrupted (Ctrl-C pauses the schedule)."))
+    serve_cmd.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule, UTC (default: {DEFAULT_CRON!r})")
+    serve_cmd.add_argument("--name", default=DEFAULT_DEPLOYMENT,
+                           help=f"deployment name (default: {DEFAULT_DEPLOYMENT})")
+    serve_cmd.set_defaults(handler=_cmd_serve)
+    list_cmd = commands.add_parser("list", help="list the flows and the stages each runs", description=(
+        "List the end-to-end flow and one flow per dvc.yaml stage, each with the stages it runs, in order."))
+    list_cmd.add_argument("--project", help="project folder (default: the current one)")
+    list_cmd.set_defaults(handler=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`llm-pipeline flow run|serve|list`; an expected error is one line on stderr and exit status 1."""
+    args = _parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ParamsError, FlowError, OSError) as exc:
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    # Run the importable pipeline.flows, not this __main__ copy: a served deployment names its
+    # flow by module path, which must import in the flow-run process.
+    from pipeline.flows import main as _main
+
+    _main()

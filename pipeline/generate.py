@@ -1,0 +1,69 @@
+"""Continue text with the pretrained GPT: `llm-pipeline generate [--model PATH_OR_MODELS_URI] PROMPT...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from pipeline.common import BPE_DIR, EXPECTED_ERRORS, is_model_uri, load_mlflow_model
+from pipeline.pretrain import MODEL_DIR
+
+Generator = Callable[[str], str]
+
+
+def local_generator(path: str, settings: dict, seed: int) -> Generator:
+    """Continuations from a checkpoint folder, with the project's BPE files; sampling follows `seed`."""
+    import torch
+
+    from gpt.checkpoint import load_model
+    from gpt.generate import generate_text
+    from gpt.tokenizer import load_tokenizer
+
+    model = load_model(path).eval()
+    tokenizer = load_tokenizer(BPE_DIR)
+    rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return lambda prompt: generate_text(model, tokenizer, prompt, generator=rng, **settings)
+
+
+def mlflow_generator(uri: str, settings: dict, seed: int) -> Generator:
+    """Continuations from a logged or registered model (e.g. models:/gpt-base@champion)."""
+    import pandas as pd
+    import torch
+
+    model = load_mlflow_model(uri)
+    torch.manual_seed(seed)  # the pyfunc model samples from torch's global generator
+    params = {name: value for name, value in settings.items() if value is not None}
+    return lambda prompt: str(model.predict(pd.DataFrame({"prompt": [prompt]}), params=params)["text"].iloc[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print each prompt followed by its continuation; an expected error is one line and exit status 1."""
+    parser = argparse.ArgumentParser(prog="llm-pipeline generate", description=__doc__)
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: one per line of stdin)")
+    parser.add_argument("--model", default=str(MODEL_DIR),
+                        help=f"checkpoint folder or MLflow URI such as models:/gpt-base@champion (default: {MODEL_DIR})")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    parser.add_argument("--seed", type=int, default=123)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    if args.temperature < 0 or args.top_k < 0 or not (args.top_p is None or 0 < args.top_p <= 1):
+        parser.error("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_k": args.top_k or None, "top_p": args.top_p}
+    prompts = args.prompts or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    try:
+        build = mlflow_generator if is_model_uri(args.model) else local_generator
+        continue_text = build(args.model, settings, args.seed)
+        for prompt in prompts:
+            print(prompt + continue_text(prompt), flush=True)
+    except EXPECTED_ERRORS as exc:
+        print(f"generate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Registered champions as pyfunc models, and served by `mlflow models serve` over HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import pandas as pd
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import free_port, stage_env
+from gpt.checkpoint import load_model, save_model
+from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
+from gpt.generate import generate_text
+from gpt.instruct import format_prompt
+from gpt.model import GPTConfig, GPTModel
+from gpt.tokenizer import load_tokenizer
+from pipeline import promote
+from pipeline.mlflow_models import instruct_generator, spam_classifier
+from pipeline.mlflow_models.spam_classifier import predict_frame
+from pipeline.schemas import SPAM_LABELS
+from pipeline.tracking import log_gpt_model, log_pyfunc, stage_run
+from test_tracking import store  # noqa: F401 (a fixture)
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+READY_TIMEOUT_S = 120
+TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now"]
+
+
+def listening(pid: int, port: int) -> set[str]:
+    """The addresses the server process (or its children) listen on at `port`."""
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                found.add(conn.laddr.ip)
+    return found
+
+
+@contextmanager
+def served(model_uri: str, workdir: Path) -> Iterator[tuple[str, int]]:
+    """Run `mlflow models serve` on a free loopback port until /ping answers; yield (base URL, pid); stop it."""
+    port, log = free_port(), workdir / f"serve-{time.monotonic_ns()}.log"
+    env = stage_env(None, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+    env["PATH"] = os.pathsep.join([str(MLFLOW.parent), env.get("PATH", "")])  # mlflow starts `uvicorn` from PATH
+    with log.open("w") as out:
+        server = subprocess.Popen([str(MLFLOW), "models", "serve", "-m", model_uri, "--host", "127.0.0.1",
+                                   "--port", str(port), "--env-manager", "local"],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert server.poll() is None, f"the server exited ({server.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no answer on {base}/ping:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        yield base, server.pid
+    finally:
+        # The whole session: the mlflow CLI and the uvicorn it started.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def invoke(base: str, payload: dict) -> list[dict]:
+    request = urllib.request.Request(f"{base}/invocations", json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["predictions"]
+
+
+def register_champion(name: str, log) -> str:
+    """Log and register a version inside a stage run with log(), promote it (the first: champion)."""
+    with stage_run("serve-test", {}):
+        version = log()
+    promote.promote(MlflowClient(), name, version.version, margin=0.0)
+    return f"models:/{name}@champion"
+
+
+def test_classifier_champion_is_served_on_loopback(store: MlflowClient, tmp_path: Path,  # noqa: F811
+                                                   bpe_dir: Path):
+    torch.manual_seed(0)
+    model = add_class_head(GPTModel(GPTConfig.from_preset("micro")), len(SPAM_LABELS)).eval()
+    spec = ClassifierSpec(SPAM_LABELS, "last_nonpad", 32)
+    folder = save_classifier(model, spec, tmp_path / "classifier")
+    uri = register_champion("gpt-spam-classifier", lambda: log_pyfunc(
+        spam_classifier, {"classifier": folder, "bpe": bpe_dir}, "gpt-spam-classifier", None,
+        {"test_accuracy": 0.5}, None))
+    expected = predict_frame(model, spec, load_tokenizer(bpe_dir), TEXTS)
+
+    with served(uri, tmp_path) as (base, pid):
+        predictions = invoke(base, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]},
+                                    "params": {"batch_size": 2}})
+        assert listening(pid, int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}  # loopback only
+    assert [p["label"] for p in predictions] == expected["label"].tolist()
+    assert all(p["label"] in SPAM_LABELS and 0.0 <= p["spam_probability"] <= 1.0 for p in predictions)
+    assert [p["spam_probability"] for p in predictions] == pytest.approx(expected["spam_probability"].tolist(),
+                                                                         abs=1e-6)
+
+
+def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, tmp_path: Path,  # noqa: F811
+                                                           bpe_dir: Path):
+    torch.manual_seed(0)
+    checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
+    uri = register_champion("gpt-base", lambda: log_gpt_model(checkpoint, bpe_dir, "gpt-base",
+                                                               metrics={"val_loss": 6.0}))
+    direct, tokenizer = load_model(checkpoint), load_tokenizer(bpe_dir)
+    # One short prompt and one longer than the model's context, in one request: nothing fixes the length.
+    prompts = ["Hello", "the cat sat on the mat " * 20]
+    assert len(tokenizer.encode(prompts[1])) > direct.cfg.context_length > len(tokenizer.encode(prompts[0]))
+
+    with served(uri, tmp_path) as (base, pid):
+        predictions = invoke(base, {"inputs": {"prompt": prompts}, "params": {"max_new_tokens": 5}})
+        assert listening(pid, int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}
+    assert [p["text"] for p in predictions] == [generate_text(direct, tokenizer, p, max_new_tokens=5) for p in prompts]
+
+    # The instruction model is the same generator behind the Alpaca prompt, loaded as pyfunc.
+    with stage_run("serve-test", {}):
+        log_pyfunc(instruct_generator, {"checkpoint": checkpoint, "bpe": bpe_dir}, "gpt-instruct", None,
+                   {"rouge_l_f1": 0.1}, None)
+    promote.promote(MlflowClient(), "gpt-instruct", 1, margin=0.0)
+    instruct = mlflow.pyfunc.load_model("models:/gpt-instruct@champion")
+    answer = instruct.predict(pd.DataFrame({"instruction": ["Name a color.", "Fix: freind"], "input": ["", "x"]}),
+                              params={"max_new_tokens": 4})
+    assert answer["text"].tolist() == [
+        generate_text(direct, tokenizer, format_prompt(i, x), max_new_tokens=4).strip()
+        for i, x in [("Name a color.", ""), ("Fix: freind", "x")]]
