@@ -126,7 +126,7 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
     assert "val_loss" in by_stage["evaluate"].data.metrics
 
     for name in ("gpt-base", "gpt-spam-classifier", "gpt-instruct"):  # promote made each first version champion
-        assert client.get_model_version_by_alias(name, "champion").version == "1"
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     version = client.get_model_version("gpt-base", "1")
     assert version.tags["eval.val_loss"] == str(by_stage["evaluate"].data.metrics["val_loss"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")  # restored after the test
