@@ -34,11 +34,11 @@ if str(REPO) not in sys.path:  # `python benchmarks/bench_gpt.py` from anywhere
 from gpt.generate import generate  # noqa: E402
 from gpt.model import GPTConfig, GPTModel  # noqa: E402
 from gpt.train import PRECISIONS, Trainer, TrainConfig, autocast_dtype, pick_device, tune_malloc  # noqa: E402
+from pipeline.common import MIRROR_ENV  # noqa: E402
 
 # Training shape per preset: (batch, context). mini is the preset; gpt2-small uses the
 # same 2,048 tokens per step (its own context is 1024; 256 keeps a CPU step to ~10 s).
-TRAIN_SHAPES = {"mini": (8, 256), "gpt2-small": (8, 256)}
-DEFAULT_SHAPE = (8, 256)
+DEFAULT_SHAPE = (8, 256)  # batch x context; the shape for mini, used for every preset
 
 
 def sync(device: torch.device) -> None:
@@ -204,7 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     parser.add_argument("--presets", default="mini,gpt2-small", help="training presets, comma-separated "
-                        "(mini, gpt2-small: batch 8 x context 256; others: 8 x 256)")
+                        "(batch 8 x context 256 unless --train-shape says otherwise)")
     parser.add_argument("--train-shape", action="append", default=[], metavar="PRESET=BATCHxCONTEXT",
                         help="another training shape for a preset, e.g. gpt2-small=16x1024 (repeatable)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 on CPU, 20 on GPU)")
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--decode-preset", default="gpt2-small")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 64 on CPU, 256 on GPU)")
-    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("LLM_PIPELINE_MIRROR") or REPO.parent / "shared" / "datasets"),
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "datasets"),
                         help="dataset mirror with tinyshakespeare.txt and gpt2_bpe/ (default $LLM_PIPELINE_MIRROR)")
     parser.add_argument("--dvc-repo", type=Path, default=None, help="a project checkout whose pipeline is up to "
                         "date (see benchmarks/dvc_scratch.py); without it the dvc row is skipped")
@@ -235,7 +235,7 @@ def main() -> None:
     device = pick_device(args.device)
     gpu = device.type != "cpu"
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    shapes = dict(TRAIN_SHAPES)
+    shapes: dict[str, tuple[int, int]] = {}
     for item in args.train_shape:
         try:
             preset, shape = item.split("=")

@@ -21,8 +21,8 @@ TRAINABLE = ("all", "last_blocks", "lora")
 class FinetuneConfig:
     """Optimisation settings; `eval_every` counts optimizer steps (0: once per epoch).
 
-    The learning rate is constant at `lr` (the book) unless `min_lr` is set: then it warms up
-    linearly over `warmup_steps` and decays along a cosine to `min_lr` at the last step.
+    The learning rate warms up linearly over `warmup_steps` (0: none), then stays at `lr` when
+    `min_lr` is None (the book) or decays along a cosine to `min_lr` at the last step.
     """
 
     lr: float = 5e-5
@@ -86,8 +86,9 @@ def fit(
         batch_list = list(batches(epoch))
         total_steps = len(batch_list) * cfg.epochs  # every epoch has as many batches as this one
         for index, batch in enumerate(batch_list):
+            lr = lr_at(step, total_steps, schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, schedule)
+                group["lr"] = lr
             loss = loss_fn(model, batch)
             value = loss.item()
             if not math.isfinite(value):
@@ -99,7 +100,7 @@ def fit(
             optimizer.step()
             step += 1
             seen += len(batch[0])
-            record = {"step": step, "epoch": epoch + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step, "epoch": epoch + 1, "loss": value, "lr": lr,
                       "examples_seen": seen,
                       "elapsed_s": time.perf_counter() - started}
             history.append(record)

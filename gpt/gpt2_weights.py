@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from gpt.atomic import atomic_dir
 from gpt.checkpoint import CheckpointError, save_tensors
-from gpt.model import GPTConfig, GPTModel
+from gpt.model import GPTConfig, GPTModel, pad_rows
 
 # Our name -> (Hugging Face name, stored transposed as Conv1D)
 _GLOBAL_KEYS = {
@@ -76,12 +76,6 @@ def config_from_hf(hf: dict, drop_rate: float = 0.0) -> GPTConfig:
     )
 
 
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """`tensor` with zero rows appended up to `rows` (the padded vocabulary); unchanged if it has them."""
-    extra = rows - tensor.shape[0]
-    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra > 0 else tensor
-
-
 def load_hf_gpt2(path: str | os.PathLike, drop_rate: float = 0.0, pad_vocab_to: int = 1) -> GPTModel:
     """Build our GPTModel from a Hugging Face GPT-2 folder (model.safetensors + config.json).
 
@@ -113,7 +107,7 @@ def load_hf_gpt2(path: str | os.PathLike, drop_rate: float = 0.0, pad_vocab_to: 
     else:
         raise CheckpointError(f"{path / 'model.safetensors'}: untied model without lm_head.weight")
     for key in ("tok_emb.weight", "out_head.weight"):
-        state[key] = _pad_rows(state[key], cfg.padded_vocab_size)
+        state[key] = pad_rows(state[key], cfg.padded_vocab_size)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -42,7 +42,7 @@ class GPTConfig:
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.init not in INITS:
-            raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
+            raise ValueError(f"GPTConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -79,6 +79,12 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(context_length=128, emb_dim=128, n_layers=4, n_heads=4, tie_weights=True),
     "micro": GPTConfig(context_length=64, emb_dim=32, n_layers=2, n_heads=2, tie_weights=True),
 }
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` (the padded vocabulary); unchanged if it has them."""
+    extra = rows - tensor.shape[0]
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra > 0 else tensor
 
 
 class FeedForward(nn.Module):
@@ -139,10 +145,8 @@ class GPTModel(nn.Module):
     def _pad_vocab_rows(self) -> None:
         # Padded after initialising the real rows, so a padded model draws the same random
         # numbers (and so has the same real weights) as an unpadded one built from the same seed.
-        extra = self.cfg.padded_vocab_size - self.cfg.vocab_size
         for module in (self.tok_emb, self.out_head):
-            weight = module.weight
-            module.weight = nn.Parameter(torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]))
+            module.weight = nn.Parameter(pad_rows(module.weight, self.cfg.padded_vocab_size))
         self.tok_emb.num_embeddings = self.out_head.out_features = self.cfg.padded_vocab_size
 
     @staticmethod

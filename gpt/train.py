@@ -232,10 +232,10 @@ class Trainer:
                  on_event: Callable[[str, dict], None] | None = None):
         self.model, self.cfg = model, cfg
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        if cfg.batch_size % self.world_size:
+        if cfg.batch_size % self.world_size:  # the sampler checks too; this fails before any work is done
             raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
                                 f"({self.world_size}): each takes an equal share of every batch")
-        self.is_main = self.rank == 0
+        self.is_main = distributed.is_main()
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length
         self.stride = cfg.stride or self.context

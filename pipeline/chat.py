@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable
 
-from pipeline.common import BPE_DIR, EXPECTED_ERRORS, is_model_uri, load_mlflow_model
+from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
 
 DEFAULT_MODEL = "data/models/instruct"
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
-    try:
+    with reporting_errors("chat"):
         build = mlflow_responder if is_model_uri(args.model) else local_responder
         answer = build(args.model, args.max_new_tokens)
         if args.instruction is not None:
@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> None:
             if not line.strip():
                 break
             print(answer(line.strip(), args.input), flush=True)
-    except EXPECTED_ERRORS as exc:
-        print(f"chat: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from gpt.classifier import load_classifier
 from gpt.tokenizer import load_tokenizer
-from pipeline.common import BPE_DIR, EXPECTED_ERRORS, is_model_uri, load_mlflow_model
+from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
 from pipeline.finetune_classifier import MODEL_DIR
 from pipeline.mlflow_models.spam_classifier import predict_frame
 
@@ -49,12 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file whose mlflow section locates the registry (default: params.yaml, if present)")
     args = parser.parse_args(argv)
-    try:
+    with reporting_errors("classify"):
         texts = read_texts(args)
         result = classify(texts, args.model, args.bpe, args.params)
-    except (*EXPECTED_ERRORS, MlflowException) as exc:  # a served model's bad input
-        print(f"classify: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(1)
     for text, label, probability in zip(texts, result["label"], result["spam_probability"]):
         print(f"{label}\t{probability:.4f}\t{' '.join(text.split())}")
 

@@ -34,13 +34,15 @@ def run(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
-    from pipeline.tracking import RUN_GROUP_ENV
+    from pipeline.common import RUN_GROUP_ENV, dvc_env
 
-    env = {RUN_GROUP_ENV: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), **os.environ}
+    env = dvc_env(os.environ.get(RUN_GROUP_ENV) or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     if args.nproc > 1:  # read by dvc.yaml's pretrain cmd
         env[PRETRAIN_LAUNCH_ENV] = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node={args.nproc}"
-    sys.exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *args.targets, *["--force"][: args.force]],
-                             env=env))
+    command = [sys.executable, "-m", "dvc", "repro", *args.targets]
+    if args.force:
+        command.append("--force")
+    sys.exit(subprocess.call(command, env=env))
 
 
 def serve(argv: list[str]) -> None:

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from gpt.atomic import remove_stale_temps, reporting_full_disk
 from gpt.errors import GPTError
@@ -18,9 +19,11 @@ DATA = Path("data")
 RAW = DATA / "raw"
 METRICS = DATA / "metrics"
 BPE_DIR = RAW / "gpt2_bpe"  # what gpt.tokenizer.load_tokenizer reads
+BASE_MODEL_DIR = DATA / "models" / "base"  # the pretrain stage's model
 VALIDATE_REPORT = METRICS / "validate.json"
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"
+RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"  # one MLflow parent run for the stages that share it
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
 
@@ -102,6 +105,35 @@ def load_mlflow_model(uri: str, params_path: Path | None = Path("params.yaml")) 
 EXPECTED_ERRORS = (ParamsError, FetchError, TokenizerError, GPTError, ValueError, OSError)
 
 
+@contextmanager
+def reporting_errors(prog: str, *also: type[BaseException]) -> Iterator[None]:
+    """Turn an expected error from the block (EXPECTED_ERRORS, MLflow's, or `also`) into one line
+    `<prog>: error: <message>` on stderr and exit status 1, without a traceback; anything else is a
+    bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        # MLflow is checked without importing it: commands that never loaded it cannot raise its errors.
+        mlflow_errors = sys.modules.get("mlflow.exceptions")
+        if not (isinstance(exc, (*EXPECTED_ERRORS, *also))
+                or (mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException))):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def dvc_env(run_group: str) -> dict[str, str]:
+    """Environment for `dvc repro`: this interpreter first on PATH (dvc.yaml runs `python`), every
+    stage in MLflow run group `run_group`, no DVC analytics, stage output unbuffered."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env[RUN_GROUP_ENV] = run_group
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def run_stage(name: str, main: Callable[[Path], None]) -> None:
     """Parse `--params`, run main(params_path) and exit; an expected error becomes one line
     `<name>: error: <message>` on stderr and exit status 1, without a traceback."""
@@ -110,9 +142,5 @@ def run_stage(name: str, main: Callable[[Path], None]) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: params.yaml)")
     args = parser.parse_args()
-    try:
+    with reporting_errors(name):
         main(args.params)
-    except EXPECTED_ERRORS as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{name}: error: {message}", file=sys.stderr)
-        sys.exit(1)

@@ -178,7 +178,7 @@ def main(params_path: Path) -> None:
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
-                             {"base": cfg["base"]}, flat, None)
+                             {"base": cfg["base"]}, flat)
         metrics = {
             **reports,
             "test_accuracy": reports["test"]["accuracy"],

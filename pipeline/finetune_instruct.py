@@ -92,7 +92,7 @@ def main(params_path: Path) -> None:
     records = {name: read_split(name) for name in ("train", "val", "test")}
     tokenizer = load_tokenizer(BPE_DIR)
     data_hashes = {f"{name}.json": sha256_file(SPLITS / f"{name}.json") for name in records}
-    data_hashes["base.model.safetensors"] = base_hash(cfg["base"])
+    data_hashes["base"] = base_hash(cfg["base"])
 
     torch.manual_seed(cfg["seed"])  # LoRA's adapter init draws from it
     model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
@@ -157,10 +157,9 @@ def main(params_path: Path) -> None:
         log_history(history)
         for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
             log_path(path)
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
-                             {"base": cfg["base"]}, numeric, None)
+                             {"base": cfg["base"]}, metrics)
         metrics["registered_version"] = int(version.version)
         atomic_write_json(METRICS_FILE, metrics)
 

@@ -38,7 +38,8 @@ from prefect.types.entrypoint import EntrypointType  # noqa: E402
 
 from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
 from pipeline.presets import apply_preset  # noqa: E402
-from pipeline.tracking import MLFLOW_SECTION, RUN_GROUP_ENV  # noqa: E402
+from pipeline.common import RUN_GROUP_ENV, dvc_env, reporting_errors  # noqa: E402
+from pipeline.tracking import MLFLOW_SECTION  # noqa: E402
 
 PROG = "llm-pipeline flow"
 PIPELINE_FLOW = "pipeline"
@@ -177,16 +178,6 @@ def apply_params(project: Path, preset: str | None = None, overrides: Mapping[st
     return changed
 
 
-def stage_env(run_group: str) -> dict[str, str]:
-    """Environment for `dvc repro`: this interpreter first on PATH (dvc.yaml runs `python`)."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env[RUN_GROUP_ENV] = run_group
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env["PYTHONUNBUFFERED"] = "1"  # stage output reaches the task log as it is printed
-    return env
-
-
 def _pump(stream: IO[str], log: Callable[[str], None], lines: list[str]) -> None:
     for line in stream:
         lines.append(line.rstrip("\n"))
@@ -206,7 +197,7 @@ def repro(stage: str, project: str, run_group: str) -> bool:
     log; return whether the stage ran (False: DVC found it up to date or restored it from cache)."""
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    with subprocess.Popen(command, cwd=project, env=stage_env(run_group), stdin=subprocess.DEVNULL,
+    with subprocess.Popen(command, cwd=project, env=dvc_env(run_group), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
         out: list[str] = []
         err: list[str] = []
@@ -331,11 +322,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """`llm-pipeline flow run|serve|list`; an expected error is one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
-    try:
+    with reporting_errors(PROG, FlowError):
         args.handler(args)
-    except (ParamsError, FlowError, OSError) as exc:
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import Callable
 
-from pipeline.common import BPE_DIR, EXPECTED_ERRORS, is_model_uri, load_mlflow_model
-from pipeline.pretrain import MODEL_DIR
+from pipeline.common import BASE_MODEL_DIR as MODEL_DIR
+from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
 
 Generator = Callable[[str], str]
 
@@ -55,14 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_k": args.top_k or None, "top_p": args.top_p}
     prompts = args.prompts or [line for line in sys.stdin.read().splitlines() if line.strip()]
-    try:
+    with reporting_errors("generate"):
         build = mlflow_generator if is_model_uri(args.model) else local_generator
         continue_text = build(args.model, settings, args.seed)
         for prompt in prompts:
             print(prompt + continue_text(prompt), flush=True)
-    except EXPECTED_ERRORS as exc:
-        print(f"generate: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,14 @@ from gpt.generate import generate_text
 from gpt.model import INITS, PRESETS, GPTConfig, GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import EXECUTION_SETTINGS, PRECISIONS, Trainer, TrainConfig, pick_device, tune_malloc
-from pipeline.common import BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
+from pipeline.common import BASE_MODEL_DIR, BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
 from pipeline.params import CONTEXT_LENGTH, Bool, Float, Int, Section, Str, load_params
 from pipeline.plots import plot_curves, write_rows
 from pipeline.tracking import MLFLOW_SECTION, log_gpt_model, log_history, log_path, stage_run
 
 TOKENS = DATA / "tokens" / "pretrain"
 CHECKPOINTS = DATA / "checkpoints" / "pretrain"
-MODEL_DIR = DATA / "models" / "base"
+MODEL_DIR = BASE_MODEL_DIR
 METRICS_FILE = METRICS / "pretrain.json"
 PLOTS = DATA / "plots"
 SAMPLES_FILE = DATA / "samples" / "pretrain.json"
@@ -164,8 +164,7 @@ def main(params_path: Path) -> None:
         log_history(history)
         for path in (PLOTS / "pretrain_loss.png", PLOTS / "pretrain_loss.csv", SAMPLES_FILE):
             log_path(path)
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        version = log_gpt_model(MODEL_DIR, BPE_DIR, REGISTERED_NAME, metrics=numeric)
+        version = log_gpt_model(MODEL_DIR, BPE_DIR, REGISTERED_NAME, metrics=metrics)
         metrics["registered_version"] = int(version.version)
         atomic_write_json(METRICS_FILE, metrics)
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -10,9 +9,9 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from pipeline.common import EXPECTED_ERRORS
+from pipeline.common import reporting_errors
 from pipeline.promote import MODELS, key_metric, metric_label
-from pipeline.tracking import PARAMS_DIGEST_TAG, project_tracking, tracking_uri, use_project_store
+from pipeline.tracking import PARAMS_DIGEST_TAG, configure, project_tracking, tracking_uri
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")
@@ -71,11 +70,12 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def review(model: str | None = None, params_path: Path | None = Path("params.yaml")) -> str:
     """The table of the registered models (only `model` if given), or a message saying there are none."""
-    uri = tracking_uri(project_tracking(params_path))
+    tracking = project_tracking(params_path)
+    uri = tracking_uri(tracking)
     # Reading must not create a store: an absent sqlite file means nothing was logged yet.
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return f"no MLflow store at {uri}; run the pipeline first (dvc repro)"
-    use_project_store(params_path)
+    configure(tracking)
     client = mlflow.MlflowClient()
     if model is not None:
         try:
@@ -102,11 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file whose mlflow section locates the registry (default: params.yaml, if present)")
     args = parser.parse_args(argv)
-    try:
+    with reporting_errors("review"):
         print(review(args.model, args.params))
-    except (*EXPECTED_ERRORS, MlflowException) as exc:
-        print(f"review: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import gpt
+from pipeline.common import RUN_GROUP_ENV
 from pipeline.params import Section, Str, load_params
 
 EXPERIMENT = "llm-pipeline"
 MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
-RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"
 MODEL_ARTIFACT = "model"
 # Promotion (pipeline.promote) owns these: champion serves, challenger is the newest version put up.
 CHAMPION = "champion"
@@ -212,11 +212,10 @@ def log_path(path: str | os.PathLike, artifact_path: str | None = None) -> None:
 
 
 def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
-               tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
-               alias: str | None) -> ModelVersion | None:
+               tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> ModelVersion | None:
     """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) to the active run and register
-    it as a new version of `registered_name` (None: log only), tagged by tag_new_version. Stages pass
-    no `alias`: the promote stage owns `champion` and `challenger`."""
+    it as a new version of `registered_name` (None: log only), tagged by tag_new_version. It sets no
+    alias: the promote stage owns `champion` and `challenger`."""
     run = mlflow.active_run()
     if run is None:
         raise TrackingError("log a model inside stage_run(), so it belongs to a stage's run")
@@ -240,13 +239,13 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
     if registered_name is None:
         return None
     number = mlflow.register_model(info.model_uri, registered_name).version
-    return tag_new_version(registered_name, number, tags, metrics, alias)
+    return tag_new_version(registered_name, number, tags, metrics)
 
 
 def tag_new_version(name: str, version: int | str, tags: Mapping[str, Any] | None = None,
-                    metrics: Mapping[str, Any] | None = None, alias: str | None = None) -> ModelVersion:
+                    metrics: Mapping[str, Any] | None = None) -> ModelVersion:
     """Tag a version registered from the active run with that run's lineage (stage, run group, git
-    state, params digest, data hashes), `tags` and `metric.<name>` for `metrics`; point `alias` at it."""
+    state, params digest, data hashes), `tags` and `metric.<name>` for the numbers among `metrics`."""
     run = mlflow.active_run()
     if run is None:
         raise TrackingError("tag a new model version inside stage_run(), so it carries a stage's lineage")
@@ -254,10 +253,9 @@ def tag_new_version(name: str, version: int | str, tags: Mapping[str, Any] | Non
     run_tags = client.get_run(run.info.run_id).data.tags
     version_tags = {key: value for key, value in run_tags.items() if _lineage_tag(key)}
     version_tags.update(tags or {})
-    version_tags.update({f"metric.{key}": float(value) for key, value in (metrics or {}).items()})
+    version_tags.update({f"metric.{key}": float(value) for key, value in (metrics or {}).items()
+                         if isinstance(value, (int, float)) and not isinstance(value, bool)})
     tag_model_version(name, version, version_tags)
-    if alias:
-        client.set_registered_model_alias(name, alias, str(version))
     return client.get_model_version(name, str(version))
 
 
@@ -283,12 +281,12 @@ def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any],
 
 
 def log_gpt_model(checkpoint_dir: str | os.PathLike, bpe_dir: str | os.PathLike, registered_name: str | None,
-                  tags: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
-                  alias: str | None = None) -> ModelVersion | None:
+                  tags: Mapping[str, Any] | None = None,
+                  metrics: Mapping[str, Any] | None = None) -> ModelVersion | None:
     """Log our GPT (checkpoint folder + GPT-2 BPE folder) as pyfunc model "model" of the active
     run and register it as a new version of `registered_name` (None: log only); see log_pyfunc."""
     # Imported here: only stages that log a model should pay for torch and the model code.
     from pipeline.mlflow_models import gpt_generator
 
     return log_pyfunc(gpt_generator, {"checkpoint": checkpoint_dir, "bpe": bpe_dir},
-                      registered_name, tags, metrics, alias)
+                      registered_name, tags, metrics)

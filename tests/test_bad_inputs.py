@@ -18,13 +18,13 @@ from typing import Callable
 
 import pytest
 
-from conftest import flip_last_byte, free_port, leftovers, run_stage, set_param, stage_env
+from conftest import BIN, flip_last_byte, free_port, leftovers, run_stage, set_param, stage_env
 from gpt.checkpoint import save_model
 from gpt.fetch import sha256_file
 from gpt.model import GPTConfig, GPTModel
 from test_download import FileServer, copy_mirror, point_at
 
-CLI = Path(sys.executable).with_name("llm-pipeline")
+CLI = BIN / "llm-pipeline"
 REPORT = "data/metrics/validate.json"
 CHECKPOINTS = "data/checkpoints/pretrain"
 # The good project every case starts from: every stage that a case runs has run once, on tiny settings.

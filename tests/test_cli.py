@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import stage_env
+from conftest import BIN, stage_env
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
 from pipeline.cli import COMMANDS
 
-CLI = Path(sys.executable).with_name("llm-pipeline")
+CLI = BIN / "llm-pipeline"
 
 
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:

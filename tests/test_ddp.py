@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import set_param, stage_env
+from conftest import leftovers, set_param, stage_env
 from test_pretrain import tokenized
 
 from gpt import distributed
@@ -89,7 +89,7 @@ def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(ddp_pro
     checkpoints = list((ddp_project / "data/checkpoints/pretrain").iterdir())
     assert len(checkpoints) == 1
     assert "rng.torch.rank1" in load_file(checkpoints[0] / "optimizer.safetensors")
-    assert not sorted(str(p) for p in (ddp_project / "data").rglob(".*"))  # no temp leftovers
+    assert leftovers(ddp_project) == []
     from mlflow import MlflowClient
     client = MlflowClient(f"sqlite:///{ddp_project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("llm-pipeline")

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import leftovers, make_dvc_repo, set_param, sh
+from conftest import BIN, leftovers, make_dvc_repo, set_param, sh
 
-DVC = Path(sys.executable).with_name("dvc")
+DVC = BIN / "dvc"
 
 
 @pytest.fixture

@@ -1,14 +1,11 @@
-"""gpt.instruct: prompt format, collate (padding, end-of-text, prompt mask, truncation), scores; LoRA finetuning."""
+"""gpt.instruct: prompt format, collate (padding, end-of-text, prompt mask, truncation), scores."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpt.finetune import FinetuneConfig, fit, select_trainable
-from gpt.instruct import (IGNORE_INDEX, Example, collate, device_loss, encode_example, format_input, format_prompt,
+from gpt.instruct import (IGNORE_INDEX, Example, collate, encode_example, format_input, format_prompt,
                           make_batches, rouge_l_f1, token_f1)
-from gpt.lora import merge_lora
-from gpt.model import GPTConfig, GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 
 E = 50256  # <|endoftext|>, the padding id
@@ -98,25 +95,3 @@ def test_token_f1_counts_repeated_words_once_per_occurrence():
     assert token_f1("the the cat", "the the the the") == pytest.approx(4 / 7)
     assert rouge_l_f1("the the cat", "the the the the") == pytest.approx(4 / 7)
 
-
-def test_lora_trains_only_the_adapters_and_leaves_the_base_unchanged():
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig.from_preset("micro", drop_rate=0.0))
-    base = {name: p.detach().clone() for name, p in model.named_parameters()}
-    select_trainable(model, "lora", lora_rank=4, lora_alpha=8.0)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    count = count_parameters(model, trainable_only=True)
-    print(f"LoRA trainable parameters: {count} of {count_parameters(model)}")
-    assert trainable and all(name.endswith(("lora_a", "lora_b")) for name in trainable)
-    # rank 4 * (in + out) of qkv, out_proj, ff.fc and ff.proj, in each of the 2 blocks (emb_dim 32)
-    assert count == 2 * 4 * sum(i + o for i, o in ((32, 96), (32, 32), (32, 128), (128, 32)))
-    batch = collate([Example(list(range(1, 12)), 4), Example(list(range(20, 27)), 3)])
-    history = fit(model, lambda epoch: [batch] * 3, device_loss, FinetuneConfig(lr=1e-2, epochs=1, eval_every=0))
-    assert history[-1]["loss"] < history[0]["loss"]
-    for name, p in model.named_parameters():
-        if name in trainable:
-            continue
-        assert torch.equal(p, base[name.replace(".base.", ".")]), name
-    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if name.endswith("lora_b"))
-    merge_lora(model)
-    assert set(dict(model.named_parameters())) == set(base)

@@ -49,11 +49,15 @@ def test_lora_trains_only_adapters_and_keeps_base_weights():
     assert trainable and all("lora_" in n for n in trainable)
     assert count_parameters(model, trainable_only=True) == len(model.blocks) * 2 * (
         (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
-    fit(model, lm_batches, lm_loss, FinetuneConfig(lr=1e-2, epochs=1, eval_every=0))
+    history = fit(model, lm_batches, lm_loss, FinetuneConfig(lr=1e-2, epochs=1, eval_every=0))
+    assert history[-1]["loss"] < history[0]["loss"]
     state = model.state_dict()
     for key, value in base.items():
         lora_key = key.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
         assert torch.equal(state.get(key, state.get(lora_key)), value), key
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_b"))
+    merge_lora(model)
+    assert set(model.state_dict()) == set(base)  # a plain model again
 
 
 def test_last_blocks_mode_and_errors():

@@ -65,7 +65,7 @@ def test_no_unpickling_in_gpt_and_pipeline():
     assert {path: hits for path, hits in found.items() if hits} == {}
 
 
-def test_serve_binds_loopback_by_default(monkeypatch: pytest.MonkeyPatch):
+def test_serve_passes_loopback_as_its_default_host(monkeypatch: pytest.MonkeyPatch):
     launched = []
     monkeypatch.setattr("pipeline.tracking.use_project_store", lambda params: "0")
     monkeypatch.setattr(cli.subprocess, "call", lambda argv, env: launched.append(argv) or 0)
@@ -75,7 +75,7 @@ def test_serve_binds_loopback_by_default(monkeypatch: pytest.MonkeyPatch):
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
 
 
-def test_prefect_server_binds_loopback_by_default(tmp_path: Path):
+def test_prefect_server_host_defaults_to_loopback(tmp_path: Path):
     # In a fresh interpreter: Prefect reads its settings when imported, and this process may have imported it.
     code = ("import pipeline.flows, os; from prefect.settings import PREFECT_SERVER_API_HOST as host; "
             "print(os.environ['PREFECT_SERVER_API_HOST'], host.value())")

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import free_port, stage_env
+from conftest import BIN, free_port, stage_env
 from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
 from gpt.generate import generate_text
@@ -34,7 +33,7 @@ from pipeline.schemas import SPAM_LABELS
 from pipeline.tracking import log_gpt_model, log_pyfunc, stage_run
 from test_tracking import store  # noqa: F401 (a fixture)
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
+MLFLOW = BIN / "mlflow"
 READY_TIMEOUT_S = 120
 TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now"]
 
@@ -106,7 +105,7 @@ def test_classifier_champion_is_served_on_loopback(store: MlflowClient, tmp_path
     folder = save_classifier(model, spec, tmp_path / "classifier")
     uri = register_champion("gpt-spam-classifier", lambda: log_pyfunc(
         spam_classifier, {"classifier": folder, "bpe": bpe_dir}, "gpt-spam-classifier", None,
-        {"test_accuracy": 0.5}, None))
+        {"test_accuracy": 0.5}))
     expected = predict_frame(model, spec, load_tokenizer(bpe_dir), TEXTS)
 
     with served(uri, tmp_path) as (base, pid):
@@ -138,7 +137,7 @@ def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, 
     # The instruction model is the same generator behind the Alpaca prompt, loaded as pyfunc.
     with stage_run("serve-test", {}):
         log_pyfunc(instruct_generator, {"checkpoint": checkpoint, "bpe": bpe_dir}, "gpt-instruct", None,
-                   {"rouge_l_f1": 0.1}, None)
+                   {"rouge_l_f1": 0.1})
     promote.promote(MlflowClient(), "gpt-instruct", 1, margin=0.0)
     instruct = mlflow.pyfunc.load_model("models:/gpt-instruct@champion")
     answer = instruct.predict(pd.DataFrame({"instruction": ["Name a color.", "Fix: freind"], "input": ["", "x"]}),

@@ -150,15 +150,15 @@ def test_gpt_model_is_registered_as_code_and_generates(store: MlflowClient, tmp_
     with stage_run("pretrain", {"lr": 0.001}, {"train.bin": "cd" * 32}):
         first = log_gpt_model(checkpoint, bpe_dir, "gpt-base")
         second = log_gpt_model(checkpoint, bpe_dir, "gpt-base", tags={"corpus": "tiny"},
-                               metrics={"val_loss": 2.5}, alias="candidate")
+                               metrics={"val_loss": 2.5, "device": "cpu", "champion": True})
     assert (first.version, second.version) == (1, 2)
     assert second.tags["corpus"] == "tiny" and second.tags["metric.val_loss"] == "2.5"
+    assert "metric.device" not in second.tags and "metric.champion" not in second.tags  # numbers only
     # The version carries its run's lineage: code, params and data.
     assert second.tags["stage"] == "pretrain" and second.tags["run_group"] == "g1" and "git_commit" in second.tags
     assert second.tags["params_digest"] == params_digest({"lr": 0.001})
     assert second.tags["data.train.bin.sha256"] == "cd" * 32
-    assert not first.aliases  # stages set no alias; the promote stage does
-    assert store.get_model_version_by_alias("gpt-base", "candidate").version == 2
+    assert not first.aliases and not second.aliases  # stages set no alias; the promote stage does
 
     model = mlflow.pyfunc.load_model("models:/gpt-base/2")
     long_prompt = "the cat sat on the mat " * 40  # far more tokens than the 64-token context
