@@ -126,3 +126,18 @@ def make_dvc_repo(root: Path, mirror: Path) -> tuple[Path, dict]:
     sh(repo, env, "git", "add", "-A")
     sh(repo, env, "git", "commit", "-q", "-m", "init")
     return repo, env
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A temp project as cwd with run group g1; yields a client on its sqlite store."""
+    monkeypatch.chdir(tmp_path)
+    # set then delete, so monkeypatch restores a URI that MLflow itself may export meanwhile
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("LLM_PIPELINE_RUN_GROUP", "g1")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # here, so tests that need no store do not load MLflow
+
+    yield mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(None)

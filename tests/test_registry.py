@@ -15,7 +15,6 @@ from conftest import REPO, run_stage, set_param, stage_env
 from pipeline import evaluate, finetune_classifier, finetune_instruct, pretrain, promote, review
 from pipeline.promote import INPUTS, MODELS, PROMOTED
 from pipeline.tracking import CHALLENGER, CHAMPION, params_digest, stage_run, tag_new_version
-from test_tracking import store  # noqa: F401 (a fixture)
 
 TRAIN_PARAMS = {"lr": 0.1, "epochs": 2}
 HASHES = {"train.bin": "ab" * 32}
@@ -36,7 +35,7 @@ def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
 
 
-def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowClient):  # noqa: F811
+def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowClient):
     name = "gpt-spam-classifier"
     first = register(name, {"test_accuracy": 0.80})
     decision = promote.promote(store, name, first, margin=0.05)
@@ -69,7 +68,7 @@ def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowCli
     assert store.get_model_version(name, better).tags["promotion.decision"] == "promoted"  # the real decision stays
 
 
-def test_val_loss_is_lower_is_better_and_prefers_the_evaluate_stage(store: MlflowClient):  # noqa: F811
+def test_val_loss_is_lower_is_better_and_prefers_the_evaluate_stage(store: MlflowClient):
     name = "gpt-base"
     first = register(name, {"val_loss": 5.0}, {"eval.val_loss": 4.0})
     promote.promote(store, name, first, margin=0.0)
@@ -94,7 +93,7 @@ def write_stage_metrics(versions: dict[str, str]) -> None:
     Path(INPUTS[-1]).write_text(json.dumps({"registered_version": int(versions["gpt-base"])}))
 
 
-def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp_path: Path, capsys):  # noqa: F811
+def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp_path: Path, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     metrics = {"gpt-base": {"val_loss": 5.5}, "gpt-spam-classifier": {"test_accuracy": 0.9, "test_f1": 0.88},
                "gpt-instruct": {"rouge_l_f1": 0.25, "token_f1": 0.3}}

@@ -31,7 +31,6 @@ from pipeline.mlflow_models import instruct_generator, spam_classifier
 from pipeline.mlflow_models.spam_classifier import predict_frame
 from pipeline.schemas import SPAM_LABELS
 from pipeline.tracking import log_gpt_model, log_pyfunc, stage_run
-from test_tracking import store  # noqa: F401 (a fixture)
 
 MLFLOW = BIN / "mlflow"
 READY_TIMEOUT_S = 120
@@ -97,7 +96,7 @@ def register_champion(name: str, log) -> str:
     return f"models:/{name}@champion"
 
 
-def test_classifier_champion_is_served_on_loopback(store: MlflowClient, tmp_path: Path,  # noqa: F811
+def test_classifier_champion_is_served_on_loopback(store: MlflowClient, tmp_path: Path,
                                                    bpe_dir: Path):
     torch.manual_seed(0)
     model = add_class_head(GPTModel(GPTConfig.from_preset("micro")), len(SPAM_LABELS)).eval()
@@ -118,7 +117,7 @@ def test_classifier_champion_is_served_on_loopback(store: MlflowClient, tmp_path
                                                                          abs=1e-6)
 
 
-def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, tmp_path: Path,  # noqa: F811
+def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, tmp_path: Path,
                                                            bpe_dir: Path):
     torch.manual_seed(0)
     checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")

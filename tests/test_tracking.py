@@ -25,19 +25,6 @@ from pipeline.tracking import (
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A temp project as cwd with run group g1; yields a client on its sqlite store."""
-    monkeypatch.chdir(tmp_path)
-    # set then delete, so monkeypatch restores a URI that MLflow itself may export meanwhile
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.setenv(RUN_GROUP_ENV, "g1")
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    yield MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_tracking_uri(None)
-
-
 def test_stages_share_a_parent_and_land_in_the_project_store(store: MlflowClient, tmp_path: Path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.txt").write_text("a")
