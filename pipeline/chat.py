@@ -5,20 +5,22 @@ import argparse
 import sys
 from typing import Callable
 
-from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
+from pipeline.common import BPE_DIR, FAST_MATVEC_HELP, is_model_uri, load_mlflow_model, reporting_errors
 
 DEFAULT_MODEL = "data/models/instruct"
 
 Responder = Callable[[str, str], str]
 
 
-def local_responder(path: str, max_new_tokens: int) -> Responder:
+def local_responder(path: str, max_new_tokens: int, fast_matvec: bool = False) -> Responder:
     """Answers from a checkpoint folder, with the project's BPE files."""
     from gpt.checkpoint import load_model
     from gpt.instruct import respond
+    from gpt.linear import use_fast_matvec
     from gpt.tokenizer import load_tokenizer
 
     model = load_model(path).eval()
+    use_fast_matvec(model, fast_matvec)
     tokenizer = load_tokenizer(BPE_DIR)
     return lambda instruction, input_text: respond(model, tokenizer, instruction, input_text, max_new_tokens)
 
@@ -44,12 +46,17 @@ def main(argv: list[str] | None = None) -> None:
                              f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--input", default="", help="the optional input that goes with each instruction")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--fast-matvec", action="store_true", help=FAST_MATVEC_HELP)
     args = parser.parse_args(argv)
+    if args.fast_matvec and is_model_uri(args.model):
+        parser.error("--fast-matvec needs a local checkpoint folder as --model")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     with reporting_errors("chat"):
-        build = mlflow_responder if is_model_uri(args.model) else local_responder
-        answer = build(args.model, args.max_new_tokens)
+        if is_model_uri(args.model):
+            answer = mlflow_responder(args.model, args.max_new_tokens)
+        else:
+            answer = local_responder(args.model, args.max_new_tokens, args.fast_matvec)
         if args.instruction is not None:
             print(answer(args.instruction, args.input))
             return

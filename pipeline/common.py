@@ -25,6 +25,8 @@ MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"
 RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"  # one MLflow parent run for the stages that share it
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
+FAST_MATVEC_HELP = ("decode with gpt.linear's multi-threaded one-row kernel on CPU (several times PyTorch's "
+                    "speed on large models; built on first use, ~20 s, needs a C++ compiler)")
 
 
 class DataError(ValueError):

@@ -29,7 +29,7 @@ from gpt.train import pick_device
 from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import spam_classifier
-from pipeline.params import Int, Section, Str, load_params
+from pipeline.params import Float, Int, Section, Str, load_params
 from pipeline.plots import plot_confusion, plot_curves, write_rows
 from pipeline.pretrain import PLOTS
 from pipeline.schemas import SPAM_LABELS
@@ -58,6 +58,7 @@ PARAMS = {
         **COMMON_PARAMS,
         position=Str(choices=POSITIONS),
         max_length=Int(low=1, optional=True),
+        label_smoothing=Float(0, 1, bounds="[)"),
     )
 }
 
@@ -132,7 +133,9 @@ def main(params_path: Path) -> None:
 
     def loss_fn(net: GPTModel, batch) -> torch.Tensor:
         ids, lengths, labels = batch
-        return F.cross_entropy(classification_logits(net, ids, lengths, spec.position), labels)
+        # Smoothing shapes the training loss only; every reported loss is plain cross-entropy.
+        return F.cross_entropy(classification_logits(net, ids, lengths, spec.position), labels,
+                               label_smoothing=cfg["label_smoothing"])
 
     def evaluate() -> dict[str, float]:
         out = {}

@@ -6,20 +6,22 @@ import sys
 from typing import Callable
 
 from pipeline.common import BASE_MODEL_DIR as MODEL_DIR
-from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
+from pipeline.common import BPE_DIR, FAST_MATVEC_HELP, is_model_uri, load_mlflow_model, reporting_errors
 
 Generator = Callable[[str], str]
 
 
-def local_generator(path: str, settings: dict, seed: int) -> Generator:
+def local_generator(path: str, settings: dict, seed: int, fast_matvec: bool = False) -> Generator:
     """Continuations from a checkpoint folder, with the project's BPE files; sampling follows `seed`."""
     import torch
 
     from gpt.checkpoint import load_model
     from gpt.generate import generate_text
+    from gpt.linear import use_fast_matvec
     from gpt.tokenizer import load_tokenizer
 
     model = load_model(path).eval()
+    use_fast_matvec(model, fast_matvec)
     tokenizer = load_tokenizer(BPE_DIR)
     rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     return lambda prompt: generate_text(model, tokenizer, prompt, generator=rng, **settings)
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
     parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--fast-matvec", action="store_true", help=FAST_MATVEC_HELP)
     args = parser.parse_args(argv)
+    if args.fast_matvec and is_model_uri(args.model):
+        parser.error("--fast-matvec needs a local checkpoint folder as --model")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not (args.top_p is None or 0 < args.top_p <= 1):
@@ -56,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
                 "top_k": args.top_k or None, "top_p": args.top_p}
     prompts = args.prompts or [line for line in sys.stdin.read().splitlines() if line.strip()]
     with reporting_errors("generate"):
-        build = mlflow_generator if is_model_uri(args.model) else local_generator
-        continue_text = build(args.model, settings, args.seed)
+        if is_model_uri(args.model):
+            continue_text = mlflow_generator(args.model, settings, args.seed)
+        else:
+            continue_text = local_generator(args.model, settings, args.seed, args.fast_matvec)
         for prompt in prompts:
             print(prompt + continue_text(prompt), flush=True)
 
