@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -100,6 +103,30 @@ def sh(cwd: Path, env: dict, *args: str) -> str:
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
+
+
+STARTUP_S = 120  # for a server to answer on a busy 2-core machine
+
+
+def wait_until(what: str, ready: Callable[[], bool], proc: subprocess.Popen, log: Path) -> None:
+    """Poll ready() until true; fail early, with the process log, if proc exits or time runs out."""
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what}: process exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        if ready():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not ready after {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session=True and every process it started: TERM, then KILL."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from uuid import UUID
@@ -12,7 +11,7 @@ from uuid import UUID
 import pytest
 import yaml
 
-from conftest import BIN, MIRROR_ENV, free_port, make_dvc_repo, set_param, sh
+from conftest import BIN, MIRROR_ENV, free_port, make_dvc_repo, set_param, sh, stop, wait_until
 from pipeline import flows  # first: it points Prefect at a project-local home, offline
 from pipeline.params import ParamsError
 from pipeline.tracking import RUN_GROUP_ENV
@@ -21,29 +20,6 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId,
 from prefect.exceptions import ObjectNotFound
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-STARTUP_S = 120  # a Prefect server or runner on a busy 2-core machine
-
-
-def wait_until(what: str, ready, proc: subprocess.Popen, log: Path) -> None:
-    """Poll ready() until true; fail early, with the process log, if proc exits or time runs out."""
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{what}: process exited {proc.returncode}:\n{log.read_text()}"
-        if ready():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not ready after {STARTUP_S} s:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
 
 def healthy(url: str) -> bool:
     try:
@@ -71,7 +47,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     log = home / "server.log"
     with log.open("w") as out:
         server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until("prefect server", lambda: healthy(url), server, log)
         with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: home}):
@@ -194,7 +170,7 @@ def test_served_deployment_runs_on_trigger(dvc_repo, prefect_api, tmp_path):
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "pipeline.flows", "serve", "--cron", cron],
-                                  cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                  cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:
             wait_until("served deployment", lambda: deployed(client, "pipeline/nightly"), server, log)

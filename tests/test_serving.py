@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import BIN, free_port, stage_env
+from conftest import BIN, free_port, stage_env, stop, wait_until
 from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
 from gpt.generate import generate_text
@@ -33,7 +31,6 @@ from pipeline.schemas import SPAM_LABELS
 from pipeline.tracking import log_gpt_model, log_pyfunc, stage_run
 
 MLFLOW = BIN / "mlflow"
-READY_TIMEOUT_S = 120
 TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now"]
 
 
@@ -60,25 +57,18 @@ def served(model_uri: str, workdir: Path) -> Iterator[tuple[str, int]]:
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert server.poll() is None, f"the server exited ({server.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no answer on {base}/ping:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
+        wait_until(f"mlflow models serve on {base}", lambda: answers(f"{base}/ping"), server, log)
         yield base, server.pid
     finally:
-        # The whole session: the mlflow CLI and the uvicorn it started.
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)  # the whole session: the mlflow CLI and the uvicorn it started
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # not listening yet (URLError is an OSError)
+        return False
 
 
 def invoke(base: str, payload: dict) -> list[dict]:
