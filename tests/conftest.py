@@ -1,15 +1,18 @@
-"""Shared fixtures: the dataset mirror, temp project folders, and a runner for stage subprocesses."""
+"""Shared fixtures and helpers: the dataset mirror, temp projects, stage subprocesses, test servers."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import yaml
@@ -168,3 +171,116 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     yield mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(None)
+
+
+# -- quick pretraining projects -----------------------------------------------------------------
+# Params for a pretrain run of seconds on the-verdict (a tiny model, 40 steps).
+QUICK_PRETRAIN = {
+    "tokenize.corpus": ["the-verdict.txt"],
+    "pretrain.model": "tiny",
+    "pretrain.context_length": 64,
+    "pretrain.batch_size": 4,
+    "pretrain.max_steps": 40,
+    "pretrain.eval_every": 10,
+    "pretrain.eval_batches": 2,
+    "pretrain.sample_every": 0,
+    "pretrain.checkpoint_every": 2,
+    "evaluate.max_batches": 2,
+    "evaluate.max_new_tokens": 5,
+}
+
+
+def tokenized(project: Path) -> Path:
+    """project with QUICK_PRETRAIN set and the validate and tokenize stages run."""
+    for key, value in QUICK_PRETRAIN.items():
+        set_param(project, key, value)
+    for stage in ("validate", "tokenize"):
+        result = run_stage(project, stage)
+        assert result.returncode == 0, result.stderr
+    return project
+
+
+# -- a writable mirror and loopback HTTP fakes --------------------------------------------------
+def copy_mirror(mirror: Path, dest: Path, without: tuple[str, ...] = ()) -> Path:
+    """A writable copy of the mirror, minus some files."""
+    shutil.copytree(mirror, dest, ignore=shutil.ignore_patterns("SOURCES.md"))
+    for name in without:
+        (dest / name).unlink()
+    return dest
+
+
+class FileServer:
+    """Loopback HTTP server: serves `files`; paths in `truncate` announce the full length but
+    send half and hang up. Counts requests per path."""
+
+    def __init__(self, files: dict[str, bytes], truncate: frozenset[str] = frozenset()):
+        self.files, self.truncate, self.hits = files, truncate, {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2] if self.path in server.truncate else data)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def point_at(project: Path, server: FileServer, source: str, path: str) -> None:
+    set_param(project, f"download.sources.{source}.urls", [f"{server.url}{path}"])
+    set_param(project, "download.backoff_s", 0.01)
+    set_param(project, "download.retries", 2)
+
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    """POST /api/chat answers with the server's `reply`; requests are kept for inspection."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, body))
+        payload = json.dumps({"model": body["model"], "message": {"role": "assistant", "content": self.server.reply},
+                              "done": True}).encode()
+        self.send_response(200 if self.path == "/api/chat" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[ThreadingHTTPServer]:
+    """A fake judge on a free loopback port; set `.reply` to change its answer."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    server.requests, server.reply = [], "87"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    server.server_close()

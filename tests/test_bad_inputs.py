@@ -18,11 +18,11 @@ from typing import Callable
 
 import pytest
 
-from conftest import BIN, flip_last_byte, free_port, leftovers, run_stage, set_param, stage_env
+from conftest import (BIN, FileServer, copy_mirror, flip_last_byte, free_port, leftovers, point_at, run_stage,
+                      set_param, stage_env)
 from gpt.checkpoint import save_model
 from gpt.fetch import sha256_file
 from gpt.model import GPTConfig, GPTModel
-from test_download import FileServer, copy_mirror, point_at
 
 CLI = BIN / "llm-pipeline"
 REPORT = "data/metrics/validate.json"

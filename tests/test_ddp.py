@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import leftovers, set_param, stage_env
-from test_pretrain import tokenized
+from conftest import leftovers, set_param, stage_env, tokenized
 
 from gpt import distributed
 from gpt.checkpoint import weights_state_dict

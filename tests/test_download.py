@@ -2,25 +2,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from conftest import leftovers, run_stage, set_param
+from conftest import FileServer, copy_mirror, leftovers, point_at, run_stage, set_param
 from gpt.fetch import sha256_file
 from gpt.tokenizer import BPE_SOURCES
 
 SOURCE_FILES = ["the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json"]
 BPE_FILES = [f"gpt2_bpe/{s.filename}" for s in BPE_SOURCES]
-
-
-def copy_mirror(mirror: Path, dest: Path, without: tuple[str, ...] = ()) -> Path:
-    """A writable copy of the mirror, minus some files."""
-    shutil.copytree(mirror, dest, ignore=shutil.ignore_patterns("SOURCES.md"))
-    for name in without:
-        (dest / name).unlink()
-    return dest
 
 
 def assert_failed_cleanly(project: Path, result, *fragments: str) -> None:
@@ -64,49 +53,6 @@ def test_offline_without_mirror_lists_every_missing_file(project: Path):
         assert name in message
     assert "<https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip>" in message
     assert "<https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe>" in message
-
-
-class FileServer:
-    """Loopback HTTP server: serves `files`; paths in `truncate` announce the full length but
-    send half and hang up. Counts requests per path."""
-
-    def __init__(self, files: dict[str, bytes], truncate: frozenset[str] = frozenset()):
-        self.files, self.truncate, self.hits = files, truncate, {}
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                server.hits[self.path] = server.hits.get(self.path, 0) + 1
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data[: len(data) // 2] if self.path in server.truncate else data)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def point_at(project: Path, server: FileServer, source: str, path: str) -> None:
-    set_param(project, f"download.sources.{source}.urls", [f"{server.url}{path}"])
-    set_param(project, "download.backoff_s", 0.01)
-    set_param(project, "download.retries", 2)
 
 
 def test_http_download_with_zip_extraction(project: Path, mirror: Path, tmp_path: Path):

@@ -10,13 +10,12 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 
-from conftest import run_stage, set_param, stage_env
+from conftest import run_stage, set_param, stage_env, tokenized
 from gpt.checkpoint import load_model
 from gpt.classifier import ClassifierSpec, add_class_head, encode_texts, predict_logits
 from gpt.tokenizer import load_tokenizer
 from pipeline.promote import promote
 from pipeline.schemas import SPAM_LABELS
-from test_pretrain import tokenized
 
 # A micro base pretrained for a few steps and one short finetuning epoch: seconds, not minutes.
 QUICK = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, run_stage, set_param
+from conftest import REPO, UNREACHABLE, run_stage, set_param
 from gpt.checkpoint import load_model, save_model
 from gpt.model import GPTConfig, GPTModel
 from pipeline import chat, finetune_instruct, tokenize
@@ -19,7 +19,6 @@ from pipeline.params import load_params
 from pipeline.presets import apply_preset
 from pipeline.promote import promote
 from pipeline.tokenize import write_instructions
-from test_judge import UNREACHABLE, fake_ollama  # noqa: F401 (a fixture)
 
 # The first records of each split: 6 training batches of 8 per epoch, 2 of val and test, fast even on a
 # busy CPU (the 50257-way output head dominates a micro model's cost), yet enough to move the loss.
@@ -51,7 +50,7 @@ def instruct_project(raw_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return project
 
 
-def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fake_ollama,  # noqa: F811
+def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fake_ollama,
                                                      monkeypatch, capsys):
     project = instruct_project
     set_param(project, "finetune_instruct.judge", {"enabled": True, "url": fake_ollama.url, "model": "judge",

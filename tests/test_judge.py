@@ -1,48 +1,11 @@
 """pipeline.judge against a fake Ollama-compatible server on 127.0.0.1, and against nothing at all."""
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 import pytest
 
+from conftest import UNREACHABLE
 from pipeline import judge
-
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
-
-
-class FakeOllama(BaseHTTPRequestHandler):
-    """POST /api/chat answers with the server's `reply`; requests are kept for inspection."""
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, body))
-        payload = json.dumps({"model": body["model"], "message": {"role": "assistant", "content": self.server.reply},
-                              "done": True}).encode()
-        self.send_response(200 if self.path == "/api/chat" else 404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def fake_ollama() -> Iterator[ThreadingHTTPServer]:
-    """A fake judge on a free loopback port; set `.reply` to change its answer."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
-    server.requests, server.reply = [], "87"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
-    server.shutdown()
-    server.server_close()
-
 
 def test_score_sends_the_books_prompt_and_parses_the_integer(fake_ollama):
     cfg = {"url": fake_ollama.url, "model": "llama3", "timeout_s": 5.0}

@@ -13,32 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_stage, set_param, stage_env
+from conftest import REPO, run_stage, set_param, stage_env, tokenized
 from pipeline.presets import apply_preset
-
-QUICK = {
-    "tokenize.corpus": ["the-verdict.txt"],
-    "pretrain.model": "tiny",
-    "pretrain.context_length": 64,
-    "pretrain.batch_size": 4,
-    "pretrain.max_steps": 40,
-    "pretrain.eval_every": 10,
-    "pretrain.eval_batches": 2,
-    "pretrain.sample_every": 0,
-    "pretrain.checkpoint_every": 2,
-    "evaluate.max_batches": 2,
-    "evaluate.max_new_tokens": 5,
-}
-
-
-def tokenized(project: Path) -> Path:
-    for key, value in QUICK.items():
-        set_param(project, key, value)
-    for stage in ("validate", "tokenize"):
-        result = run_stage(project, stage)
-        assert result.returncode == 0, result.stderr
-    return project
-
 
 @pytest.fixture
 def quick_project(raw_project: Path) -> Path:
