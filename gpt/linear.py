@@ -41,9 +41,10 @@ class Linear(nn.Linear):
     fast_matvec: bool = False  # set per module by use_fast_matvec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Only the input is checked here (each weight access costs a module attribute lookup, and
+        # decoding is bound by this per-call overhead); the kernel checks the weight and bias.
         if (self.fast_matvec and x.numel() == self.in_features and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and self.weight.is_contiguous()):
+                and x.is_cpu and x.dtype == torch.float32):
             out = _kernel.matvec(self.weight, x.reshape(-1).contiguous(), self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

@@ -81,3 +81,13 @@ def test_generate_restores_training_mode(model):
     generate(model, torch.tensor([[1]]), 2)
     assert model.training
     model.eval()
+
+
+def test_output_is_a_normal_tensor_that_autograd_accepts(model):
+    out = generate(model, torch.tensor([[1, 2, 3]]), 4, eos_id=0)
+    assert not out.is_inference()
+    model.train()
+    model(out).sum().backward()  # embedding backward saves the ids: an inference tensor would fail here
+    assert model.tok_emb.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    model.eval()

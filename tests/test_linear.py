@@ -60,3 +60,12 @@ def test_greedy_decoding_is_unchanged(kernel_on):
     use_fast_matvec(model, False)
     assert torch.equal(fast, plain)
     assert not any(m.fast_matvec for m in model.modules() if isinstance(m, Linear))
+
+
+def test_kernel_refuses_a_weight_it_cannot_read(kernel_on):
+    layer = Linear(8, 4).double()  # cast after the kernel was turned on
+    use_fast_matvec(layer)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="weight must be a contiguous 2-D float32 CPU tensor"):
+        layer(torch.randn(1, 8))  # fp32 input, fp64 weight: F.linear would refuse it too
+    with torch.no_grad():
+        assert layer(torch.randn(1, 8, dtype=torch.float64)).dtype == torch.float64  # fp64 input: F.linear

@@ -9,10 +9,16 @@
 constexpr int kLanes = 16;
 
 torch::Tensor matvec(const torch::Tensor& weight, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kFloat32,
-              "matvec: weight must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.numel() == weight.size(1),
-              "matvec: x must be a contiguous float32 vector of weight.size(1) elements");
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous() &&
+              weight.scalar_type() == torch::kFloat32,
+              "matvec: weight must be a contiguous 2-D float32 CPU tensor (turn the kernel off with "
+              "use_fast_matvec(model, False) before moving or casting the model)");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.scalar_type() == torch::kFloat32 &&
+              x.numel() == weight.size(1),
+              "matvec: x must be a contiguous float32 CPU vector of weight.size(1) elements");
+  TORCH_CHECK(!bias.has_value() || (bias->device().is_cpu() && bias->is_contiguous() &&
+              bias->scalar_type() == torch::kFloat32 && bias->numel() == weight.size(0)),
+              "matvec: bias must be a contiguous float32 CPU vector of weight.size(0) elements");
   const int64_t rows = weight.size(0), cols = weight.size(1);
   auto y = torch::empty({rows}, weight.options());
   const float* w = weight.data_ptr<float>();
