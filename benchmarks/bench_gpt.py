@@ -336,10 +336,11 @@ def main() -> None:
     print()
     print("MFU = training FLOPs/s over the matmul peak above; FLOPs/token = 6 x matmul weights (12 L d^2 + the "
           "LM head's V d, tied or not; no embeddings, biases, norms) + 12 L T d for attention.")
-    print("Decode bound = copy bandwidth (STREAM convention: bytes read + written per second) / bytes of weights "
-          "one token must read (all parameters once, the tied head included; one row of each embedding table); "
-          "bandwidths are the better of two measurements (start of run, just before decoding); decoding rates are "
-          "steady state, prefill excluded.")
+    if "decode" not in skip:
+        print("Decode bound = copy bandwidth (STREAM convention: bytes read + written per second) / bytes of weights "
+              "one token must read (all parameters once, the tied head included; one row of each embedding "
+              "table); bandwidths are the better of two measurements (start of run, just before decoding); decoding "
+              "rates are steady state, prefill excluded.")
     for note in notes:
         print(note)
 

@@ -11,3 +11,8 @@ class CheckpointError(GPTError):
 
 class TrainingError(GPTError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (compilers' errors run to pages), at most `limit` chars."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt.errors import first_line
+
 KERNEL_SOURCE = Path(__file__).with_name("csrc") / "matvec.cpp"
 _kernel = None  # the built extension module; None: not built yet, False: building failed here
 
@@ -63,8 +65,7 @@ def use_fast_matvec(model: nn.Module, enabled: bool = True) -> bool:
         try:
             _kernel = _load_kernel()
         except Exception as exc:  # no C++ compiler, unsupported platform, ...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            warnings.warn(f"fast matvec kernel unavailable ({type(exc).__name__}: {reason}); using F.linear",
+            warnings.warn(f"fast matvec kernel unavailable ({type(exc).__name__}: {first_line(exc)}); using F.linear",
                           stacklevel=2)
             _kernel = False
     on = enabled and bool(_kernel)

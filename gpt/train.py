@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from gpt import distributed
 from gpt.atomic import atomic_dir
 from gpt.checkpoint import load_state, save_model, save_tensors
-from gpt.errors import CheckpointError, TrainingError
+from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
 from gpt.fetch import sha256_file
 from gpt.model import GPTModel
@@ -276,8 +276,7 @@ class Trainer:
                 loss = batch_loss(compiled, dummy, dummy)
             loss.backward()
         except Exception as exc:  # no C++ compiler, unsupported platform or op, ...
-            reason = (str(exc).strip().splitlines() or [""])[0][:200]
-            print(f"warning: torch.compile failed ({type(exc).__name__}: {reason}); training without it",
+            print(f"warning: torch.compile failed ({type(exc).__name__}: {first_line(exc)}); training without it",
                   file=sys.stderr)
         else:
             self.train_model = compiled

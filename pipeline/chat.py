@@ -5,23 +5,18 @@ import argparse
 import sys
 from typing import Callable
 
-from pipeline.common import BPE_DIR, FAST_MATVEC_HELP, is_model_uri, load_mlflow_model, reporting_errors
+from pipeline.common import (INSTRUCT_MODEL_DIR, add_model_options, is_model_uri, load_local_model, load_mlflow_model,
+                             parse_model_args, reporting_errors)
 
-DEFAULT_MODEL = "data/models/instruct"
 
 Responder = Callable[[str, str], str]
 
 
 def local_responder(path: str, max_new_tokens: int, fast_matvec: bool = False) -> Responder:
     """Answers from a checkpoint folder, with the project's BPE files."""
-    from gpt.checkpoint import load_model
     from gpt.instruct import respond
-    from gpt.linear import use_fast_matvec
-    from gpt.tokenizer import load_tokenizer
 
-    model = load_model(path).eval()
-    use_fast_matvec(model, fast_matvec)
-    tokenizer = load_tokenizer(BPE_DIR)
+    model, tokenizer = load_local_model(path, fast_matvec)
     return lambda instruction, input_text: respond(model, tokenizer, instruction, input_text, max_new_tokens)
 
 
@@ -41,15 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     """One answer when an instruction is given; otherwise one per line of stdin until EOF or an empty line."""
     parser = argparse.ArgumentParser(prog="llm-pipeline chat", description=__doc__)
     parser.add_argument("instruction", nargs="?", help="the instruction; omit it to read instructions from stdin")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"checkpoint folder or MLflow URI such as models:/gpt-instruct@champion "
-                             f"(default: {DEFAULT_MODEL})")
+    add_model_options(parser, str(INSTRUCT_MODEL_DIR), "models:/gpt-instruct@champion")
     parser.add_argument("--input", default="", help="the optional input that goes with each instruction")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--fast-matvec", action="store_true", help=FAST_MATVEC_HELP)
-    args = parser.parse_args(argv)
-    if args.fast_matvec and is_model_uri(args.model):
-        parser.error("--fast-matvec needs a local checkpoint folder as --model")
+    args = parse_model_args(parser, argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     with reporting_errors("chat"):

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from gpt.classifier import load_classifier
-from gpt.tokenizer import load_tokenizer
 from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
-from pipeline.finetune_classifier import MODEL_DIR
-from pipeline.mlflow_models.spam_classifier import predict_frame
+from pipeline.common import CLASSIFIER_MODEL_DIR as MODEL_DIR
 
 
 def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,
@@ -23,6 +20,11 @@ def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_
     """
     if is_model_uri(model):
         return load_mlflow_model(model, params_path).predict(pd.DataFrame({"text": texts}))
+    # Imported here: `llm-pipeline classify --help` should not wait for torch.
+    from gpt.classifier import load_classifier
+    from gpt.tokenizer import load_tokenizer
+    from pipeline.mlflow_models.spam_classifier import predict_frame
+
     classifier, spec = load_classifier(model)
     return predict_frame(classifier, spec, load_tokenizer(bpe_dir), texts)
 

@@ -20,13 +20,13 @@ RAW = DATA / "raw"
 METRICS = DATA / "metrics"
 BPE_DIR = RAW / "gpt2_bpe"  # what gpt.tokenizer.load_tokenizer reads
 BASE_MODEL_DIR = DATA / "models" / "base"  # the pretrain stage's model
+CLASSIFIER_MODEL_DIR = DATA / "models" / "classifier"  # finetune_classifier's
+INSTRUCT_MODEL_DIR = DATA / "models" / "instruct"  # finetune_instruct's
 VALIDATE_REPORT = METRICS / "validate.json"
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"
 RUN_GROUP_ENV = "LLM_PIPELINE_RUN_GROUP"  # one MLflow parent run for the stages that share it
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
-FAST_MATVEC_HELP = ("decode with gpt.linear's multi-threaded one-row kernel on CPU (several times PyTorch's "
-                    "speed on large models; built on first use, ~20 s, needs a C++ compiler)")
 
 
 class DataError(ValueError):
@@ -84,6 +84,34 @@ def env_offline() -> bool:
 def is_model_uri(model: str) -> bool:
     """Whether `model` names an MLflow model (models:/ or runs:/) rather than a checkpoint folder."""
     return model.startswith(MODEL_URI_SCHEMES)
+
+
+def add_model_options(parser: argparse.ArgumentParser, default: str, example_uri: str) -> None:
+    """--model (a checkpoint folder or an MLflow URI) and --fast-matvec, for the generating commands."""
+    parser.add_argument("--model", default=default,
+                        help=f"checkpoint folder or MLflow URI such as {example_uri} (default: {default})")
+    parser.add_argument("--fast-matvec", action="store_true",
+                        help="decode with gpt.linear's multi-threaded one-row kernel on CPU (several times "
+                             "PyTorch's speed on large models; built on first use, ~20 s, needs a C++ compiler)")
+
+
+def parse_model_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, refusing --fast-matvec for an MLflow model (its own code loads the weights)."""
+    args = parser.parse_args(argv)
+    if args.fast_matvec and is_model_uri(args.model):
+        parser.error("--fast-matvec needs a local checkpoint folder as --model")
+    return args
+
+
+def load_local_model(path: str, fast_matvec: bool) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from a checkpoint folder and the project's BPE files."""
+    from gpt.checkpoint import load_model
+    from gpt.linear import use_fast_matvec
+    from gpt.tokenizer import load_tokenizer
+
+    model = load_model(path).eval()
+    use_fast_matvec(model, fast_matvec)
+    return model, load_tokenizer(BPE_DIR)
 
 
 def load_mlflow_model(uri: str, params_path: Path | None = Path("params.yaml")) -> Any:

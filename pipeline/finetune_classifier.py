@@ -26,7 +26,7 @@ from gpt.finetune import select_trainable
 from gpt.model import GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
-from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.common import BPE_DIR, CLASSIFIER_MODEL_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import spam_classifier
 from pipeline.params import Float, Int, Section, Str, load_params
@@ -44,7 +44,7 @@ from pipeline.tracking import (
 
 SPAM_DIR = DATA / "tokens" / "spam"
 SPLITS = ("train", "val", "test")
-MODEL_DIR = DATA / "models" / "classifier"
+MODEL_DIR = CLASSIFIER_MODEL_DIR
 METRICS_FILE = METRICS / "finetune_classifier.json"
 CURVE_CSV = PLOTS / "classifier_loss.csv"
 EVAL_CSV = PLOTS / "classifier_eval.csv"

@@ -16,7 +16,7 @@ from gpt.model import count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline import judge
-from pipeline.common import BPE_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.common import BPE_DIR, DATA, INSTRUCT_MODEL_DIR, METRICS, DataError, atomic_write_json, run_stage
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import instruct_generator
 from pipeline.params import Bool, Int, Section, load_params
@@ -24,7 +24,7 @@ from pipeline.plots import plot_curves, write_rows
 from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
 
 SPLITS = DATA / "tokens" / "instruct"
-MODEL_DIR = DATA / "models" / "instruct"
+MODEL_DIR = INSTRUCT_MODEL_DIR
 METRICS_FILE = METRICS / "finetune_instruct.json"
 RESPONSES_FILE = DATA / "samples" / "instruct_responses.json"
 PLOTS = DATA / "plots"

@@ -37,7 +37,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from prefect.types.entrypoint import EntrypointType  # noqa: E402
 
 from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
-from pipeline.presets import apply_preset  # noqa: E402
+from pipeline.presets import load_preset, overlay  # noqa: E402
 from pipeline.common import RUN_GROUP_ENV, dvc_env, reporting_errors  # noqa: E402
 from pipeline.tracking import MLFLOW_SECTION  # noqa: E402
 
@@ -114,17 +114,16 @@ def plan(stages: Mapping[str, dict], targets: Sequence[str] | None = None) -> li
     return ordered
 
 
-def _set_dotted(params: dict, dotted: str, value: Any) -> bool:
-    """Set params[a][b][c] for "a.b.c", an existing key; return whether the value changed."""
-    *parents, last = dotted.split(".")
-    node: Any = params
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or last not in node:
-        raise ParamsError(f"unknown param {dotted}: params.yaml has no such key")
-    changed = node[last] != value
-    node[last] = value
-    return changed
+def nested(overrides: Mapping[str, Any]) -> dict:
+    """{"a.b.c": v} as {"a": {"b": {"c": v}}}, the shape presets.overlay merges."""
+    out: dict = {}
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def _within(a: str, b: str) -> bool:
@@ -166,10 +165,9 @@ def apply_params(project: Path, preset: str | None = None, overrides: Mapping[st
     # (same file system) for an atomic rename.
     with tempfile.TemporaryDirectory(dir=project, prefix=".params-") as tmp:
         draft = Path(tmp) / path.name
-        draft.write_bytes(path.read_bytes())
-        changed = apply_preset(preset, draft) if preset else []
-        params = read_yaml(draft)
-        changed += [key for key, value in (overrides or {}).items() if _set_dotted(params, key, value)]
+        params = read_yaml(path)
+        changed = overlay(params, load_preset(preset)) if preset else []
+        changed += overlay(params, nested(overrides or {}))
         draft.write_text(yaml.safe_dump(params, sort_keys=False, width=100), encoding="utf-8")
         stages = dvc_stages(project)
         check_params(draft, stages, readers(stages, changed))

@@ -6,7 +6,8 @@ import sys
 from typing import Callable
 
 from pipeline.common import BASE_MODEL_DIR as MODEL_DIR
-from pipeline.common import BPE_DIR, FAST_MATVEC_HELP, is_model_uri, load_mlflow_model, reporting_errors
+from pipeline.common import (add_model_options, is_model_uri, load_local_model, load_mlflow_model, parse_model_args,
+                             reporting_errors)
 
 Generator = Callable[[str], str]
 
@@ -15,14 +16,9 @@ def local_generator(path: str, settings: dict, seed: int, fast_matvec: bool = Fa
     """Continuations from a checkpoint folder, with the project's BPE files; sampling follows `seed`."""
     import torch
 
-    from gpt.checkpoint import load_model
     from gpt.generate import generate_text
-    from gpt.linear import use_fast_matvec
-    from gpt.tokenizer import load_tokenizer
 
-    model = load_model(path).eval()
-    use_fast_matvec(model, fast_matvec)
-    tokenizer = load_tokenizer(BPE_DIR)
+    model, tokenizer = load_local_model(path, fast_matvec)
     rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     return lambda prompt: generate_text(model, tokenizer, prompt, generator=rng, **settings)
 
@@ -42,17 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     """Print each prompt followed by its continuation; an expected error is one line and exit status 1."""
     parser = argparse.ArgumentParser(prog="llm-pipeline generate", description=__doc__)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: one per line of stdin)")
-    parser.add_argument("--model", default=str(MODEL_DIR),
-                        help=f"checkpoint folder or MLflow URI such as models:/gpt-base@champion (default: {MODEL_DIR})")
+    add_model_options(parser, str(MODEL_DIR), "models:/gpt-base@champion")
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
     parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument("--fast-matvec", action="store_true", help=FAST_MATVEC_HELP)
-    args = parser.parse_args(argv)
-    if args.fast_matvec and is_model_uri(args.model):
-        parser.error("--fast-matvec needs a local checkpoint folder as --model")
+    args = parse_model_args(parser, argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.temperature < 0 or args.top_k < 0 or not (args.top_p is None or 0 < args.top_p <= 1):

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 
-from pipeline.common import atomic_write_text
+from pipeline.common import atomic_write_text, reporting_errors
 from pipeline.params import ParamsError, read_yaml
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -20,24 +19,29 @@ def overlay(base: dict, changes: dict, prefix: str = "") -> list[str]:
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
             if not isinstance(base.get(key), dict):
-                raise ParamsError(f"preset sets {dotted}, which is not a section of params.yaml")
+                raise ParamsError(f"unknown param section {dotted}: params.yaml has no such section")
             changed += overlay(base[key], value, f"{dotted}.")
         else:
             if key not in base:
-                raise ParamsError(f"preset sets unknown key {dotted}")
+                raise ParamsError(f"unknown param {dotted}: params.yaml has no such key")
             if base[key] != value:
                 changed.append(dotted)
             base[key] = value
     return changed
 
 
-def apply_preset(name: str, params_path: Path) -> list[str]:
-    """Write preset `name` into the params file; return the keys it changed."""
+def load_preset(name: str) -> dict:
+    """The params changes of preset `name`, as nested sections."""
     presets = read_yaml(PRESETS_FILE)
     if name not in presets:
         raise ParamsError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]
+
+
+def apply_preset(name: str, params_path: Path) -> list[str]:
+    """Write preset `name` into the params file; return the keys it changed."""
     params = read_yaml(params_path)
-    changed = overlay(params, presets[name])
+    changed = overlay(params, load_preset(name))
     # safe_dump drops comments, so presets are applied to a copy the user can diff with git.
     atomic_write_text(params_path, yaml.safe_dump(params, sort_keys=False, width=100))
     return changed
@@ -49,16 +53,13 @@ def main() -> None:
     parser.add_argument("name", nargs="?")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
-    try:
+    if args.action == "apply" and not args.name:
+        parser.error("apply needs a preset name")
+    with reporting_errors("presets"):
         if args.action == "list":
             print("\n".join(read_yaml(PRESETS_FILE)))
             return
-        if not args.name:
-            parser.error("apply needs a preset name")
         changed = apply_preset(args.name, args.params)
-    except ParamsError as exc:
-        print(f"presets: error: {exc}", file=sys.stderr)
-        sys.exit(1)
     print(f"{args.params}: preset {args.name} changed {len(changed)} key(s): {', '.join(changed) or '-'}")
     print("run `dvc repro` to train with it; `git checkout params.yaml` returns to the defaults")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
@@ -120,6 +121,15 @@ def wait_until(what: str, ready: Callable[[], bool], proc: subprocess.Popen, log
             return
         time.sleep(0.5)
     pytest.fail(f"{what}: not ready after {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+
+
+def answers(url: str) -> bool:
+    """Whether GET url answers 200 (False while nothing listens yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:  # URLError is an OSError
+        return False
 
 
 def stop(proc: subprocess.Popen) -> None:

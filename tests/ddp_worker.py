@@ -21,11 +21,8 @@ from gpt import distributed
 from gpt.checkpoint import weights_state_dict
 from gpt.model import GPTConfig, GPTModel
 from gpt.train import Trainer
-from test_train import CFG, tokens
+from test_train import CFG, Crash, tokens
 
-
-class Crash(Exception):
-    pass
 
 
 def train(drop_rate: float, checkpoint_dir: Path | None = None, crash_at: int | None = None,

@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 import yaml
 
-from conftest import BIN, MIRROR_ENV, free_port, make_dvc_repo, set_param, sh, stop, wait_until
+from conftest import BIN, MIRROR_ENV, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
 from pipeline import flows  # first: it points Prefect at a project-local home, offline
 from pipeline.params import ParamsError
 from pipeline.tracking import RUN_GROUP_ENV
@@ -20,14 +19,6 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId,
 from prefect.exceptions import ObjectNotFound
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:  # not listening yet
-        return False
-
 
 def deployed(client, name: str) -> bool:
     try:
@@ -49,7 +40,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
         server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until("prefect server", lambda: healthy(url), server, log)
+        wait_until("prefect server", lambda: answers(f"{url}/health"), server, log)
         with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: home}):
             yield url, home
     finally:

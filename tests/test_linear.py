@@ -21,7 +21,7 @@ def test_kernel_matches_f_linear(kernel_on, rows, cols, bias):
     layer = Linear(cols, rows, bias=bias)
     x = torch.randn(1, 1, cols)
     expected = F.linear(x, layer.weight, layer.bias)
-    use_fast_matvec(layer)
+    assert use_fast_matvec(layer) and layer.fast_matvec
     with torch.no_grad():
         got = layer(x)
     assert got.shape == (1, 1, rows)

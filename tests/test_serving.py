@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import BIN, free_port, stage_env, stop, wait_until
+from conftest import BIN, answers, free_port, stage_env, stop, wait_until
 from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
 from gpt.generate import generate_text
@@ -61,14 +61,6 @@ def served(model_uri: str, workdir: Path) -> Iterator[tuple[str, int]]:
         yield base, server.pid
     finally:
         stop(server)  # the whole session: the mlflow CLI and the uvicorn it started
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:  # not listening yet (URLError is an OSError)
-        return False
 
 
 def invoke(base: str, payload: dict) -> list[dict]:
