@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.linear import Linear
-
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to the context length."""
@@ -45,8 +43,8 @@ class MultiHeadAttention(nn.Module):
         self.d_out = d_out
         self.dropout = dropout
         self.use_sdpa = use_sdpa
-        self.qkv = Linear(d_in, 3 * d_out, bias=qkv_bias)
-        self.out_proj = Linear(d_out, d_out)
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
         self.attn_dropout = nn.Dropout(dropout)
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from gpt.fast_decode import fused_step
 from gpt.model import GPTModel
 
 
@@ -43,12 +44,14 @@ def generate(
     `context_length` tokens. Generation stops once every row has produced `eos_id`; a finished
     row keeps `eos_id` as padding. With the cache, each step feeds one token; once the sequence
     no longer fits the context, every step re-reads the cropped window, exactly as without cache.
+    A model given gpt.fast_decode.use_fast_decode takes its one-token steps in the fused kernel.
     """
     was_training = model.training
     model.eval()
     context = model.cfg.context_length
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     cache = None
+    step = fused_step(model, idx.shape[0]) if use_cache else None
     try:
         # Cheaper per op than no_grad (no version counters, no view tracking): a few % of a
         # one-token step, whose eager overhead is what keeps decoding under the bandwidth bound.
@@ -59,7 +62,7 @@ def generate(
                         cache = model.new_cache(idx.shape[0])
                         logits = model(idx, cache)
                     else:
-                        logits = model(idx[:, -1:], cache)
+                        logits = (step or model)(idx[:, -1:], cache)
                 else:
                     cache = None
                     logits = model(idx[:, -context:])

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from gpt.attention import KVCache, MultiHeadAttention
-from gpt.linear import Linear
 
 
 # "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
@@ -93,9 +92,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, emb_dim: int, drop_rate: float):
         super().__init__()
-        self.fc = Linear(emb_dim, 4 * emb_dim)
+        self.fc = nn.Linear(emb_dim, 4 * emb_dim)
         self.gelu = nn.GELU(approximate="tanh")
-        self.proj = Linear(4 * emb_dim, emb_dim)
+        self.proj = nn.Linear(4 * emb_dim, emb_dim)
         self.dropout = nn.Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +121,8 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """Token + position embeddings, a stack of transformer blocks, final norm, output head."""
 
+    fast_decode: bool = False  # set by gpt.fast_decode.use_fast_decode; read by gpt.generate.generate
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -130,7 +131,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.init == "gpt2":
             self.apply(self._init_weights)
             # Residual projections scaled down with depth so the residual stream's variance stays flat.

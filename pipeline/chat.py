@@ -12,11 +12,11 @@ from pipeline.common import (INSTRUCT_MODEL_DIR, add_model_options, is_model_uri
 Responder = Callable[[str, str], str]
 
 
-def local_responder(path: str, max_new_tokens: int, fast_matvec: bool = False) -> Responder:
+def local_responder(path: str, max_new_tokens: int, fast_decode: bool = False) -> Responder:
     """Answers from a checkpoint folder, with the project's BPE files."""
     from gpt.instruct import respond
 
-    model, tokenizer = load_local_model(path, fast_matvec)
+    model, tokenizer = load_local_model(path, fast_decode)
     return lambda instruction, input_text: respond(model, tokenizer, instruction, input_text, max_new_tokens)
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         if is_model_uri(args.model):
             answer = mlflow_responder(args.model, args.max_new_tokens)
         else:
-            answer = local_responder(args.model, args.max_new_tokens, args.fast_matvec)
+            answer = local_responder(args.model, args.max_new_tokens, args.fast_decode)
         if args.instruction is not None:
             print(answer(args.instruction, args.input))
             return

@@ -87,30 +87,30 @@ def is_model_uri(model: str) -> bool:
 
 
 def add_model_options(parser: argparse.ArgumentParser, default: str, example_uri: str) -> None:
-    """--model (a checkpoint folder or an MLflow URI) and --fast-matvec, for the generating commands."""
+    """--model (a checkpoint folder or an MLflow URI) and --fast-decode, for the generating commands."""
     parser.add_argument("--model", default=default,
                         help=f"checkpoint folder or MLflow URI such as {example_uri} (default: {default})")
-    parser.add_argument("--fast-matvec", action="store_true",
-                        help="decode with gpt.linear's multi-threaded one-row kernel on CPU (several times "
-                             "PyTorch's speed on large models; built on first use, ~20 s, needs a C++ compiler)")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="decode on CPU with gpt.fast_decode's fused C++ step (several times PyTorch's "
+                             "speed on large models; built on first use, ~20 s, needs a C++ compiler)")
 
 
 def parse_model_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """parse_args, refusing --fast-matvec for an MLflow model (its own code loads the weights)."""
+    """parse_args, refusing --fast-decode for an MLflow model (its own code loads the weights)."""
     args = parser.parse_args(argv)
-    if args.fast_matvec and is_model_uri(args.model):
-        parser.error("--fast-matvec needs a local checkpoint folder as --model")
+    if args.fast_decode and is_model_uri(args.model):
+        parser.error("--fast-decode needs a local checkpoint folder as --model")
     return args
 
 
-def load_local_model(path: str, fast_matvec: bool) -> tuple[Any, Any]:
+def load_local_model(path: str, fast_decode: bool) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a checkpoint folder and the project's BPE files."""
     from gpt.checkpoint import load_model
-    from gpt.linear import use_fast_matvec
+    from gpt.fast_decode import use_fast_decode
     from gpt.tokenizer import load_tokenizer
 
     model = load_model(path).eval()
-    use_fast_matvec(model, fast_matvec)
+    use_fast_decode(model, fast_decode)
     return model, load_tokenizer(BPE_DIR)
 
 

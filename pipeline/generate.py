@@ -12,13 +12,13 @@ from pipeline.common import (add_model_options, is_model_uri, load_local_model, 
 Generator = Callable[[str], str]
 
 
-def local_generator(path: str, settings: dict, seed: int, fast_matvec: bool = False) -> Generator:
+def local_generator(path: str, settings: dict, seed: int, fast_decode: bool = False) -> Generator:
     """Continuations from a checkpoint folder, with the project's BPE files; sampling follows `seed`."""
     import torch
 
     from gpt.generate import generate_text
 
-    model, tokenizer = load_local_model(path, fast_matvec)
+    model, tokenizer = load_local_model(path, fast_decode)
     rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     return lambda prompt: generate_text(model, tokenizer, prompt, generator=rng, **settings)
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         if is_model_uri(args.model):
             continue_text = mlflow_generator(args.model, settings, args.seed)
         else:
-            continue_text = local_generator(args.model, settings, args.seed, args.fast_matvec)
+            continue_text = local_generator(args.model, settings, args.seed, args.fast_decode)
         for prompt in prompts:
             print(prompt + continue_text(prompt), flush=True)
 

@@ -52,10 +52,10 @@ def test_generate_from_a_checkpoint_is_seeded(tmp_path: Path, bpe_dir: Path):
     other = cli(tmp_path, *args, "--seed", "7")
     assert other.returncode == 0 and other.stdout != first.stdout
 
-    # The multi-threaded decoding kernel continues greedily with the same text.
+    # The fused decoding step continues greedily with the same text.
     greedy = ("generate", "--max-new-tokens", "12", "--temperature", "0", "Hello there")
-    plain, fast = cli(tmp_path, *greedy), cli(tmp_path, *greedy, "--fast-matvec")
+    plain, fast = cli(tmp_path, *greedy), cli(tmp_path, *greedy, "--fast-decode")
     assert fast.returncode == 0 and "unavailable" not in fast.stderr, fast.stderr
     assert fast.stdout == plain.stdout
-    uri = cli(tmp_path, *greedy, "--fast-matvec", "--model", "models:/gpt-base@champion")
-    assert uri.returncode == 2 and "--fast-matvec needs a local checkpoint folder" in uri.stderr
+    uri = cli(tmp_path, *greedy, "--fast-decode", "--model", "models:/gpt-base@champion")
+    assert uri.returncode == 2 and "--fast-decode needs a local checkpoint folder" in uri.stderr

@@ -1,0 +1,104 @@
+"""Fused batch-1 decoding steps on CPU: a whole GPTModel token step in one C++ call (gpt/csrc/decode.cpp)."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gpt.attention import KVCache
+from gpt.errors import first_line
+from gpt.model import GPTModel
+
+KERNEL_SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+_kernel = None  # the built extension module; None: not built yet, False: building failed here
+
+# A step: (token ids (1, 1), cache) -> logits (1, 1, vocab); advances the cache by one token.
+Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction sets: the kernel is built with -march=native, so a
+    build cache shared with another kind of CPU must not hand it this machine's binary."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def _load_kernel():
+    """Build (first time: ~20 s, needs a C++ compiler; then cached by torch) and load the kernel."""
+    from torch.utils.cpp_extension import load  # heavy import, only when asked for
+
+    # -fopenmp: the step is one OpenMP parallel region. The extension then needs libgomp.so.1,
+    # which resolves to the copy torch has already loaded: one thread pool, torch's thread count.
+    return load(name=f"gpt_decode_{_cpu_tag()}", sources=[str(KERNEL_SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def use_fast_decode(model: GPTModel, enabled: bool = True) -> bool:
+    """Let gpt.generate.generate decode `model` batch-1 on CPU with the fused step (or stop it);
+    return whether it is on.
+
+    Decoding one token reads every weight once, so its limit is memory bandwidth; PyTorch's eager
+    step falls well short of it (one-row matmuls on one thread, ~250 dispatched ops per step). The
+    kernel is built on first use; if that fails (no C++ compiler), warn once and keep PyTorch's
+    path. Logits match the model's to float rounding (sums run in another order), so greedy
+    decoding can differ only on near-ties.
+    """
+    global _kernel
+    if enabled and _kernel is None:
+        try:
+            _kernel = _load_kernel()
+        except Exception as exc:  # no C++ compiler, unsupported platform, ...
+            warnings.warn(f"fast decode kernel unavailable ({type(exc).__name__}: {first_line(exc)}); "
+                          "using PyTorch's path", stacklevel=2)
+            _kernel = False
+    model.fast_decode = enabled and bool(_kernel)
+    return model.fast_decode
+
+
+def _weights(model: GPTModel) -> list[torch.Tensor] | None:
+    """The model's tensors in the kernel's order, or None when its layout is not the plain GPT the
+    kernel computes (adapters such as LoRA wrap a layer; other devices or dtypes)."""
+    empty = torch.empty(0)
+    tensors = [model.tok_emb.weight, model.pos_emb.weight]
+    layers: list[nn.Module] = []
+    for block in model.blocks:
+        layers += [block.norm1, block.attn.qkv, block.attn.out_proj, block.norm2, block.ff.fc, block.ff.proj]
+    layers += [model.final_norm, model.out_head]
+    for layer in layers:
+        if type(layer) not in (nn.Linear, nn.LayerNorm):
+            return None
+        if isinstance(layer, nn.LayerNorm) and (layer.eps != model.final_norm.eps or layer.bias is None
+                                                or layer.weight is None):
+            return None
+        tensors += [layer.weight, layer.bias if layer.bias is not None else empty]
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    return [t.detach() for t in tensors]
+
+
+def fused_step(model: GPTModel, batch_size: int) -> Step | None:
+    """A fused one-token step for `model` when use_fast_decode turned it on and it applies (batch
+    1, CPU, fp32, a plain GPT layout); otherwise None: call the model itself."""
+    if not (getattr(model, "fast_decode", False) and _kernel and batch_size == 1 and not model.training):
+        return None
+    tensors = _weights(model)
+    if tensors is None:
+        return None
+    cfg = model.cfg
+    # A padded vocabulary's extra rows are never predicted (GPTModel.forward drops their logits).
+    head_rows = cfg.vocab_size if model.out_head.out_features == cfg.padded_vocab_size else model.out_head.out_features
+    decoder = _kernel.Decoder(tensors, cfg.n_heads, head_rows, model.final_norm.eps)
+
+    def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        logits = decoder.step(int(ids), cache.length, cache.keys, cache.values)
+        cache.length += 1
+        return logits
+    return step
