@@ -66,7 +66,7 @@ def use_fast_decode(model: GPTModel, enabled: bool = True) -> bool:
 def _weights(model: GPTModel) -> list[torch.Tensor] | None:
     """The model's tensors in the kernel's order, or None when its layout is not the plain GPT the
     kernel computes (adapters such as LoRA wrap a layer; other devices or dtypes)."""
-    empty = torch.empty(0)
+    empty = torch.empty(0, dtype=torch.float32)  # an absent bias
     tensors = [model.tok_emb.weight, model.pos_emb.weight]
     layers: list[nn.Module] = []
     for block in model.blocks:
