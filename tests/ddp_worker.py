@@ -24,7 +24,6 @@ from gpt.train import Trainer
 from test_train import CFG, Crash, tokens
 
 
-
 def train(drop_rate: float, checkpoint_dir: Path | None = None, crash_at: int | None = None,
           seed: int = 1) -> tuple[list[dict], GPTModel]:
     """CFG's run (grad_accum 2, checkpoints every 3 steps) of a micro model; (history, model)."""

@@ -2,7 +2,7 @@
 // every block (LayerNorm, q/k/v, attention over the KV cache, output projection, MLP) and the
 // head. Decoding one token reads every weight once, so its speed limit is memory bandwidth.
 // PyTorch's eager path falls short of it twice: a one-row matmul runs MKL's sgemv on one thread
-// (~17 GB/s on the project's CPU), and the ~250 ops of a gpt2-small step cost ~1.5 ms of dispatch.
+// (~17 GB/s on the project's CPU), and the 330 ops of a gpt2-small step cost ~1.3-1.5 ms of dispatch.
 // Here the step runs inside one OpenMP parallel region (PyTorch's own thread pool): weight rows and
 // attention heads are split across threads, one thread does the small vector work (norms) while the
 // others wait at the barrier, and the GELU and softmax use a vectorizable exp.
