@@ -8,7 +8,7 @@ Rows: the machine's measured matmul peak and memory bandwidth; training tokens/s
 FLOPs utilization against that peak) of the real training step (gpt.train.Trainer: make_optimizer,
 batch_loss, clipping, the precision/compile settings); batch-1 decoding tokens/s with and without
 the KV cache against the memory-bandwidth bound; tokenization MB/s of the pipeline's path
-(pipeline.tokenize.split_corpus) against raw tiktoken; the seconds of a no-op `dvc repro`.
+(pipeline.stages.tokenize_data.split_corpus) against raw tiktoken; the seconds of a no-op `dvc repro`.
 Definitions are printed under the table. Timings synchronize CUDA before reading the clock.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gpt.generate import generate  # noqa: E402
 from gpt.fast_decode import use_fast_decode  # noqa: E402
 from gpt.model import GPTConfig, GPTModel  # noqa: E402
 from gpt.train import PRECISIONS, Trainer, TrainConfig, autocast_dtype, pick_device, tune_malloc  # noqa: E402
-from pipeline.common import MIRROR_ENV  # noqa: E402
+from pipeline.fetch import MIRROR_ENV  # noqa: E402
 
 # Training shape per preset: (batch, context). mini is the issue's preset; gpt2-small uses the
 # same 2,048 tokens per step (its own context is 1024; 256 keeps a CPU step to ~10 s).
@@ -182,7 +182,7 @@ def tokenization(text_path: Path, bpe_dir: Path, repeats: int) -> tuple[float, f
     tokenize stage calls it: train/val cut, chunk-parallel encode_text, join) and of raw tiktoken
     encode_ordinary of the same text with the same encoding."""
     from gpt.tokenizer import load_tokenizer
-    from pipeline.tokenize import split_corpus
+    from pipeline.stages.tokenize_data import split_corpus
 
     enc = load_tokenizer(bpe_dir)
     text = text_path.read_text(encoding="utf-8")

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gpt.files import atomic_file
+
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit in 16 bits
 
 
@@ -49,17 +51,12 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
 
 
 def save_tokens(tokens: np.ndarray | list[int], path: str | os.PathLike) -> None:
-    """Write token ids as raw uint16 (through a temp file, then rename)."""
+    """Write token ids as raw uint16, atomically."""
     array = np.asarray(tokens)
     if array.size and (array.min() < 0 or array.max() > np.iinfo(TOKEN_DTYPE).max):
         raise ValueError(f"{path}: token ids out of uint16 range")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
+    with atomic_file(path) as tmp:
         array.astype(TOKEN_DTYPE).tofile(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no part file
 
 
 class EpochBatchSampler(Sampler[list[int]]):

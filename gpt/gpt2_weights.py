@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gpt.atomic import atomic_dir
+from gpt.files import atomic_dir
 from gpt.checkpoint import CheckpointError, save_tensors
 from gpt.model import GPTConfig, GPTModel, pad_rows
 

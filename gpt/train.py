@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from gpt import distributed
-from gpt.atomic import atomic_dir
 from gpt.checkpoint import load_state, save_model, save_tensors
 from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
-from gpt.fetch import sha256_file
+from gpt.files import atomic_dir, sha256_file
 from gpt.model import GPTModel
 
 TRAINER_STATE = "trainer.json"
@@ -105,6 +104,20 @@ def tune_malloc() -> bool:
         return bool((libc.mallopt(-3, limit) or libc.mallopt(-4, 0)) and libc.mallopt(-1, limit))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def make_deterministic() -> None:
+    """Make this process's CPU math repeat bit for bit from run to run (call before any matmul).
+
+    Without it two runs of the same seed can differ in the last bit of a float: MKL chooses its
+    kernels by CPU, buffer alignment and load (its "conditional numerical reproducibility" is off
+    by default). This sets MKL_CBWR=AUTO,STRICT and MKL_DYNAMIC=FALSE, which MKL reads at its first
+    call (values already in the environment win), and torch.use_deterministic_algorithms. The
+    thread count must stay the same too: a reduction split over 1 or 2 threads rounds differently.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    torch.use_deterministic_algorithms(True)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -1,1 +1,14 @@
-"""Data stages of the llm-pipeline DVC pipeline: download, validate, tokenize."""
+"""The pipeline around the `gpt` package: DVC stages, the `llm-pipeline` command, and what they share.
+
+  stages/         one module per dvc.yaml stage, declared once in stages/__init__.py (STAGES);
+                  `dvc repro` and the Prefect flows both run them as `python -m pipeline.stages.<module>`
+  commands/       the `llm-pipeline` verbs (cli.py lists them): run, generate, chat, classify, review, serve
+  mlflow_models/  the MLflow pyfunc models the training stages register and `serve` serves
+  flows.py        Prefect flows and the nightly deployment over dvc.yaml
+  dvcyaml.py      writes dvc.yaml's cmd, params, metrics and code deps from the declaration
+  params.py       params.yaml checking; presets.py (+ presets.yaml) named overrides of it
+  tracking.py     MLflow runs and model logging; registry.py: aliases and key metrics of versions
+  layout.py       the data/ folders; fetch.py downloads; schemas.py and encoding.py read and encode data
+  finetuning.py   what the two finetuning stages share; judge.py the optional LLM judge; plots.py curves
+  errors.py       expected errors, reported in one line; repro.py the environment of `dvc repro`
+"""

@@ -7,15 +7,15 @@ from typing import Callable
 from tqdm import tqdm
 
 from gpt.checkpoint import load_model
-from gpt.fetch import sha256_file
+from gpt.files import sha256_file
 from gpt.finetune import TRAINABLE, FinetuneConfig, fit
 from gpt.gpt2_weights import load_hf_gpt2
 from gpt.lora import merge_lora
 from gpt.model import GPTModel, count_parameters
 from gpt.train import tune_malloc
-from pipeline.common import RAW, DataError
-from pipeline.params import Float, Int, Str
-from pipeline.pretrain import DEVICE, MODEL_DIR
+from pipeline.errors import DataError
+from pipeline.layout import BASE_MODEL_DIR, RAW
+from pipeline.params import DEVICE, Float, Int, Str
 
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BASE = Str(choices=("pipeline", *OPENAI_MODELS))
@@ -43,7 +43,7 @@ COMMON_PARAMS = dict(
 
 def base_dir(name: str) -> Path:
     """Where the weights of base `name` live (data/models/base or data/raw/hf/<name>)."""
-    return MODEL_DIR if name == "pipeline" else RAW / "hf" / name
+    return BASE_MODEL_DIR if name == "pipeline" else RAW / "hf" / name
 
 
 def load_base(name: str, drop_rate: float = 0.0) -> GPTModel:

@@ -20,8 +20,6 @@ for _name, _value in _PREFECT_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
-import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -38,8 +36,9 @@ from prefect.types.entrypoint import EntrypointType  # noqa: E402
 
 from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
 from pipeline.presets import load_preset, overlay  # noqa: E402
-from pipeline.common import RUN_GROUP_ENV, dvc_env, reporting_errors  # noqa: E402
-from pipeline.tracking import MLFLOW_SECTION  # noqa: E402
+from pipeline.errors import reporting_errors  # noqa: E402
+from pipeline.repro import RUN_GROUP_ENV, dvc_env  # noqa: E402
+from pipeline.stages import STAGES  # noqa: E402
 
 PROG = "llm-pipeline flow"
 PIPELINE_FLOW = "pipeline"
@@ -49,7 +48,6 @@ DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
 # must stop and be looked at, not silently start again.
 RETRIES = {"download": 3}
 RETRY_BACKOFF_S = 10  # waits 10 s, 20 s, 40 s
-_STAGE_MODULE = re.compile(r"-m (pipeline\.\w+)\b")  # the stage module in a dvc.yaml cmd
 _DVC_WRAPPER = "ERROR: failed to reproduce"
 
 
@@ -136,17 +134,12 @@ def readers(stages: Mapping[str, dict], keys: Sequence[str]) -> list[str]:
             if any(_within(key, p) for p in spec.get("params", []) if isinstance(p, str) for key in keys)]
 
 
-def check_params(params_path: Path, stages: Mapping[str, dict], names: Sequence[str]) -> None:
-    """Load params_path with the param specs of stages `names` (those run as `python -m pipeline.X`)."""
+def check_params(params_path: Path, names: Sequence[str]) -> None:
+    """Load params_path with the param specs of stages `names` (see pipeline.stages; a dvc.yaml stage
+    added by hand, outside the declaration, is not checked)."""
     for name in names:
-        match = _STAGE_MODULE.search(str(stages[name].get("cmd", "")))
-        if not match:
-            continue
-        module = importlib.import_module(match.group(1))
-        sections = dict(getattr(module, "PARAMS", {}))
-        if "mlflow" in stages[name].get("params", []):
-            sections["mlflow"] = MLFLOW_SECTION
-        load_params(params_path, sections, getattr(module, "KEYS", None))
+        if name in STAGES:
+            load_params(params_path, STAGES[name].load().PARAMS)
 
 
 def apply_params(project: Path, preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> list[str]:
@@ -170,7 +163,7 @@ def apply_params(project: Path, preset: str | None = None, overrides: Mapping[st
         changed += overlay(params, nested(overrides or {}))
         draft.write_text(yaml.safe_dump(params, sort_keys=False, width=100), encoding="utf-8")
         stages = dvc_stages(project)
-        check_params(draft, stages, readers(stages, changed))
+        check_params(draft, readers(stages, changed))
         if changed:
             os.replace(draft, path)
     return changed
@@ -241,17 +234,16 @@ def pipeline_flow(stages: list[str] | None = None, preset: str | None = None,
 
 def stage_flow(stage: str) -> Flow:
     """The flow of one dvc.yaml stage, named `stage-<stage>`: its upstream stages, then it."""
-    def run_stage(preset: str | None = None, overrides: dict[str, Any] | None = None,
-                  project: str | None = None) -> dict[str, str]:
+    def upstream_then_stage(preset: str | None = None, overrides: dict[str, Any] | None = None,
+                            project: str | None = None) -> dict[str, str]:
         return run_stages([stage], preset, overrides, project)
 
-    return flow(run_stage, name=f"stage-{stage}", description=f"dvc.yaml stage {stage} after its upstream stages")
+    return flow(upstream_then_stage, name=f"stage-{stage}", description=f"dvc.yaml stage {stage} after its upstream stages")
 
 
 def serve(cron: str = DEFAULT_CRON, name: str = DEFAULT_DEPLOYMENT) -> None:
     """Serve the end-to-end flow as deployment `pipeline/<name>` on `cron` (UTC) until interrupted."""
-    # By module path: loading pipeline/flows.py as a script would put pipeline/ first on sys.path,
-    # where pipeline/tokenize.py shadows the standard library's tokenize.
+    # By module path: the flow-run process imports pipeline.flows as the package module it is.
     # limit=1: DVC locks the repository, so a second concurrent run could only fail.
     pipeline_flow.serve(name=name, cron=cron, limit=1, entrypoint_type=EntrypointType.MODULE_PATH)
 

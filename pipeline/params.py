@@ -68,6 +68,7 @@ FILENAME = Str(pattern=r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 # Keys read by several stages, declared once so every reader checks them the same way.
 CONTEXT_LENGTH = Int(low=1)
 CORPUS = List(FILENAME, min_items=1)
+DEVICE = Str(choices=("auto", "cpu", "cuda", "mps"))
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a mapping"}
@@ -151,29 +152,21 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_params(
-    path: str | Path,
-    sections: Mapping[str, Spec],
-    keys: Mapping[str, Spec] | None = None,
-) -> dict:
-    """Read params, checking strictly the `sections` a stage owns and the dotted `keys` it
-    reads from other sections; return {section: checked values} plus {dotted key: value}.
+def load_params(path: str | Path, specs: Mapping[str, Spec]) -> dict:
+    """Read params, checking each of `specs`: a section name (checked strictly, as a stage's own
+    section) or a dotted key read from another stage's section. Returns {name or dotted key: value}.
 
-    Sections nobody declared here are left alone, so a stage never fails on (or depends on
-    the spec of) another stage's params.
+    Sections nobody declared here are left alone, so a stage never fails on (or depends on the
+    spec of) another stage's params.
     """
     data = read_yaml(path)
     origin = Path(path).name
     out: dict = {}
-    for name, spec in sections.items():
-        if name not in data:
-            raise ParamsError(f"{origin}: missing section {name}")
-        out[name] = check(data[name], spec, name, origin)
-    for dotted, spec in (keys or {}).items():
+    for name, spec in specs.items():
         node: Any = data
-        for part in dotted.split("."):
+        for part in name.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ParamsError(f"{origin}: missing key {dotted}")
+                raise ParamsError(f"{origin}: missing {'key' if '.' in name else 'section'} {name}")
             node = node[part]
-        out[dotted] = check(node, spec, dotted, origin)
+        out[name] = check(node, spec, name, origin)
     return out

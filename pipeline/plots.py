@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.common import atomic_write_bytes, atomic_write_text  # noqa: E402
+from gpt.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 def write_rows(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None:

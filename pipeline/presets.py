@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.common import atomic_write_text, reporting_errors
+from gpt.files import atomic_write_text
+from pipeline.errors import reporting_errors
 from pipeline.params import ParamsError, read_yaml
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")

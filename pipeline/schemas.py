@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from pipeline.common import DataError
+from pipeline.errors import DataError
 from pipeline.params import Str
 
 SPAM_LABELS = ("ham", "spam")

@@ -22,15 +22,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import gpt
-from pipeline.common import RUN_GROUP_ENV
+from pipeline.repro import RUN_GROUP_ENV
 from pipeline.params import Section, Str, load_params
 
 EXPERIMENT = "llm-pipeline"
 MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
 MODEL_ARTIFACT = "model"
-# Promotion (pipeline.promote) owns these: champion serves, challenger is the newest version put up.
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 PARAMS_DIGEST_TAG = "params_digest"
 REACH_TIMEOUT_S = 5.0
 # A server keeps its own artifact root; only a local store gets <project>/mlartifacts.

@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import pytest
 import yaml
 
+from pipeline.stages import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's console scripts: dvc, prefect, llm-pipeline
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
@@ -49,8 +51,8 @@ def stage_env(mirror: Path | None, **extra: str) -> dict:
 
 
 def run_stage(project: Path, stage: str, mirror: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline.<stage>` in project; return the finished process (text output)."""
-    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=project, env=stage_env(mirror, **env),
+    """Run stage `stage` (`python -m <its module>`) in project; return the finished process (text output)."""
+    return subprocess.run([sys.executable, "-m", STAGES[stage].module], cwd=project, env=stage_env(mirror, **env),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -18,10 +18,11 @@ from typing import Callable
 
 import pytest
 
+from pipeline.stages import STAGES
 from conftest import (BIN, FileServer, copy_mirror, flip_last_byte, free_port, leftovers, point_at, run_stage,
                       set_param, stage_env)
 from gpt.checkpoint import save_model
-from gpt.fetch import sha256_file
+from gpt.files import sha256_file
 from gpt.model import GPTConfig, GPTModel
 
 CLI = BIN / "llm-pipeline"
@@ -325,7 +326,7 @@ def limit_file_size(limit: int) -> Callable[[], None]:
 
 
 def run_command(case: Case, ctx: Ctx) -> subprocess.CompletedProcess:
-    argv = [str(CLI), case.stage, *case.cli] if case.cli else [sys.executable, "-m", f"pipeline.{case.stage}"]
+    argv = [str(CLI), case.stage, *case.cli] if case.cli else [sys.executable, "-m", STAGES[case.stage].module]
     start = time.monotonic()
     result = subprocess.run(argv, cwd=ctx.project, env=stage_env(ctx.mirror, **ctx.env), capture_output=True,
                             text=True, timeout=300,
@@ -377,7 +378,8 @@ def test_bad_input_fails_in_one_line_and_keeps_outputs(case: Case, good_project:
 # Each stage is SIGKILLed by itself at a fixed point of its write, so the kill lands mid-write on any machine.
 KILL_MID_WRITE = """
 import os, signal, sys
-import pipeline.{stage} as stage
+import {module} as stage
+from pipeline.stages import command_line
 real, calls = stage.{function}, []
 def killed(*args, **kwargs):
     calls.append(1)
@@ -385,8 +387,8 @@ def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 stage.{function} = killed
-sys.argv = ["pipeline.{stage}"]
-stage.run_stage("{stage}", stage.main)
+sys.argv = ["{module}"]
+command_line("{stage}", stage.main)
 """
 
 
@@ -398,7 +400,7 @@ def test_killed_mid_write_then_rerun(good_project: Path, mirror: Path, tmp_path:
                                      call: int, outputs: tuple[str, ...]):
     project = copy_project(good_project, tmp_path / "project")
     before = snapshot(project)
-    code = KILL_MID_WRITE.format(stage=stage, function=function, call=call)
+    code = KILL_MID_WRITE.format(stage=stage, module=STAGES[stage].module, function=function, call=call)
     killed = subprocess.run([sys.executable, "-c", code], cwd=project, env=stage_env(mirror), capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -11,7 +11,7 @@ import torch
 from conftest import BIN, stage_env
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
-from pipeline.cli import COMMANDS
+from pipeline.commands.cli import COMMANDS
 
 CLI = BIN / "llm-pipeline"
 

@@ -1,4 +1,4 @@
-"""Distributed pretraining: `torchrun --nproc_per_node=2 -m pipeline.pretrain` (DDP, gloo on CPU)
+"""Distributed pretraining: `torchrun --nproc_per_node=2 -m pipeline.stages.pretrain` (DDP, gloo on CPU)
 gives the one-process loss curve for the same global batch, and only rank 0 writes."""
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run_pretrain(project: Path, processes: int) -> subprocess.CompletedProcess:
     launcher = ([sys.executable] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
     env = stage_env(None, OMP_NUM_THREADS="1", LLM_PIPELINE_RUN_GROUP=f"ddp-{processes}")
-    return subprocess.run([*launcher, "-m", "pipeline.pretrain"], cwd=project, env=env,
+    return subprocess.run([*launcher, "-m", "pipeline.stages.pretrain"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from conftest import FileServer, copy_mirror, leftovers, point_at, run_stage, set_param
-from gpt.fetch import sha256_file
-from gpt.tokenizer import BPE_SOURCES
+from gpt.files import sha256_file
+from pipeline.stages.download import BPE_SOURCES
 
 SOURCE_FILES = ["the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json"]
 BPE_FILES = [f"gpt2_bpe/{s.filename}" for s in BPE_SOURCES]

@@ -14,7 +14,7 @@ from conftest import run_stage, set_param, stage_env, tokenized
 from gpt.checkpoint import load_model
 from gpt.classifier import ClassifierSpec, add_class_head, encode_texts, predict_logits
 from gpt.tokenizer import load_tokenizer
-from pipeline.promote import promote
+from pipeline.stages.promote import promote
 from pipeline.schemas import SPAM_LABELS
 
 # A micro base pretrained for a few steps and one short finetuning epoch: seconds, not minutes.
@@ -35,7 +35,7 @@ TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash pri
 
 
 def classify(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.classify", *args], cwd=project, env=stage_env(None),
+    return subprocess.run([sys.executable, "-m", "pipeline.commands.classify", *args], cwd=project, env=stage_env(None),
                           capture_output=True, text=True, timeout=120)
 
 

@@ -13,12 +13,13 @@ from mlflow import MlflowClient
 from conftest import REPO, UNREACHABLE, run_stage, set_param
 from gpt.checkpoint import load_model, save_model
 from gpt.model import GPTConfig, GPTModel
-from pipeline import chat, finetune_instruct, tokenize
-from pipeline.finetune_instruct import SPLITS
+from pipeline.commands import chat
+from pipeline.stages import finetune_instruct, tokenize_data as tokenize
+from pipeline.stages.finetune_instruct import SPLITS
 from pipeline.params import load_params
 from pipeline.presets import apply_preset
-from pipeline.promote import promote
-from pipeline.tokenize import write_instructions
+from pipeline.stages.promote import promote
+from pipeline.stages.tokenize_data import write_instructions
 
 # The first records of each split: 6 training batches of 8 per epoch, 2 of val and test, fast even on a
 # busy CPU (the 50257-way output head dominates a micro model's cost), yet enough to move the loss.
@@ -37,7 +38,7 @@ def instruct_project(raw_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     """The tokenize stage's instruction splits (train cut to its first records) and a random micro base."""
     project = raw_project
     monkeypatch.chdir(project)  # the stages' data paths are relative
-    params = load_params(project / "params.yaml", tokenize.PARAMS, tokenize.KEYS)
+    params = load_params(project / "params.yaml", tokenize.PARAMS)
     SPLITS.parent.mkdir(parents=True)
     write_instructions(SPLITS, params["tokenize"]["instruct"], params["validate.instructions_file"])
     for split, keep in CUT.items():

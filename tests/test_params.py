@@ -8,21 +8,18 @@ import pytest
 import yaml
 
 from conftest import REPO, run_stage, set_param
-from pipeline import download, tokenize, validate
 from pipeline.params import ParamsError, load_params
-
-STAGES = {"download": download, "validate": validate, "tokenize": tokenize}
+from pipeline.stages import STAGES, download, tokenize_data as tokenize, validate
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_repo_params_are_valid_for_every_stage(stage: str):
-    module = STAGES[stage]
-    params = load_params(REPO / "params.yaml", module.PARAMS, getattr(module, "KEYS", None))
+    params = load_params(REPO / "params.yaml", STAGES[stage].load().PARAMS)
     assert stage in params
 
 
 def test_repo_defaults_reproduce_the_book():
-    params = load_params(REPO / "params.yaml", tokenize.PARAMS, tokenize.KEYS)
+    params = load_params(REPO / "params.yaml", tokenize.PARAMS)
     assert params["tokenize"]["train_ratio"] == 0.9
     assert params["tokenize"]["spam"] == {"seed": 123, "train_frac": 0.7, "val_frac": 0.1}
     assert params["validate.spam_parsing"] == "book"
@@ -30,7 +27,7 @@ def test_repo_defaults_reproduce_the_book():
 
 def _load_with(project: Path, dotted: str, value, module=tokenize) -> dict:
     set_param(project, dotted, value)
-    return load_params(project / "params.yaml", module.PARAMS, getattr(module, "KEYS", None))
+    return load_params(project / "params.yaml", module.PARAMS)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +77,7 @@ def test_missing_key_and_missing_section(project: Path):
     del params["pretrain"]
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"^params.yaml: missing key pretrain.context_length$"):
-        load_params(path, validate.PARAMS, validate.KEYS)
+        load_params(path, validate.PARAMS)
 
 
 def test_sections_without_a_spec_pass_through(project: Path):

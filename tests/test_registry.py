@@ -12,9 +12,11 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import REPO, run_stage, set_param, stage_env
-from pipeline import evaluate, finetune_classifier, finetune_instruct, pretrain, promote, review
-from pipeline.promote import INPUTS, MODELS, PROMOTED
-from pipeline.tracking import CHALLENGER, CHAMPION, params_digest, stage_run, tag_new_version
+from pipeline.commands import review
+from pipeline.registry import CHALLENGER, CHAMPION
+from pipeline.stages import STAGES, TRAINERS, promote
+from pipeline.stages.promote import INPUTS, PROMOTED
+from pipeline.tracking import params_digest, stage_run, tag_new_version
 
 TRAIN_PARAMS = {"lr": 0.1, "epochs": 2}
 HASHES = {"train.bin": "ab" * 32}
@@ -87,9 +89,9 @@ def test_val_loss_is_lower_is_better_and_prefers_the_evaluate_stage(store: Mlflo
 
 
 def write_stage_metrics(versions: dict[str, str]) -> None:
-    for name, spec in MODELS.items():
-        spec.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        spec.metrics_file.write_text(json.dumps({"registered_version": int(versions[name])}))
+    for name, stage in TRAINERS.items():
+        stage.metrics.parent.mkdir(parents=True, exist_ok=True)
+        stage.metrics.write_text(json.dumps({"registered_version": int(versions[name])}))
     Path(INPUTS[-1]).write_text(json.dumps({"registered_version": int(versions["gpt-base"])}))
 
 
@@ -101,7 +103,7 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     promote.main(Path("params.yaml"))
     first = capsys.readouterr().out.splitlines()
     assert first == [f"{name} version 1: promoted (champion: version 1; first version (no champion yet))"
-                     for name in MODELS]
+                     for name in TRAINERS]
 
     worse = register("gpt-instruct", {"rouge_l_f1": 0.20})
     write_stage_metrics({"gpt-base": "1", "gpt-spam-classifier": "1", "gpt-instruct": worse})
@@ -151,13 +153,13 @@ def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     env = stage_env(None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    absent = subprocess.run([sys.executable, "-m", "pipeline.review"], cwd=tmp_path, env=env, capture_output=True,
+    absent = subprocess.run([sys.executable, "-m", "pipeline.commands.review"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert absent.returncode == 0, absent.stderr
     assert absent.stdout.startswith("no MLflow store at sqlite:///") and "run the pipeline first" in absent.stdout
     assert not (tmp_path / "mlflow.db").exists()  # reading created no store
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # creates an empty store
-    empty = subprocess.run([sys.executable, "-m", "pipeline.review"], cwd=tmp_path, env=env, capture_output=True,
+    empty = subprocess.run([sys.executable, "-m", "pipeline.commands.review"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=120)
     assert empty.returncode == 0, empty.stderr
     assert empty.stdout.startswith("no registered models in sqlite:///")
@@ -183,15 +185,13 @@ def test_missing_stage_metrics_is_one_line(project: Path):
     assert not (project / "mlflow.db").exists()
 
 
-def test_the_table_matches_the_stages_params_and_dvc_yaml():
-    registering = {pretrain: "gpt-base", finetune_classifier: "gpt-spam-classifier",
-                   finetune_instruct: "gpt-instruct"}
-    for stage, name in registering.items():
-        assert stage.REGISTERED_NAME == name and MODELS[name].metrics_file == stage.METRICS_FILE
-    assert evaluate.METRICS_FILE in INPUTS
+def test_the_declaration_matches_params_and_dvc_yaml():
+    """Registered names and key metrics live in pipeline.stages alone; promote's margins and inputs follow it."""
+    assert {name: stage.name for name, stage in TRAINERS.items()} == {
+        "gpt-base": "pretrain", "gpt-spam-classifier": "finetune_classifier", "gpt-instruct": "finetune_instruct"}
+    assert STAGES["evaluate"].metrics in INPUTS
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert list(params["promote"]["margins"]) == list(MODELS)
+    assert list(params["promote"]["margins"]) == list(TRAINERS)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(stages)[-1] == "promote"
+    assert list(stages) == list(STAGES)
     assert {str(path) for path in INPUTS} <= set(stages["promote"]["deps"])
-    assert stages["promote"]["metrics"] == [str(promote.REPORT)]

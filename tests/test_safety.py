@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, stage_env
-from pipeline import cli
+from pipeline.commands import cli
 
 SOURCES = sorted((REPO / "gpt").rglob("*.py")) + sorted((REPO / "pipeline").rglob("*.py"))
 # Modules that unpickle (or execute) what they load.

@@ -24,7 +24,7 @@ from gpt.generate import generate_text
 from gpt.instruct import format_prompt
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
-from pipeline import promote
+from pipeline.stages import promote
 from pipeline.mlflow_models import instruct_generator, spam_classifier
 from pipeline.mlflow_models.spam_classifier import predict_frame
 from pipeline.schemas import SPAM_LABELS

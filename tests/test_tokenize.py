@@ -16,7 +16,7 @@ from conftest import leftovers, run_stage, set_param, stage_env
 from gpt.data import load_tokens
 from gpt.tokenizer import END_OF_TEXT_ID, load_tokenizer
 from pipeline.encoding import encode_text, safe_cuts
-from pipeline.tokenize import split_corpus
+from pipeline.stages.tokenize_data import split_corpus
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_late_failure_leaves_no_partial_output(raw_project: Path):
 
 
 def test_module_name_does_not_shadow_stdlib_tokenize(tmp_path: Path):
-    code = "import pipeline.tokenize, tokenize, linecache; print(tokenize.__file__); tokenize.generate_tokens"
+    code = "import pipeline.stages.tokenize_data, tokenize, linecache; print(tokenize.__file__); tokenize.generate_tokens"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=stage_env(None),
                             capture_output=True, text=True, check=True)
     assert "pipeline" not in result.stdout

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from gpt.tokenizer import END_OF_TEXT_ID, TokenizerError, get_tokenizer, load_tokenizer
+from gpt.tokenizer import END_OF_TEXT_ID, TokenizerError, load_tokenizer
 
 
 def test_known_ids(bpe_dir):
@@ -38,19 +38,3 @@ def test_corrupt_file_is_named(bpe_dir, tmp_path):
     (tmp_path / "vocab.bpe").write_bytes(data[: len(data) // 2])
     with pytest.raises(TokenizerError, match=r"vocab\.bpe: corrupt"):
         load_tokenizer(tmp_path)
-
-
-def test_cache_is_filled_from_mirror_once(mirror, tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    tok = get_tokenizer(mirror=mirror, offline=True)
-    assert tok.encode("Hello, world") == [15496, 11, 995]
-    assert (tmp_path / "cache" / "gpt2_bpe" / "vocab.bpe").is_file()
-    # Second call needs neither mirror nor network.
-    assert get_tokenizer(offline=True).encode("Hello") == [15496]
-
-
-def test_offline_without_files_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LLM_PIPELINE_MIRROR", raising=False)
-    with pytest.raises(TokenizerError, match="encoder.json.*offline"):
-        get_tokenizer(offline=True)

@@ -18,7 +18,7 @@ from gpt.checkpoint import load_model, save_model
 from gpt.generate import generate_text
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
-from pipeline.common import EXPECTED_ERRORS
+from pipeline.errors import EXPECTED_ERRORS
 from pipeline.params import check
 from pipeline.tracking import (
     MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_gpt_model,

@@ -154,7 +154,7 @@ def test_precision_param_is_validated(tmp_path):
 
     from conftest import REPO, set_param
     from pipeline.params import ParamsError, load_params
-    from pipeline.pretrain import PARAMS, model_config, train_config
+    from pipeline.stages.pretrain import PARAMS, model_config, train_config
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     cfg = load_params(tmp_path / "params.yaml", PARAMS)["pretrain"]

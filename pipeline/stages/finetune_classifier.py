@@ -21,18 +21,19 @@ from gpt.classifier import (
     save_classifier,
 )
 from gpt.data import EpochBatchSampler
-from gpt.fetch import sha256_file
+from gpt.files import atomic_write_json, sha256_file
 from gpt.finetune import select_trainable
 from gpt.model import GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
-from pipeline.common import BPE_DIR, CLASSIFIER_MODEL_DIR, DATA, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.errors import DataError
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import spam_classifier
+from pipeline.layout import BPE_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR, PLOTS, SPAM_TOKENS as SPAM_DIR
 from pipeline.params import Float, Int, Section, Str, load_params
 from pipeline.plots import plot_confusion, plot_curves, write_rows
-from pipeline.pretrain import PLOTS
 from pipeline.schemas import SPAM_LABELS
+from pipeline.stages import STAGES, command_line
 from pipeline.tracking import (
     MLFLOW_SECTION,
     log_history,
@@ -42,16 +43,13 @@ from pipeline.tracking import (
     stage_run,
 )
 
-SPAM_DIR = DATA / "tokens" / "spam"
+STAGE = STAGES["finetune_classifier"]
 SPLITS = ("train", "val", "test")
-MODEL_DIR = CLASSIFIER_MODEL_DIR
-METRICS_FILE = METRICS / "finetune_classifier.json"
 CURVE_CSV = PLOTS / "classifier_loss.csv"
 EVAL_CSV = PLOTS / "classifier_eval.csv"
 CURVE_PNG = PLOTS / "classifier_loss.png"
 CONFUSION_JSON = PLOTS / "classifier_confusion.json"
 CONFUSION_PNG = PLOTS / "classifier_confusion.png"
-REGISTERED_NAME = "gpt-spam-classifier"
 POSITIVE = SPAM_LABELS.index("spam")
 PARAMS = {
     "finetune_classifier": Section(
@@ -59,7 +57,8 @@ PARAMS = {
         position=Str(choices=POSITIONS),
         max_length=Int(low=1, optional=True),
         label_smoothing=Float(0, 1, bounds="[)"),
-    )
+    ),
+    "mlflow": MLFLOW_SECTION,
 }
 
 
@@ -102,7 +101,7 @@ def split_report(targets: torch.Tensor, predictions: torch.Tensor) -> dict:
 
 def main(params_path: Path) -> None:
     started = time.perf_counter()
-    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    params = load_params(params_path, PARAMS)
     cfg = params["finetune_classifier"]
     device = pick_device(cfg["device"])
     tokenizer = load_tokenizer(BPE_DIR)
@@ -180,7 +179,7 @@ def main(params_path: Path) -> None:
         for path in (CURVE_PNG, CURVE_CSV, EVAL_CSV, CONFUSION_JSON, CONFUSION_PNG):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
-        version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
+        version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, flat)
         metrics = {
             **reports,
@@ -194,8 +193,8 @@ def main(params_path: Path) -> None:
             "device": device.type,
             "registered_version": int(version.version),
         }
-        atomic_write_json(METRICS_FILE, metrics)
+        atomic_write_json(STAGE.metrics, metrics)
 
 
 if __name__ == "__main__":
-    run_stage("finetune_classifier", main)
+    command_line("finetune_classifier", main)

@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 import tiktoken
 
-from gpt.atomic import atomic_dir
 from gpt.data import save_tokens
-from gpt.fetch import sha256_file
-from gpt.tokenizer import BPE_SOURCES, END_OF_TEXT_ID, load_tokenizer
-from pipeline.common import (BPE_DIR, DATA, METRICS, VALIDATE_REPORT, DataError, atomic_write_json, raw_file,
-                             run_stage)
+from gpt.files import atomic_dir, atomic_write_json, sha256_file
+from gpt.tokenizer import BPE_FILES, END_OF_TEXT_ID, load_tokenizer
+from pipeline.errors import DataError
+from pipeline.layout import BPE_DIR, TOKENS, raw_file
 from pipeline.encoding import encode_text
 from pipeline.params import CONTEXT_LENGTH, CORPUS, FILENAME, Bool, Float, Int, ParamsError, Section, load_params
 from pipeline.schemas import (SPAM_PARSING, instruction_failures, read_corpus, read_instructions, read_spam,
                               require_valid, spam_failures)
+from pipeline.stages import STAGES, command_line
 
-TOKENS = DATA / "tokens"
-METRICS_FILE = METRICS / "tokenize.json"
+VALIDATE_REPORT = STAGES["validate"].metrics
+METRICS_FILE = STAGES["tokenize"].metrics
 FRACTION = Float(0, 1, bounds="()")
 PARAMS = {
     "tokenize": Section(
@@ -30,9 +30,7 @@ PARAMS = {
         train_ratio=FRACTION,
         spam=Section(seed=Int(low=0), train_frac=FRACTION, val_frac=FRACTION),
         instruct=Section(train_frac=FRACTION, test_frac=FRACTION, shuffle=Bool(), seed=Int(low=0)),
-    )
-}
-KEYS = {
+    ),
     "validate.spam_file": FILENAME,
     "validate.spam_parsing": SPAM_PARSING,
     "validate.instructions_file": FILENAME,
@@ -94,7 +92,7 @@ def write_pretrain(out: Path, enc: tiktoken.Encoding, cfg: dict, context_length:
     save_tokens(val, out / "val.bin")
     meta = {
         "dtype": "uint16",
-        "tokenizer": {"name": "gpt2", **{s.filename: s.sha256 for s in BPE_SOURCES}},
+        "tokenizer": {"name": "gpt2", **BPE_FILES},
         "end_of_text_id": END_OF_TEXT_ID,
         "train_ratio": cfg["train_ratio"],
         "sources": [{"file": n, "sha256": sha256_file(raw_file(n)), "chars": len(t)} for n, t in zip(names, texts)],
@@ -171,7 +169,7 @@ def _check_fractions(params: dict, origin: str) -> None:
 
 def main(params_path: Path) -> None:
     """Build data/tokens/ (all or nothing) and data/metrics/tokenize.json."""
-    params = load_params(params_path, PARAMS, KEYS)
+    params = load_params(params_path, PARAMS)
     _check_fractions(params, params_path.name)
     cfg = params["tokenize"]
     spam_file, instructions_file = params["validate.spam_file"], params["validate.instructions_file"]
@@ -189,4 +187,4 @@ def main(params_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("tokenize", main)
+    command_line("tokenize", main)

@@ -7,14 +7,26 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gpt.atomic import atomic_dir
-from gpt.fetch import FetchError, MissingError, Source, fetch_with_origin, sha256_file
-from gpt.tokenizer import BPE_SOURCES
-from pipeline.common import BPE_DIR, METRICS, RAW, atomic_write_json, env_offline, resolve_mirror, run_stage
+from gpt.files import atomic_dir, atomic_write_json, sha256_file
+from gpt.tokenizer import BPE_FILES
+from pipeline.fetch import FetchError, MissingError, Source, env_offline, fetch_with_origin, resolve_mirror
+from pipeline.layout import BPE_DIR, METRICS, RAW
 from pipeline.params import FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section, Str, load_params
+from pipeline.stages import command_line
 
 MANIFEST = METRICS / "download.json"
 HF_FILES = ("config.json", "model.safetensors")
+# Where the GPT-2 BPE files are published (their sha256 is gpt.tokenizer's, which checks them on load).
+BPE_URLS = {
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/encoder.json",
+                     "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/124M/encoder.json"),
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/vocab.bpe",
+                  "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/124M/vocab.bpe"),
+}
+BPE_SOURCES = tuple(Source(name=f"gpt2-{Path(name).stem}", urls=BPE_URLS[name], sha256=sha256, filename=name,
+                           mirror_path=f"{BPE_DIR.name}/{name}") for name, sha256 in BPE_FILES.items())
 
 URL = Str(pattern=r"https?://\S+")
 RELPATH = Str(pattern=r"(?!.*\.\.)[A-Za-z0-9_+-][A-Za-z0-9._+/-]*", optional=True, default="")
@@ -117,4 +129,4 @@ def main(params_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("download", main)
+    command_line("download", main)

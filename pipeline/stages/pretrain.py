@@ -12,23 +12,21 @@ from tqdm import tqdm
 from gpt import distributed
 from gpt.checkpoint import save_model
 from gpt.data import load_tokens
-from gpt.fetch import sha256_file
+from gpt.files import atomic_write_json, sha256_file
 from gpt.generate import generate_text
 from gpt.model import INITS, PRESETS, GPTConfig, GPTModel, count_parameters
 from gpt.tokenizer import load_tokenizer
-from gpt.train import EXECUTION_SETTINGS, PRECISIONS, Trainer, TrainConfig, pick_device, tune_malloc
-from pipeline.common import BASE_MODEL_DIR, BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
-from pipeline.params import CONTEXT_LENGTH, Bool, Float, Int, Section, Str, load_params
+from gpt.train import (EXECUTION_SETTINGS, PRECISIONS, Trainer, TrainConfig, make_deterministic, pick_device,
+                       tune_malloc)
+from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, DATA, PLOTS, PRETRAIN_TOKENS, SAMPLES
+from pipeline.params import CONTEXT_LENGTH, DEVICE, Bool, Float, Int, Section, Str, load_params
 from pipeline.plots import plot_curves, write_rows
+from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_gpt_model, log_history, log_path, stage_run
 
-TOKENS = DATA / "tokens" / "pretrain"
+STAGE = STAGES["pretrain"]
 CHECKPOINTS = DATA / "checkpoints" / "pretrain"
-MODEL_DIR = BASE_MODEL_DIR
-METRICS_FILE = METRICS / "pretrain.json"
-PLOTS = DATA / "plots"
-SAMPLES_FILE = DATA / "samples" / "pretrain.json"
-DEVICE = Str(choices=("auto", "cpu", "cuda", "mps"))
+SAMPLES_FILE = SAMPLES / "pretrain.json"
 PARAMS = {
     "pretrain": Section(
         model=Str(choices=tuple(PRESETS)),
@@ -64,7 +62,9 @@ PARAMS = {
         precision=Str(choices=PRECISIONS),
         fused_adamw=Bool(optional=True),
         pad_vocab=Bool(),
-    )
+        deterministic=Bool(),
+    ),
+    "mlflow": MLFLOW_SECTION,
 }
 
 
@@ -92,24 +92,23 @@ def train_config(cfg: dict) -> TrainConfig:
 
 def run_digest(cfg: dict, data_hashes: dict[str, str]) -> str:
     """Identifies a training run: same params and data resume the same checkpoint folder."""
-    keyed = {k: v for k, v in cfg.items() if k != "device" and k not in EXECUTION_SETTINGS}
+    keyed = {k: v for k, v in cfg.items() if k not in ("device", "deterministic") and k not in EXECUTION_SETTINGS}
     blob = json.dumps({"params": keyed, "data": data_hashes}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-REGISTERED_NAME = "gpt-base"
-
-
 def main(params_path: Path) -> None:
-    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    params = load_params(params_path, PARAMS)
     cfg = params["pretrain"]
+    if cfg["deterministic"]:
+        make_deterministic()  # before the first matmul, which is when MKL reads its settings
     tune_malloc()  # reuse freed logits memory instead of page-faulting it in every step (same results)
-    # Under `torchrun --nproc_per_node=N -m pipeline.pretrain` this joins the DDP group (gloo on CPU,
+    # Under `torchrun --nproc_per_node=N -m pipeline.stages.pretrain` this joins the DDP group (gloo on CPU,
     # nccl on cuda:LOCAL_RANK); rank 0 alone writes outputs, logs and checkpoints.
     device = distributed.setup(pick_device(cfg["device"]))
     main_rank = distributed.is_main()
-    train_tokens, val_tokens = load_tokens(TOKENS / "train.bin"), load_tokens(TOKENS / "val.bin")
-    data_hashes = {name: sha256_file(TOKENS / name) for name in ("train.bin", "val.bin")}
+    train_tokens, val_tokens = load_tokens(PRETRAIN_TOKENS / "train.bin"), load_tokens(PRETRAIN_TOKENS / "val.bin")
+    data_hashes = {name: sha256_file(PRETRAIN_TOKENS / name) for name in ("train.bin", "val.bin")}
     checkpoint_dir = CHECKPOINTS / run_digest(cfg, data_hashes)
     torch.manual_seed(cfg["seed"])
     model = GPTModel(model_config(cfg)).to(device)
@@ -155,7 +154,7 @@ def main(params_path: Path) -> None:
             "device": device.type,
             "processes": trainer.world_size,
         }
-        save_model(model, MODEL_DIR, extra={"stage": "pretrain", "metrics": metrics, "data": data_hashes})
+        save_model(model, BASE_MODEL_DIR, extra={"stage": "pretrain", "metrics": metrics, "data": data_hashes})
         write_rows(PLOTS / "pretrain_loss.csv", history, ("step", "loss", "lr", "tokens_seen"))
         evals = [h for h in history if "val_loss" in h]
         write_rows(PLOTS / "pretrain_eval.csv", evals, ("step", "tokens_seen", "train_loss", "val_loss"))
@@ -164,9 +163,9 @@ def main(params_path: Path) -> None:
         log_history(history)
         for path in (PLOTS / "pretrain_loss.png", PLOTS / "pretrain_loss.csv", SAMPLES_FILE):
             log_path(path)
-        version = log_gpt_model(MODEL_DIR, BPE_DIR, REGISTERED_NAME, metrics=metrics)
+        version = log_gpt_model(BASE_MODEL_DIR, BPE_DIR, STAGE.model.name, metrics=metrics)
         metrics["registered_version"] = int(version.version)
-        atomic_write_json(METRICS_FILE, metrics)
+        atomic_write_json(STAGE.metrics, metrics)
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
     # a failed run with new params keeps the resume point of the old ones.
     for stale in CHECKPOINTS.glob("*"):
@@ -176,6 +175,6 @@ def main(params_path: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        run_stage("pretrain", main)
+        command_line("pretrain", main)
     finally:
         distributed.shutdown()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,48 +9,17 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from gpt.fetch import sha256_file
-from pipeline.common import METRICS, DataError, atomic_write_json, run_stage
+from gpt.files import atomic_write_json, sha256_file
+from pipeline.errors import DataError
 from pipeline.params import Float, Section, load_params
-from pipeline.tracking import (
-    CHALLENGER,
-    CHAMPION,
-    MLFLOW_SECTION,
-    log_path,
-    log_step_metrics,
-    stage_run,
-    tag_model_version,
-)
+from pipeline.registry import CHALLENGER, CHAMPION, key_metric, metric_label
+from pipeline.stages import STAGES, TRAINERS, command_line
+from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
-
-@dataclass(frozen=True)
-class KeyMetric:
-    """How the versions of one registered model are compared, and what review shows of them."""
-
-    metrics_file: Path          # the registering stage's metrics, holding `registered_version`
-    name: str                   # the metric compared
-    tags: tuple[str, ...]       # version tags that may hold it, in order of preference
-    higher_is_better: bool
-    others: tuple[str, ...]     # version tags review shows beside it
-
-
-# The one table of what is promoted and on what. Names and paths are literal so this stage imports
-# no training code (and torch); tests/test_registry.py checks them against the training stages.
-MODELS: dict[str, KeyMetric] = {
-    # evaluate tags the version with the val loss over the whole split; pretrain's covers eval_batches only.
-    "gpt-base": KeyMetric(METRICS / "pretrain.json", "val_loss", ("eval.val_loss", "metric.val_loss"), False,
-                          ("eval.val_perplexity", "metric.train_loss", "metric.steps")),
-    "gpt-spam-classifier": KeyMetric(METRICS / "finetune_classifier.json", "test_accuracy",
-                                     ("metric.test_accuracy",), True,
-                                     ("metric.test_f1", "metric.val_accuracy", "metric.train_accuracy")),
-    # The instruction score: mean ROUGE-L F1 of the greedy test responses against the references.
-    "gpt-instruct": KeyMetric(METRICS / "finetune_instruct.json", "rouge_l_f1", ("metric.rouge_l_f1",), True,
-                              ("metric.token_f1", "metric.test_loss", "metric.judge_score")),
-}
-# evaluate's metrics are no version source but change gpt-base's eval.* tags, so they are an input too.
-INPUTS = (*(spec.metrics_file for spec in MODELS.values()), METRICS / "evaluate.json")
-REPORT = METRICS / "promote.json"
-PARAMS = {"promote": Section(margins=Section(**{name: Float(low=0) for name in MODELS}))}
+# The training stages' metrics files name the versions to decide on; evaluate's are no version
+# source but change gpt-base's eval.* tags, so they are an input too.
+INPUTS = (*(stage.metrics for stage in TRAINERS.values()), STAGES["evaluate"].metrics)
+PARAMS = {"promote": Section(margins=Section(**{name: Float(low=0) for name in TRAINERS})), "mlflow": MLFLOW_SECTION}
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
 
 
@@ -66,24 +34,6 @@ def registered_version(metrics_file: Path) -> str:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DataError(f"{metrics_file}: registered_version must be a version number, got {version!r}")
     return str(version)
-
-
-def metric_label(tag: str) -> str:
-    """A metric tag as shown: metric.<name> is the training stage's own; other prefixes (eval.) say who measured it."""
-    return tag.removeprefix("metric.")
-
-
-def key_metric(name: str, version: ModelVersion) -> tuple[str, float]:
-    """(tag, value) of the model's key metric on a version, from the first of its tags that is present."""
-    spec = MODELS[name]
-    for tag in spec.tags:
-        if tag in version.tags:
-            try:
-                return tag, float(version.tags[tag])
-            except ValueError:
-                raise DataError(f"{name} version {version.version}: tag {tag} is not a number: "
-                                f"{version.tags[tag]!r}") from None
-    raise DataError(f"{name} version {version.version}: no {' or '.join(spec.tags)} tag to compare on")
 
 
 def _version(client: mlflow.MlflowClient, name: str, version: str) -> ModelVersion:
@@ -106,12 +56,12 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, margin: 
     wins, so `@challenger` always names the latest candidate and `@champion` the one in use. The
     decision is tagged on the version as promotion.decision, promotion.compared_with, promotion.reason.
     """
-    spec, version = MODELS[name], str(version)
+    spec, version = TRAINERS[name].model, str(version)
     candidate = _version(client, name, version)
     tag, value = key_metric(name, candidate)
     champion = _champion(client, name)
     client.set_registered_model_alias(name, CHALLENGER, version)
-    record: dict[str, Any] = {"model": name, "version": int(version), "metric": spec.name, "value": value,
+    record: dict[str, Any] = {"model": name, "version": int(version), "metric": spec.metric, "value": value,
                               "higher_is_better": spec.higher_is_better, "margin": margin,
                               "champion_version": None, "champion_value": None}
     if champion is None:
@@ -149,16 +99,16 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def main(params_path: Path) -> None:
-    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    params = load_params(params_path, PARAMS)
     margins = params["promote"]["margins"]
     # Every input is read before any alias moves, so bad input changes nothing.
-    versions = {name: registered_version(spec.metrics_file) for name, spec in MODELS.items()}
+    versions = {name: registered_version(stage.metrics) for name, stage in TRAINERS.items()}
     hashes = {path.name: sha256_file(path) for path in INPUTS}
     with stage_run("promote", params["promote"], hashes, params["mlflow"]):
         client = mlflow.MlflowClient()
         for name, version in versions.items():  # fail on a missing version before deciding anything
             _version(client, name, version)
-        records = [promote(client, name, versions[name], margins[name]) for name in MODELS]
+        records = [promote(client, name, versions[name], margins[name]) for name in TRAINERS]
         for record in records:
             print(describe(record))
         mlflow.log_params({f"decision.{r['model']}": f"{r['decision']} (version {r['version']})" for r in records})
@@ -166,9 +116,9 @@ def main(params_path: Path) -> None:
                          | {f"{r['model']}.{r['metric']}": r["value"] for r in records}
                          | {f"{r['model']}.champion_version": r["champion"] for r in records}, step=0)
         report = {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in records}
-        atomic_write_json(REPORT, report)
-        log_path(REPORT)
+        atomic_write_json(STAGES["promote"].metrics, report)
+        log_path(STAGES["promote"].metrics)
 
 
 if __name__ == "__main__":
-    run_stage("promote", main)
+    command_line("promote", main)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import BPE_DIR, is_model_uri, load_mlflow_model, reporting_errors
-from pipeline.common import CLASSIFIER_MODEL_DIR as MODEL_DIR
+from pipeline.commands.models import is_model_uri, load_mlflow_model
+from pipeline.errors import reporting_errors
+from pipeline.layout import BPE_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR
 
 
 def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,

@@ -5,8 +5,9 @@ import argparse
 import sys
 from typing import Callable
 
-from pipeline.common import (INSTRUCT_MODEL_DIR, add_model_options, is_model_uri, load_local_model, load_mlflow_model,
-                             parse_model_args, reporting_errors)
+from pipeline.commands.models import add_model_options, is_model_uri, load_local_model, load_mlflow_model, parse_model_args
+from pipeline.errors import reporting_errors
+from pipeline.layout import INSTRUCT_MODEL_DIR
 
 
 Responder = Callable[[str, str], str]

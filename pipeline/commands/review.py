@@ -9,8 +9,9 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from pipeline.common import reporting_errors
-from pipeline.promote import MODELS, key_metric, metric_label
+from pipeline.errors import reporting_errors
+from pipeline.registry import key_metric, metric_label
+from pipeline.stages import TRAINERS
 from pipeline.tracking import PARAMS_DIGEST_TAG, configure, project_tracking, tracking_uri
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
@@ -42,14 +43,15 @@ def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...
     """The table row of one version."""
     tags = version.tags
     aliases = sorted(alias for alias, number in model.aliases.items() if str(number) == str(version.version))
-    spec = MODELS.get(model.name)
+    trainer = TRAINERS.get(model.name)
+    spec = trainer.model if trainer else None
     key, others = "-", []
     if spec is not None:
         try:
             tag, value = key_metric(model.name, version)
             key = f"{metric_label(tag)}={_number(str(value))}"
         except ValueError:
-            key = f"{spec.name}=?"
+            key = f"{spec.metric}=?"
         others = [f"{metric_label(tag)}={_number(tags[tag])}" for tag in spec.others if tag in tags]
     data = [f"{tag.removeprefix('data.').removesuffix('.sha256')}={value[:SHORT]}"
             for tag, value in sorted(tags.items()) if tag.startswith("data.") and tag.endswith(".sha256")]

@@ -8,18 +8,17 @@ import sys
 import time
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
 
-PRETRAIN_LAUNCH_ENV = "LLM_PIPELINE_PRETRAIN_LAUNCH"
-
 # name -> ("module:function" taking argv, one-line help). Targets are imported only when used,
 # so `llm-pipeline --help` does not wait for torch or MLflow to load.
 COMMANDS = {
-    "run": ("pipeline.cli:run", "run the DVC pipeline (dvc repro) as one MLflow run group"),
+    "run": ("pipeline.commands.cli:run", "run the DVC pipeline (dvc repro) as one MLflow run group"),
     "flow": ("pipeline.flows:main", "run Prefect flows, or serve the scheduled deployment"),
-    "generate": ("pipeline.generate:main", "continue prompts with the pretrained GPT"),
-    "chat": ("pipeline.chat:main", "ask the instruction-finetuned model"),
-    "classify": ("pipeline.classify:main", "classify texts as ham or spam, with probabilities"),
-    "review": ("pipeline.review:main", "print the registered models: versions, aliases, key metrics, lineage"),
-    "serve": ("pipeline.cli:serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "generate": ("pipeline.commands.generate:main", "continue prompts with the pretrained GPT"),
+    "chat": ("pipeline.commands.chat:main", "ask the instruction-finetuned model"),
+    "classify": ("pipeline.commands.classify:main", "classify texts as ham or spam, with probabilities"),
+    "review": ("pipeline.commands.review:main", "print the registered models: versions, aliases, key metrics, lineage"),
+    "dvc-yaml": ("pipeline.dvcyaml:main", "rewrite dvc.yaml's generated parts (cmd, params, metrics, code deps) from pipeline.stages"),
+    "serve": ("pipeline.commands.cli:serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
 }
 
 
@@ -34,7 +33,8 @@ def run(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
-    from pipeline.common import RUN_GROUP_ENV, dvc_env
+    from pipeline.repro import RUN_GROUP_ENV, dvc_env
+    from pipeline.stages import PRETRAIN_LAUNCH_ENV
 
     env = dvc_env(os.environ.get(RUN_GROUP_ENV) or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     if args.nproc > 1:  # read by dvc.yaml's pretrain cmd

@@ -6,13 +6,17 @@ from typing import Callable
 
 import pandas as pd
 
-from gpt.fetch import sha256_file
+from gpt.files import atomic_write_json, sha256_file
 from gpt.tokenizer import load_tokenizer
-from pipeline.common import BPE_DIR, VALIDATE_REPORT, DataError, atomic_write_json, raw_file, run_stage
 from pipeline.encoding import encode_text
+from pipeline.errors import DataError
+from pipeline.layout import BPE_DIR, raw_file
 from pipeline.params import CONTEXT_LENGTH, CORPUS, FILENAME, Int, Section, load_params
 from pipeline.schemas import (SPAM_LABELS, SPAM_PARSING, check_corpus_tokens, instruction_failures, read_corpus,
                               read_instructions, read_spam, spam_failures, summarize)
+from pipeline.stages import STAGES, command_line
+
+REPORT = STAGES["validate"].metrics
 
 PARAMS = {
     "validate": Section(
@@ -20,9 +24,10 @@ PARAMS = {
         spam_parsing=SPAM_PARSING,
         instructions_file=FILENAME,
         max_failures_reported=Int(low=0),
-    )
+    ),
+    "tokenize.corpus": CORPUS,
+    "pretrain.context_length": CONTEXT_LENGTH,
 }
-KEYS = {"pretrain.context_length": CONTEXT_LENGTH, "tokenize.corpus": CORPUS}
 
 
 def length_stats(lengths: pd.Series) -> dict:
@@ -75,7 +80,7 @@ def check_corpus(path: Path, context_length: int) -> tuple[dict, list[dict]]:
 
 def main(params_path: Path) -> None:
     """Validate every dataset, write the report (also on failure), then fail if any check failed."""
-    params = load_params(params_path, PARAMS, KEYS)
+    params = load_params(params_path, PARAMS)
     cfg = params["validate"]
     checks: dict[str, tuple[str, Callable[[Path], tuple[dict, list[dict]]]]] = {
         "spam": (cfg["spam_file"], lambda p: check_spam(p, cfg["spam_parsing"])),
@@ -97,12 +102,12 @@ def main(params_path: Path) -> None:
         if failures:
             problems.append(summarize(filename, failures))
     status = "failed" if problems else "passed"
-    atomic_write_json(VALIDATE_REPORT, {"status": status, "inputs": inputs, "datasets": datasets})
+    atomic_write_json(REPORT, {"status": status, "inputs": inputs, "datasets": datasets})
     if problems:
         shown = "; ".join(problems[:3])
-        raise DataError(f"{len(problems)} dataset(s) failed: {shown}; see {VALIDATE_REPORT}")
-    print(f"validate: passed ({', '.join(datasets)}); report in {VALIDATE_REPORT}")
+        raise DataError(f"{len(problems)} dataset(s) failed: {shown}; see {REPORT}")
+    print(f"validate: passed ({', '.join(datasets)}); report in {REPORT}")
 
 
 if __name__ == "__main__":
-    run_stage("validate", main)
+    command_line("validate", main)

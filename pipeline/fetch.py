@@ -1,11 +1,9 @@
-"""Fetch files by URL or from a local mirror, verified by sha256 and written atomically."""
+"""Fetch files by URL or from a local mirror folder, verified by sha256 and written atomically (the download stage's engine)."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -14,12 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
+from gpt.files import atomic_file, sha256_file, temp_beside
+
+MIRROR_ENV = "LLM_PIPELINE_MIRROR"  # a folder holding copies of the files (see resolve_mirror)
+OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"  # 1: never touch the network
 # Far above any member we fetch, yet it stops a zip bomb from filling the disk.
 DEFAULT_MAX_MEMBER_BYTES = 1 << 30
 
 
-class FetchError(RuntimeError):
-    """A file could not be obtained or did not match its checksum."""
+class FetchError(OSError):
+    """A file could not be obtained or did not match its checksum (an I/O failure, reported in one line)."""
 
 
 class BadContentError(FetchError):
@@ -59,33 +61,6 @@ class Source:
         return self.mirror_path or self.filename
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def temp_beside(dest: Path) -> Path:
-    """A new, uniquely named temp file next to dest, for a later os.replace.
-
-    mkstemp creates it private (0600); it gets the umask's usual mode instead, so the
-    renamed result looks like any other file the user writes.
-    """
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
-    return Path(name)
-
-
 def _check_sha256(path: Path, sha256: str, label: str) -> None:
     if not sha256:
         return
@@ -115,18 +90,13 @@ def extract_member(
                 raise BadContentError(f"{archive.name}: no member {member!r}") from None
             if info.file_size > max_bytes:
                 raise BadContentError(f"{label}: member is {info.file_size} bytes, over the {max_bytes}-byte limit")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_beside(dest)
-            try:
+            with atomic_file(dest) as tmp:
                 with bundle.open(info) as src, open(tmp, "wb") as out:
                     while block := src.read(1 << 16):
                         if out.tell() + len(block) > max_bytes:
                             raise BadContentError(f"{label}: member inflates past the {max_bytes}-byte limit")
                         out.write(block)
                 _check_sha256(tmp, sha256, label)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise BadContentError(f"{archive.name}: not a readable zip archive ({exc})") from exc
 
@@ -142,18 +112,8 @@ def _install(
     if move:
         os.replace(src, dest)
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(dest)
-    try:
+    with atomic_file(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_copy_verified(src: Path, dest: Path, sha256: str) -> None:
-    """Copy src to dest through a temp file, refusing it unless its sha256 matches."""
-    _install(src, dest, sha256, "", DEFAULT_MAX_MEMBER_BYTES, str(src), move=False)
 
 
 def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None) -> None:
@@ -211,7 +171,7 @@ def download_verified(
                 errors.append(str(exc))
                 bad_content = True
                 break
-            except (urllib.error.URLError, OSError, http.client.HTTPException, FetchError) as exc:
+            except (OSError, http.client.HTTPException) as exc:  # URLError and FetchError are OSErrors
                 errors.append(f"{url}: {exc}")
                 if attempt + 1 < retries:
                     time.sleep(backoff_s * 2**attempt)
@@ -265,3 +225,19 @@ def fetch(
     Order: an already present, verified file; the mirror folder; the network (unless offline).
     """
     return fetch_with_origin(source, dest_dir, mirror, offline, **download_kwargs)[0]
+
+
+def resolve_mirror(param: str | None) -> Path | None:
+    """The mirror folder: the `download.mirror` param, else $LLM_PIPELINE_MIRROR, else none."""
+    chosen = param or os.environ.get(MIRROR_ENV) or None
+    if chosen is None:
+        return None
+    mirror = Path(chosen).expanduser()
+    if not mirror.is_dir():
+        raise FetchError(f"mirror folder {mirror} does not exist")
+    return mirror
+
+
+def env_offline() -> bool:
+    """Whether $LLM_PIPELINE_OFFLINE asks for no network access."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}

@@ -10,17 +10,17 @@ import torch
 
 from gpt.checkpoint import load_model
 from gpt.data import load_tokens
-from gpt.fetch import sha256_file
+from gpt.files import atomic_write_json, sha256_file
 from gpt.generate import generate_text
 from gpt.tokenizer import load_tokenizer
 from gpt.train import evaluate_loss, pick_device
-from pipeline.common import BPE_DIR, DATA, METRICS, atomic_write_json, run_stage
-from pipeline.params import Float, Int, List, Section, Str, load_params
-from pipeline.pretrain import DEVICE, METRICS_FILE as PRETRAIN_METRICS, MODEL_DIR, REGISTERED_NAME, TOKENS
+from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, PRETRAIN_TOKENS, SAMPLES
+from pipeline.params import DEVICE, Float, Int, List, Section, Str, load_params
+from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
-METRICS_FILE = METRICS / "evaluate.json"
-SAMPLES_FILE = DATA / "samples" / "evaluate.json"
+PRETRAIN = STAGES["pretrain"]  # the stage whose model this evaluates
+SAMPLES_FILE = SAMPLES / "evaluate.json"
 PARAMS = {
     "evaluate": Section(
         batch_size=Int(low=1),
@@ -32,7 +32,8 @@ PARAMS = {
         top_p=Float(0, 1, bounds="(]", optional=True),
         seed=Int(low=0),
         device=DEVICE,
-    )
+    ),
+    "mlflow": MLFLOW_SECTION,
 }
 
 
@@ -48,17 +49,17 @@ def timed_loss(model, tokens, batch_size: int, max_batches: int | None) -> tuple
 
 
 def main(params_path: Path) -> None:
-    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    params = load_params(params_path, PARAMS)
     cfg = params["evaluate"]
     device = pick_device(cfg["device"])
-    model = load_model(MODEL_DIR, device, drop_rate=0.0).eval()
+    model = load_model(BASE_MODEL_DIR, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
-    version = json.loads(PRETRAIN_METRICS.read_text())["registered_version"]
+    version = json.loads(PRETRAIN.metrics.read_text())["registered_version"]
     # The run opens before any output is written: an unreachable tracking server leaves the old ones.
-    with stage_run("evaluate", cfg, {"val.bin": sha256_file(TOKENS / "val.bin")}, params["mlflow"]):
-        val_loss, tokens_per_s = timed_loss(model, load_tokens(TOKENS / "val.bin"), cfg["batch_size"],
+    with stage_run("evaluate", cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
+        val_loss, tokens_per_s = timed_loss(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"],
                                             cfg["max_batches"])
-        train_loss, _ = timed_loss(model, load_tokens(TOKENS / "train.bin"), cfg["batch_size"], cfg["max_batches"])
+        train_loss, _ = timed_loss(model, load_tokens(PRETRAIN_TOKENS / "train.bin"), cfg["batch_size"], cfg["max_batches"])
 
         generator = torch.Generator(device=device).manual_seed(cfg["seed"])
         samples = []
@@ -83,8 +84,8 @@ def main(params_path: Path) -> None:
         log_step_metrics(metrics, step=0)
         log_path(SAMPLES_FILE)
         # The registry entry of the evaluated model carries its evaluation, for review.
-        tag_model_version(REGISTERED_NAME, version, {f"eval.{k}": v for k, v in metrics.items()})
-    atomic_write_json(METRICS_FILE, {**metrics, "registered_version": version})
+        tag_model_version(PRETRAIN.model.name, version, {f"eval.{k}": v for k, v in metrics.items()})
+    atomic_write_json(STAGES["evaluate"].metrics, {**metrics, "registered_version": version})
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    command_line("evaluate", main)

@@ -9,26 +9,24 @@ import torch
 from tqdm import tqdm
 
 from gpt.checkpoint import save_model
-from gpt.fetch import sha256_file
+from gpt.files import atomic_write_json, sha256_file
 from gpt.finetune import select_trainable
 from gpt.instruct import Example, device_loss, encode_example, make_batches, mean_loss, respond, rouge_l_f1, token_f1
 from gpt.model import count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline import judge
-from pipeline.common import BPE_DIR, DATA, INSTRUCT_MODEL_DIR, METRICS, DataError, atomic_write_json, run_stage
+from pipeline.errors import DataError
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import instruct_generator
+from pipeline.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCT_TOKENS as SPLITS, PLOTS, SAMPLES
 from pipeline.params import Bool, Int, Section, load_params
 from pipeline.plots import plot_curves, write_rows
+from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
 
-SPLITS = DATA / "tokens" / "instruct"
-MODEL_DIR = INSTRUCT_MODEL_DIR
-METRICS_FILE = METRICS / "finetune_instruct.json"
-RESPONSES_FILE = DATA / "samples" / "instruct_responses.json"
-PLOTS = DATA / "plots"
-REGISTERED_NAME = "gpt-instruct"
+STAGE = STAGES["finetune_instruct"]
+RESPONSES_FILE = SAMPLES / "instruct_responses.json"
 FIELDS = ("instruction", "input", "output")
 PARAMS = {
     "finetune_instruct": Section(
@@ -38,7 +36,8 @@ PARAMS = {
         max_new_tokens=Int(low=1),
         max_test_examples=Int(low=1, optional=True),
         judge=judge.JUDGE_SECTION,
-    )
+    ),
+    "mlflow": MLFLOW_SECTION,
 }
 
 
@@ -84,7 +83,7 @@ def judge_responses(cfg: dict, responses: list[dict]) -> dict:
 
 
 def main(params_path: Path) -> None:
-    params = load_params(params_path, {**PARAMS, "mlflow": MLFLOW_SECTION})
+    params = load_params(params_path, PARAMS)
     cfg = params["finetune_instruct"]
     if cfg["judge"]["enabled"]:
         judge.check_reachable(cfg["judge"]["url"], cfg["judge"]["timeout_s"])
@@ -158,11 +157,11 @@ def main(params_path: Path) -> None:
         for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
-        version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, REGISTERED_NAME,
+        version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, metrics)
         metrics["registered_version"] = int(version.version)
-        atomic_write_json(METRICS_FILE, metrics)
+        atomic_write_json(STAGE.metrics, metrics)
 
 
 if __name__ == "__main__":
-    run_stage("finetune_instruct", main)
+    command_line("finetune_instruct", main)

@@ -1,0 +1,1 @@
+"""The `llm-pipeline` command and its verbs: one module per verb, each with `main(argv)` (see cli.COMMANDS)."""

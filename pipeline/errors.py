@@ -1,0 +1,36 @@
+"""Expected errors and how every command and stage reports them: one line, exit status 1, no traceback."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from gpt.errors import GPTError
+
+
+class DataError(ValueError):
+    """An input file breaks its schema or cannot be used (names the file and row)."""
+
+
+# ValueError covers ParamsError, DataError and the value checks of gpt/; OSError covers I/O, downloads
+# (pipeline.fetch.FetchError) and the tracking server; GPTError the gpt package's own (tokenizer,
+# checkpoints, training). Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (GPTError, ValueError, OSError)
+
+
+@contextmanager
+def reporting_errors(prog: str, *also: type[BaseException]) -> Iterator[None]:
+    """Turn an expected error from the block (EXPECTED_ERRORS, MLflow's, or `also`) into one line
+    `<prog>: error: <message>` on stderr and exit status 1, without a traceback; anything else is a
+    bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        # MLflow is checked without importing it: commands that never loaded it cannot raise its errors.
+        mlflow_errors = sys.modules.get("mlflow.exceptions")
+        if not (isinstance(exc, (*EXPECTED_ERRORS, *also))
+                or (mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException))):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,93 @@
+"""The DVC stages, declared once in STAGES: one module per stage; DVC and Prefect both run them.
+
+A stage module defines
+  PARAMS: {section or dotted key of params.yaml: pipeline.params.Spec}, everything it reads;
+  main(params_path): the stage, run in the project folder;
+and ends with `if __name__ == "__main__": command_line("<stage name>", main)`. No stage imports another:
+what two stages share lives in pipeline/ (layout, tracking, finetuning, ...) or in this declaration.
+dvc.yaml's `cmd`, `params`, `metrics` and code deps are written from here by `llm-pipeline dvc-yaml`;
+its data deps, outs and plots are written by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from pipeline.errors import reporting_errors
+from pipeline.layout import METRICS
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model a training stage registers in MLflow, and how `promote` compares its versions."""
+
+    name: str
+    metric: str                # the key metric, as the stage's metrics file names it
+    higher_is_better: bool
+    tags: tuple[str, ...]      # version tags that may hold the key metric, in order of preference
+    others: tuple[str, ...]    # version tags `review` shows beside it
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One dvc.yaml stage: `python -m <module>`."""
+
+    name: str
+    module: str
+    metrics: Path | None = None  # the numbers people compare (dvc metrics show); a training stage's
+                                 # also holds the version it registered, as registered_version
+    model: RegisteredModel | None = None
+    # An environment variable that may replace `python` in the command (pretrain: torchrun).
+    launcher_env: str | None = None
+
+    @property
+    def command(self) -> str:
+        python = f"\\${{{self.launcher_env}:-python}}" if self.launcher_env else "python"
+        return f"{python} -m {self.module}"
+
+    def load(self) -> ModuleType:
+        """The stage's module, checked to define PARAMS and main."""
+        module = importlib.import_module(self.module)
+        if not isinstance(getattr(module, "PARAMS", None), dict) or not callable(getattr(module, "main", None)):
+            raise TypeError(f"{self.module}: a stage module must define PARAMS and main (see pipeline.stages)")
+        return module
+
+
+PRETRAIN_LAUNCH_ENV = "LLM_PIPELINE_PRETRAIN_LAUNCH"
+# In dvc.yaml's order, which is also the order in which they run.
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("download", "pipeline.stages.download"),
+    Stage("validate", "pipeline.stages.validate", METRICS / "validate.json"),
+    Stage("tokenize", "pipeline.stages.tokenize_data", METRICS / "tokenize.json"),
+    Stage("pretrain", "pipeline.stages.pretrain", METRICS / "pretrain.json", launcher_env=PRETRAIN_LAUNCH_ENV, model=RegisteredModel(
+        # evaluate tags the version with the val loss over the whole split; pretrain's covers eval_batches only.
+        "gpt-base", "val_loss", higher_is_better=False, tags=("eval.val_loss", "metric.val_loss"),
+        others=("eval.val_perplexity", "metric.train_loss", "metric.steps"))),
+    Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json"),
+    Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json", model=RegisteredModel(
+        "gpt-spam-classifier", "test_accuracy", higher_is_better=True, tags=("metric.test_accuracy",),
+        others=("metric.test_f1", "metric.val_accuracy", "metric.train_accuracy"))),
+    Stage("finetune_instruct", "pipeline.stages.finetune_instruct", METRICS / "finetune_instruct.json", model=RegisteredModel(
+        # The instruction score: mean ROUGE-L F1 of the greedy test responses against the references.
+        "gpt-instruct", "rouge_l_f1", higher_is_better=True, tags=("metric.rouge_l_f1",),
+        others=("metric.token_f1", "metric.test_loss", "metric.judge_score"))),
+    # Last, so `models:/<name>@champion` is settled once `dvc repro` ends.
+    Stage("promote", "pipeline.stages.promote", METRICS / "promote.json"),
+)}
+# The registered models, each with the stage that trains it.
+TRAINERS: dict[str, Stage] = {stage.model.name: stage for stage in STAGES.values() if stage.model}
+
+
+def command_line(name: str, main: Callable[[Path], None]) -> None:
+    """Stage `name`'s command line: parse `--params`, run main(params_path) and exit; an expected error
+    becomes one line `<name>: error: <message>` on stderr and exit status 1, without a traceback."""
+    parser = argparse.ArgumentParser(prog=f"python -m {STAGES[name].module}",
+                                     description=f"Run the {name} stage in the current folder.")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    with reporting_errors(name):
+        main(args.params)

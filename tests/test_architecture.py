@@ -1,0 +1,89 @@
+"""The design holds: dvc.yaml matches the stage declaration, no import cycles, no stage imports another."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from pipeline.dvcyaml import _imported, code_deps, module_file
+from pipeline.stages import STAGES
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOURCES = sorted(p for package in ("gpt", "pipeline") for p in (REPO / package).rglob("*.py"))
+# Imports at module level: those run when a module loads, so only they can form a cycle.
+LOAD_TIME = {
+    module_name(path): {module_name(f) for f in map(module_file, {
+        name for node in ast.parse(path.read_text()).body
+        for name in ([node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+    }) if f is not None and f != path}
+    for path in SOURCES
+}
+
+
+def test_dvc_yaml_is_current():
+    """`llm-pipeline dvc-yaml --check`: cmd, params, metrics and code deps as the declaration writes them."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.dvcyaml", "--check"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_code_deps_cover_what_it_imports(stage: str):
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    assert set(code_deps(STAGES[stage])) <= set(listed)
+    # The generator's own walk is checked against a plain one: the module and the files it names.
+    start = module_file(STAGES[stage].module)
+    assert str(start.relative_to(REPO)) in listed
+    assert {str(module_file(n).relative_to(REPO)) for n in _imported(start) if module_file(n)} <= set(listed)
+
+
+def test_no_import_cycles():
+    """Depth-first search over module-level imports; a back edge is a cycle."""
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for other in sorted(LOAD_TIME.get(name, ())):
+            if state.get(other) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(other):], other]))
+            if other not in state:
+                visit(other, [*path, other])
+        state[name] = 2
+
+    for name in LOAD_TIME:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_stage_imports_another():
+    stage_modules = {stage.module for stage in STAGES.values()}
+    for path in SOURCES:
+        name = module_name(path)
+        if name in stage_modules:
+            imported = {module_name(f) for f in map(module_file, _imported(path)) if f is not None}
+            assert imported & stage_modules <= {name}, f"{name} imports another stage"
+
+
+def test_gpt_depends_on_no_pipeline_tooling():
+    forbidden = ("pipeline", "dvc", "mlflow", "prefect", "pandas", "pandera", "urllib", "zipfile")
+    for path in (REPO / "gpt").rglob("*.py"):
+        for name in _imported(path):
+            assert name.split(".")[0] not in forbidden, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_every_declared_stage_module_defines_the_contract():
+    for stage in STAGES.values():
+        module = stage.load()  # raises unless PARAMS and main exist
+        assert set(module.PARAMS) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage.name]["params"])
