@@ -12,6 +12,7 @@ from torch import nn
 from gpt.errors import TrainingError
 from gpt.lora import apply_lora
 from gpt.model import GPTModel
+from gpt.fields import bounded, check_fields
 from gpt.train import lr_at, make_optimizer
 
 TRAINABLE = ("all", "last_blocks", "lora")
@@ -25,16 +26,20 @@ class FinetuneConfig:
     `min_lr` is None (the book) or decays along a cosine to `min_lr` at the last step.
     """
 
-    lr: float = 5e-5
-    min_lr: float | None = None
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    epochs: int = 5
-    grad_clip: float | None = None
-    eval_every: int = 50
-    seed: int = 123
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults, as the book uses
+    lr: float = bounded(5e-5, low=0, high=1, bounds="(]")
+    min_lr: float | None = bounded(None, low=0, high=1)
+    warmup_steps: int = bounded(0, low=0)
+    weight_decay: float = bounded(0.1, low=0, high=1)
+    epochs: int = bounded(5, low=1)
+    grad_clip: float | None = bounded(None, low=0, bounds="(]")
+    eval_every: int = bounded(50, low=0)
+    seed: int = bounded(123, low=0)
+    beta1: float = bounded(0.9, low=0, high=1, bounds="[)")  # AdamW's defaults, as the book uses
+    beta2: float = bounded(0.999, low=0, high=1, bounds="[)")
     fused_adamw: bool | None = None  # see gpt.train.TrainConfig
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def select_trainable(model: GPTModel, mode: str, n_blocks: int = 1, lora_rank: int = 8, lora_alpha: float = 16.0,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gpt.attention import KVCache, MultiHeadAttention
+from gpt.fields import bounded, check_fields
 
 
 # "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
@@ -19,30 +20,24 @@ INITS = ("gpt2", "torch")
 class GPTConfig:
     """Architecture hyperparameters; names follow the book (emb_dim, n_heads, n_layers, drop_rate)."""
 
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.1
+    vocab_size: int = bounded(50257, low=1)
+    context_length: int = bounded(1024, low=1)
+    emb_dim: int = bounded(768, low=1)
+    n_heads: int = bounded(12, low=1)
+    n_layers: int = bounded(12, low=1)
+    drop_rate: float = bounded(0.1, low=0, high=1, bounds="[)")
     qkv_bias: bool = False
     tie_weights: bool = False
     use_sdpa: bool = True
-    init: str = "gpt2"  # one of INITS
+    init: str = bounded("gpt2", choices=INITS)
     # Embedding/head rows rounded up to a multiple of this (64 suits GPU matmuls); the extra rows
     # are zeros that no token id reaches, and forward() drops their logits. 1: no padding.
-    pad_vocab_to: int = 1
+    pad_vocab_to: int = bounded(1, low=1)
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_to"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        check_fields(self)
         if self.emb_dim % self.n_heads:
             raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.init not in INITS:
-            raise ValueError(f"GPTConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
 
     @property
     def padded_vocab_size(self) -> int:

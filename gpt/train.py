@@ -21,9 +21,11 @@ from gpt import distributed
 from gpt.checkpoint import load_state, save_model, save_tensors
 from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
+from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
 from gpt.model import GPTModel
 
+PRECISIONS = ("auto", "fp32", "bf16")
 TRAINER_STATE = "trainer.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 MODEL_DIR = "model"
@@ -33,28 +35,31 @@ MODEL_DIR = "model"
 class TrainConfig:
     """Optimisation and bookkeeping settings; steps count optimizer updates."""
 
-    lr: float = 4e-4
-    min_lr: float = 4e-5
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    warmup_steps: int = 0
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 8
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    stride: int | None = None  # defaults to the context length (non-overlapping windows)
-    eval_every: int = 50
-    eval_batches: int | None = 10
-    checkpoint_every: int = 0  # 0: only at the end
-    seed: int = 123
+    lr: float = bounded(4e-4, low=0, high=1, bounds="(]")
+    min_lr: float = bounded(4e-5, low=0, high=1)
+    beta1: float = bounded(0.9, low=0, high=1, bounds="[)")  # AdamW's betas
+    beta2: float = bounded(0.95, low=0, high=1, bounds="[)")
+    weight_decay: float = bounded(0.1, low=0, high=1)
+    warmup_steps: int = bounded(0, low=0)
+    epochs: int = bounded(1, low=1)
+    max_steps: int | None = bounded(None, low=1)  # overrides epochs when set
+    batch_size: int = bounded(8, low=1)
+    grad_accum: int = bounded(1, low=1)
+    grad_clip: float | None = bounded(1.0, low=0, bounds="(]")
+    stride: int | None = bounded(None, low=1)  # defaults to the context length (non-overlapping windows)
+    eval_every: int = bounded(50, low=0)
+    eval_batches: int | None = bounded(10, low=1)
+    checkpoint_every: int = bounded(0, low=0)  # 0: only at the end
+    seed: int = bounded(123, low=0)
     # Speed settings (see EXECUTION_SETTINGS): a checkpoint resumes under other values of these.
     compile: bool = False  # torch.compile the model for training; falls back to eager if that fails
-    precision: str = "auto"  # one of PRECISIONS: autocast dtype of forward + loss
+    precision: str = bounded("auto", choices=PRECISIONS)  # autocast dtype of forward + loss
     fused_adamw: bool | None = None  # None: fused on CUDA only (on CPU it differs in the last bits)
 
+    def __post_init__(self):
+        check_fields(self)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+
 EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw")
 
 
@@ -150,7 +155,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     ]
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else next(model.parameters()).device.type == "cuda"
     # Unfused: the multi-tensor (foreach) path, which computes exactly what the per-tensor default does, faster.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=None if fused else True)
 
 
 def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -335,9 +340,10 @@ class Trainer:
             return False
         trainer = _read_trainer_state(self.checkpoint_dir)
         # Speed settings may change between runs; a key older checkpoints lack has its default.
-        saved_cfg = {k: tuple(v) if isinstance(v, list) else v
-                     for k, v in {**asdict(TrainConfig()), **trainer["train_config"]}.items()
-                     if k not in EXECUTION_SETTINGS}
+        saved = dict(trainer["train_config"])
+        if "betas" in saved:  # checkpoints before beta1/beta2 were fields of their own
+            saved["beta1"], saved["beta2"] = saved.pop("betas")
+        saved_cfg = {k: v for k, v in {**asdict(TrainConfig()), **saved}.items() if k not in EXECUTION_SETTINGS}
         current_cfg = {k: v for k, v in asdict(self.cfg).items() if k not in EXECUTION_SETTINGS}
         if saved_cfg != current_cfg:
             changed = sorted(k for k in saved_cfg if saved_cfg[k] != current_cfg.get(k))

@@ -15,10 +15,12 @@ from gpt.model import GPTModel, count_parameters
 from gpt.train import tune_malloc
 from pipeline.errors import DataError
 from pipeline.layout import BASE_MODEL_DIR, RAW
-from pipeline.params import DEVICE, Float, Int, Str
+from pipeline.params import DEVICE, Float, Int, Str, config_specs
 
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BASE = Str(choices=("pipeline", *OPENAI_MODELS))
+# FinetuneConfig's fields that params set (AdamW's betas and fused_adamw keep their defaults).
+SETTINGS = ("lr", "min_lr", "warmup_steps", "weight_decay", "epochs", "grad_clip", "eval_every", "seed")
 # Params every finetuning stage has; a stage adds its own next to them in its Section.
 COMMON_PARAMS = dict(
     base=BASE,
@@ -28,16 +30,9 @@ COMMON_PARAMS = dict(
     lora_rank=Int(low=1),
     lora_alpha=Float(low=0, bounds="(]"),
     batch_size=Int(low=1),
-    epochs=Int(low=1),
-    lr=Float(0, 1, bounds="(]"),
-    min_lr=Float(0, 1, optional=True),
-    warmup_steps=Int(low=0),
-    weight_decay=Float(0, 1),
-    grad_clip=Float(low=0, bounds="(]", optional=True),
-    eval_every=Int(low=0),
     eval_batches=Int(low=1, optional=True),
-    seed=Int(low=0),
     device=DEVICE,
+    **{name: spec for name, spec in config_specs(FinetuneConfig).items() if name in SETTINGS},
 )
 
 
@@ -73,9 +68,7 @@ def report_trainable(model: GPTModel, mode: str) -> int:
 
 def settings(cfg: dict) -> FinetuneConfig:
     """The optimisation settings of a checked finetuning params section."""
-    return FinetuneConfig(lr=cfg["lr"], min_lr=cfg["min_lr"], warmup_steps=cfg["warmup_steps"],
-                          weight_decay=cfg["weight_decay"], epochs=cfg["epochs"],
-                          grad_clip=cfg["grad_clip"], eval_every=cfg["eval_every"], seed=cfg["seed"])
+    return FinetuneConfig(**{name: cfg[name] for name in SETTINGS})
 
 
 def train(model: GPTModel, cfg: dict, stage: str, batches: Callable, loss_fn: Callable, evaluate: Callable,

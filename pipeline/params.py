@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from gpt.fields import describe_range, in_range, value_type
 
 
 class ParamsError(ValueError):
@@ -62,6 +64,21 @@ def Named(values: Spec, **kw: Any) -> Spec:
     return Spec(dict, values=values, **kw)
 
 
+def config_specs(config_class: type, *, skip: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, Spec]:
+    """The specs of a config dataclass's fields (gpt.fields.bounded): type from the annotation
+    (`X | None` may be null), range or choices from the field. `optional` names fields that may be
+    null in params although the dataclass needs a value (null then means "keep the default")."""
+    specs = {}
+    for spec in fields(config_class):
+        if spec.name in skip:
+            continue
+        kind, nullable = value_type(config_class, spec.name)
+        meta = spec.metadata
+        specs[spec.name] = Spec(kind, optional=nullable or spec.name in optional, choices=meta.get("choices", ()),
+                                low=meta.get("low"), high=meta.get("high"), bounds=meta.get("bounds", "[]"))
+    return specs
+
+
 SHA256 = Str(pattern=r"[0-9a-f]{64}")
 # A plain file name: no folders, no hidden files, so params can never point outside data/.
 FILENAME = Str(pattern=r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
@@ -72,20 +89,6 @@ DEVICE = Str(choices=("auto", "cpu", "cuda", "mps"))
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a mapping"}
-
-
-def _in_range(value: float, spec: Spec) -> bool:
-    low_ok = spec.low is None or (value > spec.low if spec.bounds[0] == "(" else value >= spec.low)
-    high_ok = spec.high is None or (value < spec.high if spec.bounds[1] == ")" else value <= spec.high)
-    return low_ok and high_ok
-
-
-def _range_text(spec: Spec) -> str:
-    if spec.high is None:
-        return f"{'>' if spec.bounds[0] == '(' else '>='} {spec.low:g}"
-    if spec.low is None:
-        return f"{'<' if spec.bounds[1] == ')' else '<='} {spec.high:g}"
-    return f"in {spec.bounds[0]}{spec.low:g}, {spec.high:g}{spec.bounds[1]}"
 
 
 def _type_ok(value: Any, kind: type) -> bool:
@@ -108,8 +111,8 @@ def check(value: Any, spec: Spec, key: str, origin: str = "params.yaml") -> Any:
         raise fail(_TYPE_NAMES[spec.type])
     if spec.choices and value not in spec.choices:
         raise fail("one of " + ", ".join(map(str, spec.choices)))
-    if (spec.low is not None or spec.high is not None) and not _in_range(value, spec):
-        raise fail(_range_text(spec))
+    if (spec.low is not None or spec.high is not None) and not in_range(value, spec.low, spec.high, spec.bounds):
+        raise fail(describe_range(spec.low, spec.high, spec.bounds))
     if spec.pattern and not re.fullmatch(spec.pattern, value):
         raise fail(f"a string matching {spec.pattern}")
     if spec.type is list:

@@ -87,3 +87,11 @@ def test_every_declared_stage_module_defines_the_contract():
     for stage in STAGES.values():
         module = stage.load()  # raises unless PARAMS and main exist
         assert set(module.PARAMS) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage.name]["params"])
+
+
+def test_stage_mains_read_as_outlines():
+    """A stage's main is the outline of its steps (helpers do the work): a screen at most."""
+    for stage in STAGES.values():
+        tree = ast.parse(module_file(stage.module).read_text())
+        main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+        assert main.end_lineno - main.lineno < 50, f"{stage.module}.main is {main.end_lineno - main.lineno + 1} lines"

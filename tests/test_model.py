@@ -107,5 +107,5 @@ def test_padded_vocab_checkpoint_round_trip(tmp_path):
         assert torch.equal(back.state_dict()[key], value), key
     with pytest.raises(CheckpointError, match="tok_emb.weight has shape"):
         load_state(tmp_path / "ckpt", GPTModel(GPTConfig.from_preset("micro")))
-    with pytest.raises(ValueError, match="pad_vocab_to must be a positive integer"):
+    with pytest.raises(ValueError, match=r"GPTConfig.pad_vocab_to must be >= 1, got 0"):
         GPTConfig(pad_vocab_to=0)

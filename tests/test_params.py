@@ -99,3 +99,40 @@ def test_split_fractions_must_leave_room(project: Path):
     result = run_stage(project, "tokenize")
     assert result.stderr == ("tokenize: error: params.yaml: tokenize.spam.train_frac + tokenize.spam.val_frac "
                              "must be < 1 (the last split needs rows), got 1.05\n")
+
+
+def _bad_values(config_class):
+    """(field, a value its declaration refuses, the reason) for every bounded field of a config dataclass."""
+    from dataclasses import fields
+
+    for spec in fields(config_class):
+        meta = spec.metadata
+        if meta.get("choices"):
+            yield spec.name, "bogus", "must be one of"
+        elif meta.get("low") is not None:
+            yield spec.name, meta["low"] - 1, "must be >" if meta.get("high") is None else "must be in"
+
+
+@pytest.mark.parametrize(("section", "config_class"), [
+    ("pretrain", "gpt.train:TrainConfig"), ("pretrain", "gpt.model:GPTConfig"),
+    ("finetune_classifier", "gpt.finetune:FinetuneConfig"), ("finetune_instruct", "gpt.finetune:FinetuneConfig")])
+def test_param_checks_come_from_the_config_dataclasses(project: Path, section: str, config_class: str):
+    """One declaration: a value the dataclass refuses is refused by params.yaml's check with the same reason."""
+    import importlib
+
+    module, name = config_class.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    specs = STAGES[section].load().PARAMS
+    checked = 0
+    for field_name, value, reason in _bad_values(cls):
+        if field_name not in specs[section].fields:
+            continue  # not a param of this stage (GPTConfig.vocab_size, FinetuneConfig.beta1, ...)
+        with pytest.raises(ValueError, match=f"{field_name} {reason}"):
+            cls(**{field_name: value})
+        original = yaml.safe_load((project / "params.yaml").read_text())
+        set_param(project, f"{section}.{field_name}", value)
+        with pytest.raises(ParamsError, match=rf"^params.yaml: {section}.{field_name} {reason}"):
+            load_params(project / "params.yaml", specs)
+        (project / "params.yaml").write_text(yaml.safe_dump(original, sort_keys=False))
+        checked += 1
+    assert checked >= 5

@@ -191,7 +191,7 @@ def test_default_optimizer_computes_what_plain_adamw_does():
         optimizer = make_optimizer(model, SHORT)
         if plain:  # torch's own CPU default: one tensor at a time
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-            optimizer = torch.optim.AdamW(groups, lr=SHORT.lr, betas=SHORT.betas, foreach=False)
+            optimizer = torch.optim.AdamW(groups, lr=SHORT.lr, betas=(SHORT.beta1, SHORT.beta2), foreach=False)
         else:
             assert optimizer.param_groups[0]["foreach"] is True
         x = torch.from_numpy(tokens(64).astype(np.int64)).view(4, 16)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -99,30 +100,39 @@ def split_report(targets: torch.Tensor, predictions: torch.Tensor) -> dict:
     return {**binary_metrics(confusion, POSITIVE), "confusion": counts}
 
 
-def main(params_path: Path) -> None:
-    started = time.perf_counter()
-    params = load_params(params_path, PARAMS)
-    cfg = params["finetune_classifier"]
-    device = pick_device(cfg["device"])
+@dataclass
+class SpamSplits:
+    """The encoded splits (cut to the classifier's max_length), their labels and content hashes."""
+
+    encoded: dict[str, list[list[int]]]
+    targets: dict[str, torch.Tensor]
+    spec: ClassifierSpec
+    hashes: dict[str, str]
+
+
+def read_inputs(cfg: dict, context_length: int) -> SpamSplits:
+    """data/tokens/spam/{train,val,test}.csv encoded with the GPT-2 BPE, labels checked."""
     tokenizer = load_tokenizer(BPE_DIR)
     frames = {split: read_split(SPAM_DIR / f"{split}.csv") for split in SPLITS}
-    model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
-    context_length = model.cfg.context_length
     full = {split: encode_texts(tokenizer, frame["text"].tolist(), context_length) for split, frame in frames.items()}
-    max_length = resolve_max_length(cfg["max_length"], full["train"], context_length)
-    spec = ClassifierSpec(SPAM_LABELS, cfg["position"], max_length)
-    # Truncation keeps each text's first max_length tokens, as encode_texts does at inference.
-    encoded = {split: [seq[: spec.max_length] for seq in seqs] for split, seqs in full.items()}
-    targets = {split: torch.tensor([SPAM_LABELS.index(x) for x in frame["label"]]) for split, frame in frames.items()}
-    data_hashes = {f"{split}.csv": sha256_file(SPAM_DIR / f"{split}.csv") for split in SPLITS}
-    data_hashes["base"] = base_hash(cfg["base"])
+    spec = ClassifierSpec(SPAM_LABELS, cfg["position"], resolve_max_length(cfg["max_length"], full["train"], context_length))
+    if len(full["train"]) < cfg["batch_size"]:
+        raise DataError(f"{SPAM_DIR / 'train.csv'}: {len(full['train'])} rows is fewer than one batch "
+                        f"(finetune_classifier.batch_size {cfg['batch_size']})")
+    return SpamSplits(
+        # Truncation keeps each text's first max_length tokens, as encode_texts does at inference.
+        encoded={split: [seq[: spec.max_length] for seq in seqs] for split, seqs in full.items()},
+        targets={split: torch.tensor([SPAM_LABELS.index(x) for x in frame["label"]]) for split, frame in frames.items()},
+        spec=spec,
+        hashes={**{f"{split}.csv": sha256_file(SPAM_DIR / f"{split}.csv") for split in SPLITS},
+                "base": base_hash(cfg["base"])},
+    )
 
-    torch.manual_seed(cfg["seed"])
-    add_class_head(model, len(SPAM_LABELS))
-    select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"],
-                     always=[model.out_head])
-    trainable = report_trainable(model, cfg["trainable"])
+
+def finetune(model: GPTModel, data: SpamSplits, cfg: dict, device: torch.device) -> list[dict]:
+    """Train the classifier on the train split (val and train scored at each evaluation); fit()'s history."""
     eval_rows = None if cfg["eval_batches"] is None else cfg["eval_batches"] * cfg["batch_size"]
+    encoded, targets, spec = data.encoded, data.targets, data.spec
 
     def batches(epoch: int):
         # The book's loader: shuffled each epoch, the last partial batch dropped.
@@ -144,36 +154,49 @@ def main(params_path: Path) -> None:
             out.update({f"{split}_{name}": value for name, value in scores.items()})
         return out
 
-    steps_per_epoch = len(encoded["train"]) // cfg["batch_size"]
-    if steps_per_epoch == 0:
-        raise DataError(f"{SPAM_DIR / 'train.csv'}: {len(encoded['train'])} rows is fewer than one batch "
-                        f"(finetune_classifier.batch_size {cfg['batch_size']})")
-    with stage_run("finetune_classifier", cfg, data_hashes, params["mlflow"]):
-        history = train(model, cfg, "finetune_classifier", batches, loss_fn, evaluate,
-                        steps_per_epoch * cfg["epochs"], lambda r: (
-                            f"train loss {r['train_loss']:.3f} acc {r['train_accuracy']:.3f}, "
-                            f"val loss {r['val_loss']:.3f} acc {r['val_accuracy']:.3f}"))
-        train_time = history[-1]["elapsed_s"]
-        predictions = {split: predict_logits(model, encoded[split], spec, 64).argmax(-1) for split in SPLITS}
-        reports = {split: split_report(targets[split], predictions[split]) for split in SPLITS}
+    steps = len(encoded["train"]) // cfg["batch_size"] * cfg["epochs"]
+    return train(model, cfg, "finetune_classifier", batches, loss_fn, evaluate, steps, lambda r: (
+        f"train loss {r['train_loss']:.3f} acc {r['train_accuracy']:.3f}, "
+        f"val loss {r['val_loss']:.3f} acc {r['val_accuracy']:.3f}"))
+
+
+def write_plots(history: list[dict], data: SpamSplits, predicted_test: torch.Tensor, counts: dict) -> None:
+    """Loss and accuracy curves (CSV + PNG) and the test confusion matrix (JSON + PNG)."""
+    evals = [record for record in history if "val_loss" in record]
+    write_rows(CURVE_CSV, history, ("step", "epoch", "loss", "examples_seen"))
+    write_rows(EVAL_CSV, evals, ("step", "examples_seen", "train_loss", "val_loss", "train_accuracy", "val_accuracy"))
+    plot_curves(CURVE_PNG, "Spam classifier finetuning loss", history, evals)
+    atomic_write_json(CONFUSION_JSON, [{"actual": SPAM_LABELS[t], "predicted": SPAM_LABELS[p]} for t, p in
+                                       zip(data.targets["test"].tolist(), predicted_test.tolist())])
+    plot_confusion(CONFUSION_PNG, "Spam classifier, test split",
+                   [[counts[true][predicted] for predicted in SPAM_LABELS] for true in SPAM_LABELS], SPAM_LABELS)
+
+
+def main(params_path: Path) -> None:
+    started = time.perf_counter()
+    params = load_params(params_path, PARAMS)
+    cfg = params["finetune_classifier"]
+    device = pick_device(cfg["device"])
+    model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
+    data = read_inputs(cfg, model.cfg.context_length)
+
+    torch.manual_seed(cfg["seed"])
+    add_class_head(model, len(SPAM_LABELS))
+    select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"],
+                     always=[model.out_head])
+    trainable = report_trainable(model, cfg["trainable"])
+    with stage_run("finetune_classifier", cfg, data.hashes, params["mlflow"]):
+        history = finetune(model, data, cfg, device)
+        predictions = {split: predict_logits(model, data.encoded[split], data.spec, 64).argmax(-1) for split in SPLITS}
+        reports = {split: split_report(data.targets[split], predictions[split]) for split in SPLITS}
         flat = {f"{split}_{name}": value for split, report in reports.items()
                 for name, value in report.items() if name != "confusion"}
         for split, report in reports.items():
             print(f"{split}: accuracy {report['accuracy']:.4f}, spam precision {report['precision']:.4f}, "
                   f"recall {report['recall']:.4f}, F1 {report['f1']:.4f}")
-        save_classifier(model, spec, MODEL_DIR, extra={"stage": "finetune_classifier", "base": cfg["base"],
-                                                       "metrics": flat, "data": data_hashes})
-
-        evals = [record for record in history if "val_loss" in record]
-        write_rows(CURVE_CSV, history, ("step", "epoch", "loss", "examples_seen"))
-        write_rows(EVAL_CSV, evals,
-                   ("step", "examples_seen", "train_loss", "val_loss", "train_accuracy", "val_accuracy"))
-        plot_curves(CURVE_PNG, "Spam classifier finetuning loss", history, evals)
-        atomic_write_json(CONFUSION_JSON, [{"actual": SPAM_LABELS[t], "predicted": SPAM_LABELS[p]} for t, p in
-                                           zip(targets["test"].tolist(), predictions["test"].tolist())])
-        counts = reports["test"]["confusion"]
-        plot_confusion(CONFUSION_PNG, "Spam classifier, test split",
-                       [[counts[true][predicted] for predicted in SPAM_LABELS] for true in SPAM_LABELS], SPAM_LABELS)
+        save_classifier(model, data.spec, MODEL_DIR, extra={"stage": "finetune_classifier", "base": cfg["base"],
+                                                            "metrics": flat, "data": data.hashes})
+        write_plots(history, data, predictions["test"], reports["test"]["confusion"])
         log_history(history)
         log_step_metrics(flat, step=history[-1]["step"])
         for path in (CURVE_PNG, CURVE_CSV, EVAL_CSV, CONFUSION_JSON, CONFUSION_PNG):
@@ -181,19 +204,11 @@ def main(params_path: Path) -> None:
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, flat)
-        metrics = {
-            **reports,
-            "test_accuracy": reports["test"]["accuracy"],
-            "max_length": spec.max_length,
-            "steps": history[-1]["step"],
-            "trainable_parameters": trainable,
-            "parameters": count_parameters(model),
-            "train_time_s": round(train_time, 2),
-            "wall_time_s": round(time.perf_counter() - started, 2),
-            "device": device.type,
-            "registered_version": int(version.version),
-        }
-        atomic_write_json(STAGE.metrics, metrics)
+        atomic_write_json(STAGE.metrics, {
+            **reports, "test_accuracy": reports["test"]["accuracy"], "max_length": data.spec.max_length,
+            "steps": history[-1]["step"], "trainable_parameters": trainable, "parameters": count_parameters(model),
+            "train_time_s": round(history[-1]["elapsed_s"], 2), "wall_time_s": round(time.perf_counter() - started, 2),
+            "device": device.type, "registered_version": int(version.version)})
 
 
 if __name__ == "__main__":

@@ -82,6 +82,46 @@ def judge_responses(cfg: dict, responses: list[dict]) -> dict:
     return {"judge_score": sum(scores) / len(scores) if scores else None, "judge_scored": len(scores)}
 
 
+def finetune(model, examples: dict[str, list[Example]], cfg: dict, batching: dict) -> list[dict]:
+    """Train on the train split (shuffled per epoch), scoring train and val at each evaluation; fit()'s history."""
+    train_eval = make_batches(examples["train"], **batching)[: cfg["eval_batches"]]
+    val_batches = make_batches(examples["val"], **batching)
+
+    def epoch_batches(epoch: int) -> list:
+        return make_batches(examples["train"], **batching, shuffle=True, seed=cfg["seed"] + epoch, drop_last=True)
+
+    def evaluate() -> dict[str, float]:
+        return {"train_loss": mean_loss(model, train_eval), "val_loss": mean_loss(model, val_batches)}
+
+    return train(model, cfg, "finetune_instruct", epoch_batches, device_loss, evaluate,
+                 cfg["epochs"] * (len(examples["train"]) // cfg["batch_size"]),
+                 lambda r: f"train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}")
+
+
+def test_scores(model, tokenizer, test: list[dict], cfg: dict) -> tuple[list[dict], dict]:
+    """(greedy test responses with their scores, the mean scores and generation time)."""
+    model.eval()
+    started = time.perf_counter()
+    responses = generate_responses(model, tokenizer, test[: cfg["max_test_examples"]], cfg["max_new_tokens"])
+    generation_s = time.perf_counter() - started
+    judged = judge_responses(cfg["judge"], responses) if cfg["judge"]["enabled"] else {}
+    return responses, {
+        "rouge_l_f1": sum(r["rouge_l_f1"] for r in responses) / len(responses),
+        "token_f1": sum(r["token_f1"] for r in responses) / len(responses),
+        "responses_scored": len(responses),
+        "test_examples": len(test),
+        **judged,
+        "generation_wall_time_s": round(generation_s, 2),
+    }
+
+
+def write_curves(history: list[dict]) -> None:
+    """The loss curve with its evaluations (CSV for `dvc plots`, one PNG)."""
+    write_rows(PLOTS / "instruct_loss.csv", history, ("step", "epoch", "loss", "examples_seen", "train_loss", "val_loss"))
+    plot_curves(PLOTS / "instruct_loss.png", "Instruction finetuning loss", history,
+                [h for h in history if "val_loss" in h])
+
+
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
     cfg = params["finetune_instruct"]
@@ -90,8 +130,8 @@ def main(params_path: Path) -> None:
     device = pick_device(cfg["device"])
     records = {name: read_split(name) for name in ("train", "val", "test")}
     tokenizer = load_tokenizer(BPE_DIR)
-    data_hashes = {f"{name}.json": sha256_file(SPLITS / f"{name}.json") for name in records}
-    data_hashes["base"] = base_hash(cfg["base"])
+    data_hashes = {**{f"{name}.json": sha256_file(SPLITS / f"{name}.json") for name in records},
+                   "base": base_hash(cfg["base"])}
 
     torch.manual_seed(cfg["seed"])  # LoRA's adapter init draws from it
     model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
@@ -104,63 +144,30 @@ def main(params_path: Path) -> None:
     if len(examples["train"]) < cfg["batch_size"]:
         raise DataError(f"{SPLITS / 'train.json'}: {len(examples['train'])} records, fewer than "
                         f"finetune_instruct.batch_size={cfg['batch_size']}")
-    train_eval = make_batches(examples["train"], **batching)[: cfg["eval_batches"]]
-    val_batches = make_batches(examples["val"], **batching)
-    test_batches = make_batches(examples["test"], **batching)
-    val_loss_before = mean_loss(model, val_batches)
-
-    def epoch_batches(epoch: int) -> list:
-        return make_batches(examples["train"], **batching, shuffle=True, seed=cfg["seed"] + epoch, drop_last=True)
-
-    def evaluate() -> dict[str, float]:
-        return {"train_loss": mean_loss(model, train_eval), "val_loss": mean_loss(model, val_batches)}
-
+    val_loss_before = mean_loss(model, make_batches(examples["val"], **batching))
     with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"]):
-        history = train(model, cfg, "finetune_instruct", epoch_batches, device_loss, evaluate,
-                        cfg["epochs"] * (len(examples["train"]) // cfg["batch_size"]),
-                        lambda r: f"train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}")
-        train_s = history[-1]["elapsed_s"]
-        model.eval()
-        test = records["test"][: cfg["max_test_examples"]]
-        generation_start = time.perf_counter()
-        responses = generate_responses(model, tokenizer, test, cfg["max_new_tokens"])
-        generation_s = time.perf_counter() - generation_start
-        judged = judge_responses(cfg["judge"], responses) if cfg["judge"]["enabled"] else {}
+        history = finetune(model, examples, cfg, batching)
+        responses, scores = test_scores(model, tokenizer, records["test"], cfg)
         evals = [h for h in history if "val_loss" in h]
         metrics = {
-            "base": cfg["base"],
-            "trainable": cfg["trainable"],
-            "trainable_parameters": trainable,
-            "parameters": count_parameters(model),
-            "max_length": max_length,
-            "val_loss_before": val_loss_before,
-            "train_loss": evals[-1]["train_loss"],
-            "val_loss": evals[-1]["val_loss"],
-            "test_loss": mean_loss(model, test_batches),
-            "rouge_l_f1": sum(r["rouge_l_f1"] for r in responses) / len(responses),
-            "token_f1": sum(r["token_f1"] for r in responses) / len(responses),
-            "responses_scored": len(responses),
-            "test_examples": len(records["test"]),
-            **judged,
-            "steps": history[-1]["step"],
-            "train_wall_time_s": round(train_s, 2),
-            "generation_wall_time_s": round(generation_s, 2),
+            "base": cfg["base"], "trainable": cfg["trainable"], "trainable_parameters": trainable,
+            "parameters": count_parameters(model), "max_length": max_length, "val_loss_before": val_loss_before,
+            "train_loss": evals[-1]["train_loss"], "val_loss": evals[-1]["val_loss"],
+            "test_loss": mean_loss(model, make_batches(examples["test"], **batching)),
+            **scores, "steps": history[-1]["step"], "train_wall_time_s": round(history[-1]["elapsed_s"], 2),
             "device": device.type,
         }
         save_model(model, MODEL_DIR, extra={"stage": "finetune_instruct", "base": cfg["base"], "data": data_hashes,
                                             "metrics": metrics})
         atomic_write_json(RESPONSES_FILE, responses)
-        write_rows(PLOTS / "instruct_loss.csv", history,
-                   ("step", "epoch", "loss", "examples_seen", "train_loss", "val_loss"))
-        plot_curves(PLOTS / "instruct_loss.png", "Instruction finetuning loss", history, evals)
+        write_curves(history)
         log_history(history)
         for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, metrics)
-        metrics["registered_version"] = int(version.version)
-        atomic_write_json(STAGE.metrics, metrics)
+        atomic_write_json(STAGE.metrics, {**metrics, "registered_version": int(version.version)})
 
 
 if __name__ == "__main__":
