@@ -1,0 +1,1 @@
+"""A GPT-2-style language model from scratch: model, training and inference (torch, tiktoken, numpy, safetensors only)."""
