@@ -1,14 +1,22 @@
 """How the pipeline reads its MLflow model registry: the aliases it keeps and each version's key metric."""
 from __future__ import annotations
 
-from mlflow.entities.model_registry import ModelVersion
+from typing import TYPE_CHECKING
 
 from pipeline.errors import DataError
-from pipeline.stages import TRAINERS
+from pipeline.stages import STAGES, TRAINERS
+
+if TYPE_CHECKING:  # commands import this module for the alias names without waiting for MLflow
+    from mlflow.entities.model_registry import ModelVersion
 
 # The promote stage owns these: champion serves, challenger is the newest version put up.
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+
+
+def champion_uri(stage: str) -> str:
+    """The MLflow URI of the model version in use for the model that `stage` trains."""
+    return f"models:/{STAGES[stage].model.name}@{CHAMPION}"
 
 
 def metric_label(tag: str) -> str:

@@ -48,9 +48,11 @@ def run(argv: list[str]) -> None:
 def serve(argv: list[str]) -> None:
     """Serve an MLflow model from the project's store with `mlflow models serve` (POST /invocations);
     it binds 127.0.0.1 unless --host says otherwise."""
+    from pipeline.registry import champion_uri
+
     parser = ArgumentParser(prog="llm-pipeline serve", description=serve.__doc__)
-    parser.add_argument("model", nargs="?", default="models:/gpt-spam-classifier@champion",
-                        help="model URI (default: models:/gpt-spam-classifier@champion)")
+    default = champion_uri("finetune_classifier")
+    parser.add_argument("model", nargs="?", default=default, help=f"model URI (default: {default})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=5001, help="(default: 5001)")
     parser.add_argument("--params", default="params.yaml", help="params file whose mlflow section names the store")

@@ -8,6 +8,7 @@ from typing import Callable
 from pipeline.commands.models import add_model_options, is_model_uri, load_local_model, load_mlflow_model, parse_model_args
 from pipeline.errors import reporting_errors
 from pipeline.layout import BASE_MODEL_DIR as MODEL_DIR
+from pipeline.registry import champion_uri
 
 Generator = Callable[[str], str]
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     """Print each prompt followed by its continuation; an expected error is one line and exit status 1."""
     parser = argparse.ArgumentParser(prog="llm-pipeline generate", description=__doc__)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: one per line of stdin)")
-    add_model_options(parser, str(MODEL_DIR), "models:/gpt-base@champion")
+    add_model_options(parser, str(MODEL_DIR), champion_uri("pretrain"))
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
