@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import Field, field, fields
+from functools import cache
 from typing import Any
 
 
@@ -33,23 +34,37 @@ def in_range(value: float, low: float | None, high: float | None, bounds: str) -
     return low_ok and high_ok
 
 
+def type_ok(value: Any, kind: type) -> bool:
+    """Whether `value` is a `kind`: a bool is never a number, a float must be finite, an int may stand for a float."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+@cache
+def _hints(config_class: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
 def value_type(config_class: type, name: str) -> tuple[type, bool]:
     """(type, may be None) of a field, from its annotation: `int | None` gives (int, True)."""
-    hint = typing.get_type_hints(config_class)[name]
+    hint = _hints(config_class)[name]
     args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     if len(args) == 1 and type(None) in typing.get_args(hint):
         return args[0], True
     return typing.get_origin(hint) or hint, False
 
 
-def problem(spec: Field, value: Any) -> str | None:
+def _problem(spec: Field, value: Any) -> str | None:
     """What is wrong with `value` for a bounded field ("must be in [0, 1)"), or None."""
     meta = spec.metadata
     if meta.get("choices") and value not in meta["choices"]:
         return "must be one of " + ", ".join(map(str, meta["choices"]))
     low, high = meta.get("low"), meta.get("high")
     if (low is not None or high is not None) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value) or not in_range(value, low, high, meta["bounds"]):
+        if not in_range(value, low, high, meta["bounds"]):
             return f"must be {describe_range(low, high, meta['bounds'])}"
     return None
 
@@ -61,10 +76,8 @@ def check_fields(config: Any) -> None:
         kind, nullable = value_type(type(config), spec.name)
         if value is None and nullable:
             continue
-        numeric = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind in (int, float, bool, str) and not (numeric or (isinstance(value, kind) and
-                                                              (kind is bool or not isinstance(value, bool)))):
+        if kind in (int, float, bool, str) and not type_ok(value, kind):
             raise ValueError(f"{type(config).__name__}.{spec.name} must be of type {kind.__name__}, got {value!r}")
-        why = problem(spec, value)
+        why = _problem(spec, value)
         if why:
             raise ValueError(f"{type(config).__name__}.{spec.name} {why}, got {value!r}")

@@ -12,6 +12,7 @@ import ast
 import io
 import re
 import sys
+from functools import cache
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -36,16 +37,19 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def _imported(path: Path) -> set[str]:
-    """Our modules `path` imports anywhere (module level or inside functions), with their packages."""
+@cache
+def imported_modules(path: Path, at_load: bool = False) -> frozenset[str]:
+    """The modules `path` imports, with their packages: anywhere (inside functions too, as a stage
+    may run them), or with `at_load` only those its module level imports when it loads."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in tree.body if at_load else ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
         elif isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
     # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
-    return {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+    return frozenset(".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2))
 
 
 def code_deps(stage: Stage) -> list[str]:
@@ -61,7 +65,7 @@ def code_deps(stage: Stage) -> list[str]:
         if path in seen:
             continue
         seen.add(path)
-        todo += [f for f in map(module_file, _imported(path)) if f is not None]
+        todo += [f for f in map(module_file, imported_modules(path)) if f is not None]
     return sorted(str(p.relative_to(ROOT)) for p in seen)
 
 

@@ -116,12 +116,12 @@ def _install(
         shutil.copyfile(src, tmp)
 
 
-def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None) -> None:
-    """Fetch url into tmp; errors do not repeat the URL (the caller prefixes it)."""
+def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None, label: str) -> None:
+    """Fetch url into tmp (its progress bar named `label`); errors do not repeat the URL (the caller prefixes it)."""
     request = urllib.request.Request(url, headers={"User-Agent": "llm-pipeline"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
-        bar = progress(total=total or None, desc=tmp.name.split(".part")[0].lstrip("."),
+        bar = progress(total=total or None, desc=label,
                        unit="B", unit_scale=True) if progress else None
         try:
             while block := response.read(1 << 16):
@@ -161,9 +161,10 @@ def download_verified(
     bad_content = False
     for url in urls:
         for attempt in range(retries):
-            tmp = temp_beside(dest)
+            # Named apart from dest's own temps: installing a zip member clears those while the zip is read.
+            tmp = temp_beside(dest.with_name(f"{dest.name}.download"))
             try:
-                _download_once(url, tmp, timeout_s, progress)
+                _download_once(url, tmp, timeout_s, progress, dest.name)
                 _install(tmp, dest, sha256, member, max_member_bytes, url, move=True)
                 return url
             except BadContentError as exc:

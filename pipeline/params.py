@@ -1,7 +1,6 @@
 """Load params.yaml and check each stage's sections and keys against a small declarative spec."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from gpt.fields import describe_range, in_range, value_type
+from gpt.fields import describe_range, in_range, type_ok, value_type
 
 
 class ParamsError(ValueError):
@@ -91,15 +90,6 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
                list: "a list", dict: "a mapping"}
 
 
-def _type_ok(value: Any, kind: type) -> bool:
-    # YAML gives bools for true/false; they are ints to Python but never a valid number here.
-    if isinstance(value, bool):
-        return kind is bool
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
 def check(value: Any, spec: Spec, key: str, origin: str = "params.yaml") -> Any:
     """Return `value` checked against spec (optional fields filled in); raise ParamsError naming `key`."""
     def fail(what: str) -> ParamsError:
@@ -107,7 +97,7 @@ def check(value: Any, spec: Spec, key: str, origin: str = "params.yaml") -> Any:
 
     if value is None and spec.optional:
         return spec.default
-    if not _type_ok(value, spec.type):
+    if not type_ok(value, spec.type):
         raise fail(_TYPE_NAMES[spec.type])
     if spec.choices and value not in spec.choices:
         raise fail("one of " + ", ".join(map(str, spec.choices)))

@@ -82,10 +82,9 @@ def judge_responses(cfg: dict, responses: list[dict]) -> dict:
     return {"judge_score": sum(scores) / len(scores) if scores else None, "judge_scored": len(scores)}
 
 
-def finetune(model, examples: dict[str, list[Example]], cfg: dict, batching: dict) -> list[dict]:
+def finetune(model, examples: dict[str, list[Example]], val_batches: list, cfg: dict, batching: dict) -> list[dict]:
     """Train on the train split (shuffled per epoch), scoring train and val at each evaluation; fit()'s history."""
     train_eval = make_batches(examples["train"], **batching)[: cfg["eval_batches"]]
-    val_batches = make_batches(examples["val"], **batching)
 
     def epoch_batches(epoch: int) -> list:
         return make_batches(examples["train"], **batching, shuffle=True, seed=cfg["seed"] + epoch, drop_last=True)
@@ -144,9 +143,10 @@ def main(params_path: Path) -> None:
     if len(examples["train"]) < cfg["batch_size"]:
         raise DataError(f"{SPLITS / 'train.json'}: {len(examples['train'])} records, fewer than "
                         f"finetune_instruct.batch_size={cfg['batch_size']}")
-    val_loss_before = mean_loss(model, make_batches(examples["val"], **batching))
+    val_batches = make_batches(examples["val"], **batching)
+    val_loss_before = mean_loss(model, val_batches)
     with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"]):
-        history = finetune(model, examples, cfg, batching)
+        history = finetune(model, examples, val_batches, cfg, batching)
         responses, scores = test_scores(model, tokenizer, records["test"], cfg)
         evals = [h for h in history if "val_loss" in h]
         metrics = {

@@ -61,9 +61,13 @@ def train_config(cfg: dict) -> TrainConfig:
     return TrainConfig(**{spec.name: cfg[spec.name] for spec in fields(TrainConfig)})
 
 
+# Params that change how a run executes, not what it computes: a checkpoint resumes under any values.
+RUN_SETTINGS = ("device", "deterministic", *EXECUTION_SETTINGS)
+
+
 def run_digest(cfg: dict, data_hashes: dict[str, str]) -> str:
     """Identifies a training run: same params and data resume the same checkpoint folder."""
-    keyed = {k: v for k, v in cfg.items() if k not in ("device", "deterministic") and k not in EXECUTION_SETTINGS}
+    keyed = {k: v for k, v in cfg.items() if k not in RUN_SETTINGS}
     blob = json.dumps({"params": keyed, "data": data_hashes}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
