@@ -192,7 +192,8 @@ def fetch_with_origin(
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     **download_kwargs,
 ) -> tuple[Path, str]:
-    """Like `fetch`, and also say where the file came from: "present", "mirror:<path>" or the URL."""
+    """Make `dest_dir/source.filename` exist with the right sha256; return its path and where it came
+    from: "present" (already there and verified), "mirror:<path>", or the URL (unless offline)."""
     dest = Path(dest_dir) / source.filename
     if dest.is_file() and source.sha256 and sha256_file(dest) == source.sha256:
         return dest, "present"
@@ -212,20 +213,6 @@ def fetch_with_origin(
     used = download_verified(source.urls, source.sha256, dest, member=source.archive_member,
                              max_member_bytes=max_member_bytes, **download_kwargs)
     return dest, used
-
-
-def fetch(
-    source: Source,
-    dest_dir: str | os.PathLike,
-    mirror: str | os.PathLike | None = None,
-    offline: bool = False,
-    **download_kwargs,
-) -> Path:
-    """Make `dest_dir/source.filename` exist with the right sha256; return its path.
-
-    Order: an already present, verified file; the mirror folder; the network (unless offline).
-    """
-    return fetch_with_origin(source, dest_dir, mirror, offline, **download_kwargs)[0]
 
 
 def resolve_mirror(param: str | None) -> Path | None:
