@@ -8,7 +8,8 @@ Rows: the machine's measured matmul peak and memory bandwidth; training tokens/s
 FLOPs utilization against that peak) of the real training step (gpt.train.Trainer: make_optimizer,
 batch_loss, clipping, the precision/compile settings); batch-1 decoding tokens/s with and without
 the KV cache against the memory-bandwidth bound; tokenization MB/s of the pipeline's path
-(pipeline.stages.tokenize_data.split_corpus) against raw tiktoken; the seconds of a no-op `dvc repro`.
+(pipeline.corpus.write_corpus_tokens; benchmarks/bench_tokenize.py measures it on a 1 GB corpus)
+against raw tiktoken; the seconds of a no-op `dvc repro`.
 Definitions are printed under the table. Timings synchronize CUDA before reading the clock.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -178,11 +180,11 @@ def decode_against_bound(model: GPTModel, prompt_len: int, new_tokens: int, devi
 
 # -- tokenization -------------------------------------------------------------------------------
 def tokenization(text_path: Path, bpe_dir: Path, repeats: int) -> tuple[float, float, int]:
-    """MB/s (UTF-8 bytes, 1 MB = 1e6 B) of the pipeline's corpus encoding (split_corpus, as the
-    tokenize stage calls it: train/val cut, chunk-parallel encode_text, join) and of raw tiktoken
-    encode_ordinary of the same text with the same encoding."""
+    """MB/s (UTF-8 bytes, 1 MB = 1e6 B) of the pipeline's corpus encoding (write_corpus_tokens, as
+    the tokenize stage calls it: read, train/val cut, encode on every core, write both token files)
+    and of raw tiktoken encode_ordinary of the same text with the same encoding."""
     from gpt.tokenizer import load_tokenizer
-    from pipeline.stages.tokenize_data import split_corpus
+    from pipeline.corpus import write_corpus_tokens
 
     enc = load_tokenizer(bpe_dir)
     text = text_path.read_text(encoding="utf-8")
@@ -190,7 +192,9 @@ def tokenization(text_path: Path, bpe_dir: Path, repeats: int) -> tuple[float, f
     cpu = torch.device("cpu")
     enc.encode_ordinary(text)  # warm-up (regex compile, rank tables)
     raw = best_seconds(lambda: enc.encode_ordinary(text), cpu, repeats)
-    ours = best_seconds(lambda: split_corpus(enc, [text], 0.9), cpu, repeats)
+    with tempfile.TemporaryDirectory() as out:
+        ours = best_seconds(lambda: write_corpus_tokens([text_path], "text", enc, 0.9, "cut", Path(out) / "train.bin",
+                                                        Path(out) / "val.bin"), cpu, repeats)
     return n_bytes / ours / 1e6, n_bytes / raw / 1e6, n_bytes
 
 
@@ -322,7 +326,7 @@ def main() -> None:
         text_path, bpe_dir = args.mirror / "tinyshakespeare.txt", args.mirror / "gpt2_bpe"
         if text_path.is_file() and bpe_dir.is_dir():
             ours, raw, n_bytes = tokenization(text_path, bpe_dir, 5)
-            rows.append(("tokenization", f"split_corpus of tinyshakespeare.txt ({n_bytes / 1e6:.2f} MB), "
+            rows.append(("tokenization", f"write_corpus_tokens of tinyshakespeare.txt ({n_bytes / 1e6:.2f} MB), "
                          f"{os.cpu_count()} threads", fmt(ours, "MB/s", 1),
                          f"raw tiktoken encode_ordinary {raw:,.1f} MB/s", f"{ours / raw:.2f}x"))
         else:

@@ -127,19 +127,27 @@ def confusion_matrix(targets: Sequence[int], predictions: Sequence[int], n_class
     return counts
 
 
-def binary_metrics(confusion: list[list[int]], positive: int = 1) -> dict[str, float]:
-    """Accuracy, and precision, recall and F1 of class `positive`; an undefined ratio counts as 0."""
-    total = sum(map(sum, confusion))
-    true_pos = confusion[positive][positive]
-    predicted_pos = sum(row[positive] for row in confusion)
-    actual_pos = sum(confusion[positive])
-    precision = true_pos / predicted_pos if predicted_pos else 0.0
-    recall = true_pos / actual_pos if actual_pos else 0.0
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def classification_metrics(confusion: list[list[int]], labels: Sequence[str]) -> dict:
+    """Accuracy; per-class precision, recall, F1 and support (true count) keyed by label; and their
+    macro averages (unweighted means over all classes). An undefined ratio counts as 0."""
+    if not labels or len(confusion) != len(labels):
+        raise ValueError(f"the confusion matrix has {len(confusion)} rows for {len(labels)} labels")
+    per_class = {}
+    for index, label in enumerate(labels):
+        hits = confusion[index][index]
+        precision = _ratio(hits, sum(row[index] for row in confusion))
+        recall = _ratio(hits, sum(confusion[index]))
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": sum(confusion[index])}
+    scores = list(per_class.values())
     return {
-        "accuracy": sum(confusion[i][i] for i in range(len(confusion))) / total if total else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "accuracy": _ratio(sum(confusion[i][i] for i in range(len(confusion))), sum(map(sum, confusion))),
+        **{f"macro_{name}": sum(s[name] for s in scores) / len(scores) for name in ("precision", "recall", "f1")},
+        "per_class": per_class,
     }
 
 

@@ -5,10 +5,12 @@
   commands/       the `llm-pipeline` verbs (cli.py lists them): run, generate, chat, classify, review, serve
   mlflow_models/  the MLflow pyfunc models the training stages register and `serve` serves
   flows.py        Prefect flows and the nightly deployment over dvc.yaml
-  dvcyaml.py      writes dvc.yaml's cmd, params, metrics and code deps from the declaration
+  dvcyaml.py      writes dvc.yaml's cmd, params, metrics, code deps and local data sources
+  datasets.py     params `datasets`: each dataset's sources (download names, local files/folders/globs)
   params.py       params.yaml checking; presets.py (+ presets.yaml) named overrides of it
   tracking.py     MLflow runs and model logging; registry.py: aliases and key metrics of versions
-  layout.py       the data/ folders; fetch.py downloads; schemas.py and encoding.py read and encode data
+  layout.py       the data/ folders; fetch.py downloads (pinned or tracked); corpus.py streams and
+                  tokenizes a corpus; schemas.py reads labelled tables and instructions; encoding.py
   finetuning.py   what the two finetuning stages share; judge.py the optional LLM judge; plots.py curves
   errors.py       expected errors, reported in one line; repro.py the environment of `dvc repro`
 """

@@ -1,9 +1,11 @@
-"""Keep dvc.yaml's code-facing parts true: each stage's cmd, params, metrics and the code it imports.
+"""Keep dvc.yaml's generated parts true: each stage's cmd, params, metrics, the code it imports, the
+local data sources it reads, and whether download must run every time.
 
-They are written from the stage declaration (pipeline.stages) and the imports of each stage's module,
-so changing retry logic in pipeline/fetch.py reruns the download stage and nothing else, and no list
-is kept by hand. Data deps, outs and plots stay hand-written in dvc.yaml. `llm-pipeline dvc-yaml`
-rewrites the file; `--check` (CI) fails when it is stale.
+They are written from the stage declaration (pipeline.stages), the imports of each stage's module and
+params.yaml's datasets, so changing retry logic in pipeline/fetch.py reruns the download stage and
+nothing else, a file added to a local source folder reruns the stages that read it, and no list is
+kept by hand. The deps under data/, outs and plots stay hand-written in dvc.yaml. `llm-pipeline
+dvc-yaml` rewrites the file; `--check` (CI) fails when it is stale.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from gpt.files import atomic_write_text
+from pipeline import datasets
 from pipeline.errors import reporting_errors
+from pipeline.layout import DATA
+from pipeline.params import DOWNLOAD_SOURCES, load_params
 from pipeline.stages import STAGES, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +74,17 @@ def code_deps(stage: Stage) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in seen)
 
 
-def _is_code(dep: str) -> bool:
-    return dep.split("/")[0] in PACKAGES and dep.endswith(".py")
+def _hand_written(dep: object) -> bool:
+    # A stage's own inputs from other stages live under data/; code and local sources are generated.
+    return not isinstance(dep, str) or dep.split("/")[0] == DATA.name
 
 
-def render(text: str) -> str:
-    """dvc.yaml's text with every declared stage's generated parts rewritten."""
+def render(text: str, params_path: Path) -> str:
+    """dvc.yaml's text with every declared stage's generated parts rewritten (local sources and tracked
+    downloads as params_path declares them)."""
+    params = load_params(params_path, {datasets.SECTION: datasets.PARAMS, "download.sources": DOWNLOAD_SOURCES})
+    sources = params["download.sources"]
+    local = datasets.local_deps(params[datasets.SECTION], sources)
     yaml = YAML()  # round trip: comments, order and layout of the hand-written parts are kept
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.width = 120
@@ -85,9 +95,15 @@ def render(text: str) -> str:
         if entry is None:
             raise ValueError(f"{DVC_YAML}: no stage {name}; add its entry (data deps, outs) by hand first")
         entry["cmd"] = stage.command
-        data = [dep for dep in entry.get("deps", []) if not (isinstance(dep, str) and _is_code(dep))]
-        entry["deps"] = [*code_deps(stage), *data]
-        entry["params"] = list(stage.load().PARAMS)
+        reads = stage.load().PARAMS
+        data = [dep for dep in entry.get("deps", []) if _hand_written(dep)]
+        entry["deps"] = [*code_deps(stage), *(local if datasets.SECTION in reads else []), *data]
+        entry["params"] = list(reads)
+        if "download" in reads:  # the stage that fetches: tracked sources must be fetched on every run
+            if any(spec["track"] for spec in sources.values()):
+                entry["always_changed"] = True
+            else:
+                entry.pop("always_changed", None)
         if stage.metrics is not None:
             entry["metrics"] = [str(stage.metrics)]
     out = io.StringIO()
@@ -96,24 +112,32 @@ def render(text: str) -> str:
     return re.sub(r"\n+(  [A-Za-z_][\w-]*:\n)", r"\n\n\1", out.getvalue())
 
 
+def refresh(dvc_yaml: Path) -> bool:
+    """Rewrite dvc_yaml's generated parts from the code and the params.yaml beside it; return whether it changed."""
+    current = dvc_yaml.read_text(encoding="utf-8")
+    wanted = render(current, dvc_yaml.parent / "params.yaml")
+    if wanted != current:
+        atomic_write_text(dvc_yaml, wanted)
+    return wanted != current
+
+
 def main(argv: list[str] | None = None) -> None:
     """`llm-pipeline dvc-yaml [--check]`: rewrite dvc.yaml's generated parts, or check they are current."""
     parser = argparse.ArgumentParser(prog="llm-pipeline dvc-yaml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if dvc.yaml is stale")
-    parser.add_argument("--file", type=Path, default=ROOT / DVC_YAML, help="(default: the project's dvc.yaml)")
+    parser.add_argument("--file", type=Path, default=Path(DVC_YAML),
+                        help="the dvc.yaml to rewrite, with its params.yaml beside it (default: the current folder's)")
     args = parser.parse_args(argv)
     with reporting_errors("dvc-yaml"):
-        current = args.file.read_text(encoding="utf-8")
-        wanted = render(current)
-        if args.check:
-            if wanted != current:
-                print(f"dvc-yaml: error: {args.file} is stale; run `llm-pipeline dvc-yaml`", file=sys.stderr)
-                sys.exit(1)
+        if not args.check:
+            if refresh(args.file):
+                print(f"dvc-yaml: rewrote {args.file}")
             return
-        if wanted != current:
-            atomic_write_text(args.file, wanted)
-            print(f"dvc-yaml: rewrote {args.file}")
+        current = args.file.read_text(encoding="utf-8")
+        if render(current, args.file.parent / "params.yaml") != current:
+            print(f"dvc-yaml: error: {args.file} is stale; run `llm-pipeline dvc-yaml`", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

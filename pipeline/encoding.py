@@ -1,8 +1,8 @@
-"""GPT-2 encoding of long texts at near raw-tiktoken speed: cut at safe spaces, encode in threads."""
+"""GPT-2 encoding of long texts in pieces: where text can be cut without changing its tokens, and ids without lists."""
 from __future__ import annotations
 
-import os
 import re
+from typing import AbstractSet
 
 import numpy as np
 import tiktoken
@@ -19,7 +19,11 @@ _SAFE_CUT = re.compile(r"[ \n](?=\S)")
 
 
 def safe_cuts(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[int]:
-    """Cut positions about every `chunk_chars` characters where encoding can be split."""
+    """Cut positions about every `chunk_chars` characters where encoding can be split.
+
+    A cut needs the character after it, so the last character of `text` is never a cut: text
+    read in blocks can be cut at these positions before the next block is known.
+    """
     cuts, pos = [], chunk_chars
     while pos < len(text) and (found := _SAFE_CUT.search(text, pos)):
         cuts.append(found.start())
@@ -27,17 +31,17 @@ def safe_cuts(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[int]:
     return cuts
 
 
-def encode_text(
-    enc: tiktoken.Encoding,
-    text: str,
-    chunk_chars: int = DEFAULT_CHUNK_CHARS,
-    threads: int | None = None,
-) -> np.ndarray:
-    """Token ids (uint32) equal to `enc.encode_ordinary(text)`, computed chunk-parallel."""
-    threads = threads or os.cpu_count() or 1
-    if threads == 1:  # chunking only pays off when chunks run in parallel
-        return np.array(enc.encode_ordinary(text), dtype=np.uint32)
-    bounds = [0, *safe_cuts(text, chunk_chars), len(text)]
-    chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    parts = enc.encode_ordinary_batch(chunks, num_threads=threads)
-    return np.concatenate([np.array(part, dtype=np.uint32) for part in parts])
+def encode_ids(enc: tiktoken.Encoding, text: str, special: AbstractSet[str] = frozenset()) -> np.ndarray:
+    """Token ids (uint32) equal to `enc.encode_ordinary(text)`, made without a Python list of ints;
+    only the special tokens named in `special` are encoded as such where their text appears.
+
+    With no special token allowed, encode_to_numpy encodes "<|endoftext|>" in the text as
+    ordinary text, as encode_ordinary does; disallowed_special=() skips its Python-side scan
+    for special tokens, which would hold the GIL while other threads encode.
+    """
+    try:
+        return enc.encode_to_numpy(text, allowed_special=special, disallowed_special=())
+    except UnicodeEncodeError:
+        # Lone surrogates (a JSON string may hold them): replaced the way encode_ordinary does.
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc.encode_to_numpy(text, allowed_special=special, disallowed_special=())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import time
@@ -9,10 +10,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path, PurePosixPath
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from gpt.files import atomic_file, sha256_file, temp_beside
+from gpt.files import atomic_file, atomic_write_json, sha256_file, temp_beside
 
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"  # a folder holding copies of the files (see resolve_mirror)
 OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"  # 1: never touch the network
@@ -45,7 +47,8 @@ class Source:
     With `archive_member` set, the URLs and the mirror hold a zip archive and `filename`
     is that member extracted; `sha256` is then the member's hash, not the zip's, since the
     same member can be served in zips that differ byte for byte. An empty `sha256` means
-    unpinned: accepted unverified (callers must opt in to that explicitly).
+    unpinned: accepted unverified (callers must opt in to that explicitly, or set `track`:
+    fetched again on every run, see fetch_tracked).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Source:
     # Where the verified file is looked up in a mirror folder (defaults to filename).
     mirror_path: str = ""
     archive_member: str = ""
+    track: bool = False
 
     @property
     def mirror_relpath(self) -> str:
@@ -116,9 +120,11 @@ def _install(
         shutil.copyfile(src, tmp)
 
 
-def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None, label: str) -> None:
-    """Fetch url into tmp (its progress bar named `label`); errors do not repeat the URL (the caller prefixes it)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "llm-pipeline"})
+def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | None, label: str,
+                   headers: Mapping[str, str] | None = None) -> Message:
+    """Fetch url into tmp (its progress bar named `label`); return the response headers. Errors do not
+    repeat the URL (the caller prefixes it); a 304 answer to conditional `headers` is an HTTPError."""
+    request = urllib.request.Request(url, headers={"User-Agent": "llm-pipeline", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
         bar = progress(total=total or None, desc=label,
@@ -135,6 +141,7 @@ def _download_once(url: str, tmp: Path, timeout: float, progress: Callable | Non
                 bar.close()
         if total and out.tell() != total:
             raise FetchError(f"truncated download ({out.tell()} of {total} bytes)")
+        return response.headers
 
 
 def download_verified(
@@ -213,6 +220,85 @@ def fetch_with_origin(
     used = download_verified(source.urls, source.sha256, dest, member=source.archive_member,
                              max_member_bytes=max_member_bytes, **download_kwargs)
     return dest, used
+
+
+VALIDATORS = "validators.json"  # beside a tracked source's last copy: what the server said of it
+
+
+def _last_copy(source: Source, state: Path) -> tuple[Path | None, dict]:
+    """The last fetched copy of a tracked source and its validators, if both are there and agree."""
+    copy = state / source.filename
+    try:
+        saved = json.loads((state / VALIDATORS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, {}
+    if not copy.is_file() or not isinstance(saved, dict) or saved.get("sha256") != sha256_file(copy):
+        return None, {}
+    return copy, saved
+
+
+def fetch_tracked(
+    source: Source,
+    dest_dir: str | os.PathLike,
+    state: Path,
+    offline: bool = False,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    progress: Callable | None = None,
+) -> tuple[Path, str]:
+    """Fetch a tracked (unpinned) source again into `dest_dir`; return its path and where it came from.
+
+    The last copy and the server's validators (ETag, Last-Modified) are kept in `state`, so a
+    server that supports conditional requests answers 304 and nothing is transferred: the origin is
+    then "not modified:<url>". Whatever the server says, the content hash decides what changed
+    downstream. Offline, the last copy is used ("last copy (offline)"); a network failure is an
+    error, never a silently stale copy.
+    """
+    dest = Path(dest_dir) / source.filename
+    state.mkdir(parents=True, exist_ok=True)
+    copy, saved = _last_copy(source, state)
+    if offline:
+        if copy is None:
+            raise MissingError(f"{source.filename}: tracked source never fetched, and offline", source.filename,
+                               source.urls[0])
+        _install(copy, dest, "", "", max_member_bytes, str(copy), move=False)
+        return dest, "last copy (offline)"
+    errors: list[str] = []
+    for url in source.urls:
+        conditional = {}
+        if copy is not None and saved.get("url") == url:
+            conditional = {key: saved[field] for key, field in (("If-None-Match", "etag"),
+                                                                ("If-Modified-Since", "last_modified")) if saved.get(field)}
+        for attempt in range(retries):
+            tmp = temp_beside(state / f"{source.filename}.download")
+            try:
+                headers = _download_once(url, tmp, timeout_s, progress, source.filename, conditional)
+                _install(tmp, state / source.filename, "", source.archive_member, max_member_bytes, url, move=True)
+                atomic_write_json(state / VALIDATORS, {"url": url, "etag": headers.get("ETag"),
+                                                       "last_modified": headers.get("Last-Modified"),
+                                                       "sha256": sha256_file(state / source.filename)})
+                _install(state / source.filename, dest, "", "", max_member_bytes, url, move=False)
+                return dest, url
+            except urllib.error.HTTPError as exc:
+                if exc.code == 304 and copy is not None:
+                    _install(copy, dest, "", "", max_member_bytes, url, move=False)
+                    return dest, f"not modified:{url}"
+                errors.append(f"{url}: {exc}")
+                if attempt + 1 < retries:
+                    time.sleep(backoff_s * 2**attempt)
+            except BadContentError as exc:
+                errors.append(str(exc))
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(f"{url}: {exc}")
+                if attempt + 1 < retries:
+                    time.sleep(backoff_s * 2**attempt)
+            finally:
+                tmp.unlink(missing_ok=True)
+    raise MissingError(f"{source.filename}: could not fetch the tracked source; " + "; ".join(errors),
+                       source.filename, source.urls[0], errors[-1] if errors else "")
 
 
 def resolve_mirror(param: str | None) -> Path | None:

@@ -20,6 +20,7 @@ for _name, _value in _PREFECT_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -34,6 +35,7 @@ from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 from prefect.types.entrypoint import EntrypointType  # noqa: E402
 
+from pipeline.dvcyaml import refresh  # noqa: E402
 from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
 from pipeline.presets import load_preset, overlay  # noqa: E402
 from pipeline.errors import reporting_errors  # noqa: E402
@@ -166,6 +168,8 @@ def apply_params(project: Path, preset: str | None = None, overrides: Mapping[st
         check_params(draft, readers(stages, changed))
         if changed:
             os.replace(draft, path)
+    if any(_within(key, "datasets") or _within(key, "download.sources") for key in changed):
+        refresh(project / "dvc.yaml")  # local sources and tracked downloads are written into dvc.yaml
     return changed
 
 
@@ -202,6 +206,17 @@ def repro(stage: str, project: str, run_group: str) -> bool:
     return any(line.startswith(f"Running stage '{stage}'") for line in out + err)
 
 
+def all_up_to_date(project: Path, names: Sequence[str], run_group: str) -> bool:
+    """Whether `dvc status` finds every stage of `names` up to date; any doubt (an error, a stage that is
+    always changed, such as download with a tracked source) answers False, and the tasks decide."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *names], cwd=project,
+                            env=dvc_env(run_group), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    try:
+        return result.returncode == 0 and json.loads(result.stdout) == {}
+    except ValueError:
+        return False
+
+
 def task_for(stage: str) -> Task:
     """The `dvc repro` task of one stage: retried with exponential backoff for download only."""
     retries = RETRIES.get(stage, 0)
@@ -221,6 +236,10 @@ def run_stages(targets: Sequence[str] | None, preset: str | None, overrides: Map
         logger.info("params.yaml: changed %s", ", ".join(changed))
     # One MLflow parent run for all stages of this flow run, unless the caller chose a group.
     group = os.environ.get(RUN_GROUP_ENV) or f"prefect-{flow_run.id}"
+    if all_up_to_date(root, names, group):
+        # A night with nothing new costs one DVC process, not one per stage.
+        logger.info("dvc status: all %d stages up to date (%s)", len(names), ", ".join(names))
+        return dict.fromkeys(names, "up to date")
     return {name: "ran" if task_for(name)(name, str(root), group) else "up to date" for name in names}
 
 

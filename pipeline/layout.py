@@ -8,10 +8,11 @@ from pipeline.errors import DataError
 DATA = Path("data")
 RAW = DATA / "raw"  # download's output: the verified source files
 BPE_DIR = RAW / "gpt2_bpe"  # what gpt.tokenizer.load_tokenizer reads
+TRACKED = DATA / "tracked"  # download's memory of tracked sources: last copy + ETag/Last-Modified each
 TOKENS = DATA / "tokens"  # tokenize's output, one folder per consumer:
 PRETRAIN_TOKENS = TOKENS / "pretrain"  # train.bin / val.bin
-SPAM_TOKENS = TOKENS / "spam"  # train/val/test.csv
-INSTRUCT_TOKENS = TOKENS / "instruct"  # train/val/test.json
+CLASSIFICATION_TOKENS = TOKENS / "classification"  # train/val/test.csv + classes.json
+INSTRUCTION_TOKENS = TOKENS / "instructions"  # train/val/test.json
 MODELS = DATA / "models"
 BASE_MODEL_DIR = MODELS / "base"  # pretrain's model
 CLASSIFIER_MODEL_DIR = MODELS / "classifier"  # finetune_classifier's

@@ -83,8 +83,17 @@ SHA256 = Str(pattern=r"[0-9a-f]{64}")
 FILENAME = Str(pattern=r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 # Keys read by several stages, declared once so every reader checks them the same way.
 CONTEXT_LENGTH = Int(low=1)
-CORPUS = List(FILENAME, min_items=1)
 DEVICE = Str(choices=("auto", "cpu", "cuda", "mps"))
+_RELPATH = Str(pattern=r"(?!.*\.\.)[A-Za-z0-9_+-][A-Za-z0-9._+/-]*", optional=True, default="")
+# download.sources: fetched by download, named by the datasets that validate and tokenize read.
+DOWNLOAD_SOURCES = Named(Section(
+    urls=List(Str(pattern=r"https?://\S+"), min_items=1),
+    sha256=Str(pattern=SHA256.pattern, optional=True, default=""),  # pinned: the final file's sha256
+    track=Bool(optional=True, default=False),  # or tracked: fetched again on every run
+    filename=FILENAME,
+    mirror_path=_RELPATH,
+    archive_member=_RELPATH,
+))
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a mapping"}

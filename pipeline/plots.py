@@ -52,15 +52,26 @@ def plot_curves(path: Path, title: str, steps: list[dict], evals: list[dict]) ->
 
 
 def plot_confusion(path: Path, title: str, confusion: list[list[int]], labels: Sequence[str]) -> None:
-    """A confusion matrix as an annotated heat map: true class down, predicted class across."""
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    """A confusion matrix as an annotated heat map: true class down, predicted class across.
+
+    The figure grows with the number of classes so each cell keeps room for its count; long labels are
+    shortened and the predicted ones slanted, so 10 classes stay legible.
+    """
+    n = len(labels)
+    side = max(3.2, 0.55 * n + 1.6)
+    fig, ax = plt.subplots(figsize=(side + 0.4, side))
     ax.imshow(confusion, cmap="Blues")
     peak = max(map(max, confusion)) or 1
+    size = 10 if n <= 5 else 8
     for row, counts in enumerate(confusion):
         for col, count in enumerate(counts):
-            ax.text(col, row, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), labels)
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=size,
+                    color="white" if count > peak / 2 else "black")
+    names = [label if len(label) <= 16 else label[:15] + "\u2026" for label in labels]
+    slanted = n > 3 or any(len(name) > 6 for name in names)
+    ax.set_xticks(range(n), names, rotation=45 if slanted else 0, ha="right" if slanted else "center",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

@@ -1,8 +1,8 @@
-"""Schemas and readers for the raw datasets: SMS spam table, instruction records, text corpora.
+"""Schemas and readers of the labelled tables and instruction records (the corpus is pipeline.corpus's).
 
-Failures are reported as dicts {row|record, column, check, value}: spam `row` is 1-based in
-the parsed table (equal to the line number unless a quoted message spans lines), instruction
-`record` is the 0-based index into the JSON list.
+Failures are dicts {file, row|record|line, column, check, value}: a table's `row` is 1-based among
+its data rows (its line number in a headerless file without multi-line quotes, one more with a
+header), a .jsonl file's `line` is 1-based, a .json list's `record` is the 0-based index.
 """
 from __future__ import annotations
 
@@ -10,38 +10,28 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pandera.pandas as pa
 
 from pipeline.errors import DataError
-from pipeline.params import Str
 
-SPAM_LABELS = ("ham", "spam")
-SPAM_PARSING = Str(choices=("book", "strict"))
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl"}
 INSTRUCTION_KEYS = ("instruction", "input", "output")
+WHERE_KEYS = ("row", "record", "line")
 
 _is_string = pa.Check(lambda s: s.map(lambda v: isinstance(v, str)), name="is_string")
 _non_blank = pa.Check(lambda s: s.map(lambda v: isinstance(v, str) and v.strip() != ""), name="non_empty")
 
-SPAM_SCHEMA = pa.DataFrameSchema(
-    {
-        "label": pa.Column(str, pa.Check.isin(SPAM_LABELS)),
-        "text": pa.Column(str, _non_blank),
-    },
-    strict=True,
-    ordered=True,
-)
 
 INSTRUCTION_SCHEMA = pa.DataFrameSchema(
     {
-        "instruction": pa.Column(object, [_is_string, _non_blank]),
-        "input": pa.Column(object, _is_string),
-        "output": pa.Column(object, [_is_string, _non_blank]),
+        "instruction": pa.Column(None, [_is_string, _non_blank]),
+        "input": pa.Column(None, _is_string),
+        "output": pa.Column(None, [_is_string, _non_blank]),
     },
-    strict=True,
-    ordered=True,
+    strict=False,
 )
 
 
@@ -51,107 +41,176 @@ def _json_safe(value: Any) -> Any:
     return value if isinstance(value, (int, float, bool)) else str(value)[:120]
 
 
-def _schema_failures(schema: pa.DataFrameSchema, frame: pd.DataFrame, row_key: str, row_offset: int) -> list[dict]:
-    """Run the schema lazily and turn pandera's failure cases into row-level dicts."""
+def _schema_failures(schema: pa.DataFrameSchema, frame: pd.DataFrame, where: str) -> list[dict]:
+    """Run the schema lazily; each pandera failure case as a dict located by the frame's file and `where` columns."""
     try:
         schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as exc:
-        cases = exc.failure_cases
-        return [
-            {
-                row_key: None if pd.isna(case["index"]) else int(case["index"]) + row_offset,
-                "column": case["column"],
-                "check": str(case["check"]),
-                "value": _json_safe(case["failure_case"]),
-            }
-            for case in cases.sort_values("index", na_position="first").to_dict("records")
-        ]
+        return [{"file": None if pd.isna(case["index"]) else frame["file"].iloc[int(case["index"])],
+                 where: None if pd.isna(case["index"]) else int(frame[where].iloc[int(case["index"])]),
+                 "column": case["column"], "check": str(case["check"]), "value": _json_safe(case["failure_case"])}
+                for case in exc.failure_cases.sort_values("index", na_position="first").to_dict("records")]
     return []
 
 
 def describe(failure: dict) -> str:
-    """One failure as a short phrase, e.g. `row 3 label: isin(['ham', 'spam']) got 'hma'`."""
-    where = " ".join(f"{k} {failure[k]}" for k in ("row", "record", "column") if failure.get(k) is not None)
+    """One failure as a short phrase, e.g. `labels.csv row 3 column label: non_empty got None`."""
+    where = " ".join(str(failure[k]) if k == "file" else f"{k} {failure[k]}"
+                     for k in ("file", *WHERE_KEYS, "column") if failure.get(k) is not None)
     return f"{where}: {failure['check']} got {failure['value']!r}"
 
 
-def read_spam(path: Path, parsing: str = "book") -> pd.DataFrame:
-    """The SMS spam table (label, text) as read by validate and tokenize alike.
+def _table_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: cannot tell the table format from the suffix {suffix or '(none)'}; use "
+                        f"{', '.join(TABLE_SUFFIXES)} or set datasets.classification.format")
+    return TABLE_SUFFIXES[suffix]
 
-    "book" reads it the way the book does, pandas' read_csv(sep="\\t", header=None) with
-    default quoting: two messages containing `"` swallow the lines after them, giving 5,572
-    rows (4,825 ham / 747 spam) that the book's numbers depend on. "strict" turns quoting off
-    (csv.QUOTE_NONE) and reads every one of the 5,574 lines. Only empty fields become missing,
-    so a message such as "NA" stays text. Rows are not checked here: see `spam_failures`.
-    """
-    quoting = csv.QUOTE_NONE if parsing == "strict" else csv.QUOTE_MINIMAL
+
+def _read_delimited(path: Path, sep: str, cfg: dict) -> pd.DataFrame:
+    """A csv/tsv table as strings. "book" quoting is pandas' default, the way the book reads the SMS
+    table (two messages containing `"` swallow the lines after them: 5,572 rows); "none" makes every
+    line a row (5,574). Only empty fields become missing, so a message such as "NA" stays text."""
+    quoting = csv.QUOTE_NONE if cfg["quoting"] == "none" else csv.QUOTE_MINIMAL
+    columns = cfg["columns"]
     try:
-        return pd.read_csv(path, sep="\t", header=None, names=["label", "text"], quoting=quoting,
+        return pd.read_csv(path, sep=sep, header=None if columns else 0, names=columns, quoting=quoting,
                            dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         detail = " ".join(str(exc).replace("Error tokenizing data. C error:", "").split())
-        raise DataError(f"{path.name}: {detail}") from None
+        raise DataError(f"{path}: {detail}") from None
 
 
-def spam_failures(frame: pd.DataFrame) -> list[dict]:
-    """Row-level failures of the spam table: unknown label, missing (no tab) or empty text."""
-    return _schema_failures(SPAM_SCHEMA, frame, "row", 1)
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file."""
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path} line {number}: invalid JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {exc.start}") from None
 
 
-def read_instructions(path: Path) -> list:
-    """The instruction records as parsed JSON; the top level must be a list."""
+def _read_jsonl_table(path: Path) -> pd.DataFrame:
+    rows, lines = [], []
+    for number, value in _json_lines(path):
+        if not isinstance(value, dict):
+            raise DataError(f"{path} line {number}: a record must be a JSON object, got {type(value).__name__}")
+        rows.append(value)
+        lines.append(number)
+    frame = pd.DataFrame(rows, dtype=object)
+    frame.index = pd.Index(lines)
+    return frame
+
+
+def read_table(path: Path, cfg: dict) -> pd.DataFrame:
+    """One labelled table as columns label, text (values as read), file and row (see the module doc)."""
+    fmt = _table_format(path, cfg["format"])
+    if fmt == "jsonl":
+        frame = _read_jsonl_table(path)
+        rows = list(frame.index)
+    else:
+        frame = _read_delimited(path, "," if fmt == "csv" else "\t", cfg)
+        rows = list(range(1, len(frame) + 1))
+    for role in ("label_column", "text_column"):
+        if cfg[role] not in frame.columns:
+            have = ", ".join(map(str, frame.columns)) or "none"
+            raise DataError(f"{path}: no column {cfg[role]!r} (datasets.classification.{role}); columns: {have}")
+    labels = frame[cfg["label_column"]]
+    return pd.DataFrame({
+        # Integer labels (0, 1, 2) are names too; other non-strings are reported by the schema.
+        "label": [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in labels],
+        "text": list(frame[cfg["text_column"]]),
+        "file": str(path),
+        "row": rows,
+    }, dtype=object)
+
+
+def read_tables(files: list[Path], cfg: dict) -> pd.DataFrame:
+    """Every table of the classification dataset, in order, as one frame (see read_table)."""
+    return pd.concat([read_table(path, cfg) for path in files], ignore_index=True)
+
+
+def table_failures(frame: pd.DataFrame, labels: list[str] | None) -> list[dict]:
+    """Row-level failures: a missing, empty or non-text label or text, or a label not in `labels` (if given)."""
+    label_checks = [_is_string, _non_blank, *([pa.Check.isin(labels)] if labels else [])]
+    schema = pa.DataFrameSchema(
+        {"label": pa.Column(None, label_checks), "text": pa.Column(None, [_is_string, _non_blank])},
+        strict=False,  # the provenance columns (file, row) ride along unchecked
+    )
+    clean = frame.map(lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    return _schema_failures(schema, clean, "row")
+
+
+def class_counts(frame: pd.DataFrame, labels: list[str] | None) -> dict[str, int]:
+    """Rows per class in class-index order (`labels` as given, else the label values sorted). Fewer than
+    two classes, or a given label without rows, is an error naming the files."""
+    counts = frame["label"].value_counts()
+    names = labels or sorted(counts.index)
+    files = ", ".join(dict.fromkeys(frame["file"]))
+    if len(names) < 2:
+        raise DataError(f"{files}: {len(names)} class(es) ({', '.join(map(repr, names))}) in the label column; "
+                        "a classifier needs 2 or more")
+    empty = [name for name in names if not counts.get(name, 0)]
+    if empty:
+        raise DataError(f"{files}: no rows of class {empty[0]!r} (datasets.classification.labels)")
+    return {name: int(counts[name]) for name in names}
+
+
+def _instruction_records(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """(where key, number, record) of a .json list or a .jsonl file."""
+    if path.suffix.lower() == ".jsonl":
+        yield from (("line", number, value) for number, value in _json_lines(path))
+        return
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path.name}: not valid UTF-8 at byte offset {exc.start}") from None
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {exc.start}") from None
     if not isinstance(records, list):
-        raise DataError(f"{path.name}: top level must be a JSON list of records, got {type(records).__name__}")
-    return records
+        raise DataError(f"{path}: top level must be a JSON list of records, got {type(records).__name__}")
+    yield from (("record", index, value) for index, value in enumerate(records))
 
 
-def instruction_failures(records: list) -> list[dict]:
-    """Per-record failures: not an object, missing/extra keys, non-string or empty fields."""
-    failures, clean = [], {}
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            failures.append({"record": index, "column": None, "check": "is_object", "value": type(record).__name__})
-            continue
-        keys = set(record)
-        failures += [{"record": index, "column": k, "check": "missing_key", "value": None}
-                     for k in INSTRUCTION_KEYS if k not in keys]
-        failures += [{"record": index, "column": k, "check": "unexpected_key", "value": None}
-                     for k in sorted(keys - set(INSTRUCTION_KEYS))]
-        if keys == set(INSTRUCTION_KEYS):
-            clean[index] = record
-    frame = pd.DataFrame.from_dict(clean, orient="index", columns=list(INSTRUCTION_KEYS), dtype=object)
-    failures += _schema_failures(INSTRUCTION_SCHEMA, frame, "record", 0)
-    return sorted(failures, key=lambda f: f["record"])
+def read_instructions(files: list[Path], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """(records as {instruction, input, output}, failures) of every instruction file, read with the
+    configured field names; a record without the input field has input ""; other fields are ignored."""
+    fields = {key: cfg[f"{key}_field"] for key in INSTRUCTION_KEYS}
+    rows, failures = [], []
+    for path in files:
+        for where, number, record in _instruction_records(path):
+            place = {"file": str(path), where: number}
+            if not isinstance(record, dict):
+                failures.append({**place, "column": None, "check": "is_object", "value": type(record).__name__})
+                continue
+            missing = [fields[k] for k in ("instruction", "output") if fields[k] not in record]
+            failures += [{**place, "column": name, "check": "missing_field", "value": None} for name in missing]
+            if not missing:
+                rows.append({**place, **{k: record.get(fields[k], "") for k in INSTRUCTION_KEYS}})
+    frame = pd.DataFrame(rows, columns=["file", "record", "line", *INSTRUCTION_KEYS], dtype=object)
+    for where in ("record", "line"):
+        located = frame[frame[where].notna()].reset_index(drop=True)
+        failures += [{**f, "column": fields.get(f["column"], f["column"])}
+                     for f in _schema_failures(INSTRUCTION_SCHEMA, located, where)]
+    records = [{k: row[k] for k in INSTRUCTION_KEYS} for row in rows]
+    return records, failures
 
 
-def read_corpus(path: Path) -> str:
-    """A text corpus decoded as strict UTF-8; an invalid byte is reported with its offset."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path.name}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
-
-
-def check_corpus_tokens(name: str, n_tokens: int, context_length: int) -> None:
-    """A corpus must fill at least one training window plus its shifted target."""
-    if n_tokens < context_length + 1:
-        raise DataError(f"{name}: {n_tokens} tokens, fewer than pretrain.context_length + 1 = {context_length + 1}")
-
-
-def summarize(name: str, failures: list[dict]) -> str:
-    """The first failure of file `name` and how many more there are, in one line."""
+def summarize(failures: list[dict]) -> str:
+    """The first failure and how many more there are, in one line."""
     more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-    return f"{name} {describe(failures[0])}{more}"
+    return f"{describe(failures[0])}{more}"
 
 
-def require_valid(name: str, failures: list[dict]) -> None:
-    """Raise DataError summarizing the failures of file `name`, if any."""
+def require_valid(failures: list[dict]) -> None:
+    """Raise DataError summarizing the failures, if any."""
     if failures:
-        raise DataError(summarize(name, failures))
+        raise DataError(summarize(failures))

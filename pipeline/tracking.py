@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import mlflow
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import gpt
@@ -209,10 +210,12 @@ def log_path(path: str | os.PathLike, artifact_path: str | None = None) -> None:
 
 
 def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike], registered_name: str | None,
-               tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> ModelVersion | None:
+               tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
+               signature: ModelSignature | None = None) -> ModelVersion | None:
     """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) to the active run and register
     it as a new version of `registered_name` (None: log only), tagged by tag_new_version. It sets no
-    alias: the promote stage owns `champion` and `challenger`."""
+    alias: the promote stage owns `champion` and `challenger`. `signature` replaces SIGNATURE when the
+    outputs depend on the artifacts (a classifier's class columns)."""
     run = mlflow.active_run()
     if run is None:
         raise TrackingError("log a model inside stage_run(), so it belongs to a stage's run")
@@ -225,7 +228,7 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
         artifacts={key: str(Path(path).resolve()) for key, path in artifacts.items()},
         # Ship the code too, so a model loads where the project is not installed.
         code_paths=[str(Path(gpt.__file__).parent), str(Path(__file__).parent)],
-        signature=model_code.SIGNATURE,
+        signature=signature or model_code.SIGNATURE,
         input_example=model_code.INPUT_EXAMPLE,
         # Without the local part ("+cpu"): PyPI has no such build, pip could not install the pin.
         pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in _MODEL_REQUIREMENTS],

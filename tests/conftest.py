@@ -1,8 +1,11 @@
 """Shared fixtures and helpers: the dataset mirror, temp projects, stage subprocesses, test servers."""
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,7 +60,7 @@ def run_stage(project: Path, stage: str, mirror: Path | None = None, **env: str)
 
 
 def set_param(project: Path, dotted: str, value) -> None:
-    """Change one key of project/params.yaml, e.g. set_param(p, "tokenize.train_ratio", 0.5)."""
+    """Change one key of project/params.yaml, e.g. set_param(p, "tokenize.corpus.train_ratio", 0.5)."""
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
     *parents, last = dotted.split(".")
@@ -188,7 +191,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 # -- quick pretraining projects -----------------------------------------------------------------
 # Params for a pretrain run of seconds on the-verdict (a tiny model, 40 steps).
 QUICK_PRETRAIN = {
-    "tokenize.corpus": ["the-verdict.txt"],
+    "datasets.corpus.sources": ["the-verdict"],
     "pretrain.model": "tiny",
     "pretrain.context_length": 64,
     "pretrain.batch_size": 4,
@@ -223,10 +226,11 @@ def copy_mirror(mirror: Path, dest: Path, without: tuple[str, ...] = ()) -> Path
 
 class FileServer:
     """Loopback HTTP server: serves `files`; paths in `truncate` announce the full length but
-    send half and hang up. Counts requests per path."""
+    send half and hang up. Counts requests per path. With `etags`, each file has an ETag (a hash of
+    its bytes) and a matching If-None-Match gets 304 Not Modified; `statuses` logs what was answered."""
 
-    def __init__(self, files: dict[str, bytes], truncate: frozenset[str] = frozenset()):
-        self.files, self.truncate, self.hits = files, truncate, {}
+    def __init__(self, files: dict[str, bytes], truncate: frozenset[str] = frozenset(), etags: bool = False):
+        self.files, self.truncate, self.hits, self.statuses = files, truncate, {}, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -236,7 +240,17 @@ class FileServer:
                 if data is None:
                     self.send_error(404)
                     return
+                etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"' if etags else None
+                if etag and self.headers.get("If-None-Match") == etag:
+                    server.statuses.append((self.path, 304))
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.end_headers()
+                    return
+                server.statuses.append((self.path, 200))
                 self.send_response(200)
+                if etag:
+                    self.send_header("ETag", etag)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data[: len(data) // 2] if self.path in server.truncate else data)
@@ -296,3 +310,45 @@ def fake_ollama() -> Iterator[ThreadingHTTPServer]:
     yield server
     server.shutdown()
     server.server_close()
+
+
+# -- "Your own data": the README's worked examples on data built from the mirror -----------------
+def readme_examples() -> list[dict]:
+    """The params blocks of README.md's "Your own data" section that set datasets, in order."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Your own data\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    return [block for block in blocks if "datasets" in block]
+
+
+def _sentences(text: str, count: int, skip: int = 0) -> list[str]:
+    pieces = [" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+", text)]
+    return [p for p in pieces if 20 <= len(p) <= 200][skip : skip + count]
+
+
+def write_topics(path: Path, mirror: Path, per_class: dict[str, int], skip: int = 0) -> None:
+    """A 3-class labelled CSV (header sentence,topic) of real sentences: art (the-verdict), drama
+    (tinyshakespeare) and chat (SMS ham messages); `per_class` rows of each, after skipping `skip`."""
+    texts = {
+        "art": _sentences((mirror / "the-verdict.txt").read_text(encoding="utf-8"), per_class["art"], skip),
+        "drama": _sentences((mirror / "tinyshakespeare.txt").read_text(encoding="utf-8"), per_class["drama"], skip),
+        "chat": [line.split("\t", 1)[1] for line in (mirror / "SMSSpamCollection").read_text(encoding="utf-8").splitlines()
+                 if line.startswith("ham\t") and '"' not in line][skip : skip + per_class["chat"]],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(["sentence", "topic"])
+        writer.writerows((text, topic) for topic, rows in texts.items() for text in rows)
+
+
+def write_own_data(root: Path, mirror: Path) -> None:
+    """my-data/ as the README's examples read it: a corpus folder, a topics CSV, an instruction JSONL."""
+    corpus = root / "my-data" / "corpus"
+    corpus.mkdir(parents=True)
+    shutil.copy(mirror / "the-verdict.txt", corpus / "verdict.txt")
+    (corpus / "notes.md").write_text((mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30000], encoding="utf-8")
+    write_topics(root / "my-data" / "topics" / "part-1.csv", mirror, {"art": 40, "drama": 60, "chat": 80})
+    records = json.loads((mirror / "instruction-data.json").read_text(encoding="utf-8"))[:40]
+    (root / "my-data" / "tasks.jsonl").write_text("".join(
+        json.dumps({"prompt": r["instruction"], "context": r["input"], "answer": r["output"], "id": i}) + "\n"
+        for i, r in enumerate(records)), encoding="utf-8")

@@ -1,6 +1,7 @@
 """A catalogue of bad inputs across the stages: each fails in one line naming the thing, and leaves every output as it was."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -30,7 +31,7 @@ REPORT = "data/metrics/validate.json"
 CHECKPOINTS = "data/checkpoints/pretrain"
 # The good project every case starts from: every stage that a case runs has run once, on tiny settings.
 SMALL = {
-    "tokenize.corpus": ["the-verdict.txt"],
+    "datasets.corpus.sources": ["the-verdict"],
     "pretrain.model": "micro",
     "pretrain.context_length": 32,
     "pretrain.batch_size": 4,
@@ -120,6 +121,22 @@ def lines(name: str, edits: dict[int, str]) -> Setup:
             rows[number - 1] = text
         return "\n".join(rows).encode("utf-8")
     return raw(name, edit)
+
+
+def own(dataset: str, files: dict[str, bytes], **settings) -> Setup:
+    """Point datasets.<dataset> at a folder my-data/ holding `files`; `settings` are more params
+    of that dataset (e.g. text_column)."""
+    def setup(ctx: Ctx) -> None:
+        for name, data in files.items():
+            (ctx.project / "my-data" / name).parent.mkdir(parents=True, exist_ok=True)
+            (ctx.project / "my-data" / name).write_bytes(data)
+        set_param(ctx.project, f"datasets.{dataset}.sources", ["my-data"])
+        for key, value in settings.items():
+            set_param(ctx.project, f"datasets.{dataset}.{key}", value)
+    return setup
+
+
+TOPICS = {"format": "csv", "columns": None, "text_column": "sentence", "label_column": "topic", "labels": None}
 
 
 def bad_mirror(edits: dict[str, Callable[[bytes], bytes] | None], offline: bool = False) -> Setup:
@@ -228,8 +245,8 @@ CASES = [
     # params.yaml is checked when it is loaded; the message names the key
     Case("param-wrong-type", "pretrain.lr is a string", "pretrain", params({"pretrain.lr": "fast"}),
          "params.yaml: pretrain.lr must be a number, got 'fast'"),
-    Case("param-out-of-range", "tokenize.train_ratio is 1.5", "tokenize", params({"tokenize.train_ratio": 1.5}),
-         "params.yaml: tokenize.train_ratio must be in (0, 1), got 1.5"),
+    Case("param-out-of-range", "tokenize.corpus.train_ratio is 1.5", "tokenize", params({"tokenize.corpus.train_ratio": 1.5}),
+         "params.yaml: tokenize.corpus.train_ratio must be in (0, 1), got 1.5"),
     Case("param-unknown", "evaluate.temprature (a typo)", "evaluate", params({"evaluate.temprature": 0.8}),
          "params.yaml: unknown key evaluate.temprature (allowed: batch_size, …temperature"),
     Case("params-file-missing", "no params.yaml", "download", remove("params.yaml"),
@@ -252,24 +269,53 @@ CASES = [
          "sms+spam+collection.zip: unsafe member path '../evil.txt'", check=nothing_escaped),
     # validate: the raw datasets
     validate_case("spam-row-malformed", "spam line 4 has a third field", lines("SMSSpamCollection", {4: "ham\tone\tmore"}),
-                  "SMSSpamCollection: Expected 2 fields in line 4, saw 3"),
+                  "data/raw/SMSSpamCollection: Expected 2 fields in line 4, saw 3"),
     validate_case("spam-label-unknown", "spam row 3 is labelled 'hma'", lines("SMSSpamCollection", {3: "hma\tFree entry"}),
-                  "SMSSpamCollection row 3 column label: isin(('ham', 'spam')) got 'hma'"),
+                  "data/raw/SMSSpamCollection row 3 column label: isin(['ham', 'spam']) got 'hma'"),
     validate_case("spam-text-empty", "spam row 5's text is one space", lines("SMSSpamCollection", {5: "ham\t "}),
-                  "SMSSpamCollection row 5 column text: non_empty got ' '"),
+                  "data/raw/SMSSpamCollection row 5 column text: non_empty got ' '"),
     validate_case("instruction-output-empty", "instruction record 7 has an empty output",
                   raw("instruction-data.json", lambda data: json.dumps(
                       [dict(r, output="") if i == 7 else r for i, r in enumerate(json.loads(data))]).encode()),
-                  "instruction-data.json record 7 column output: non_empty got ''"),
+                  "data/raw/instruction-data.json record 7 column output: non_empty got ''"),
     validate_case("instructions-malformed-json", "instruction-data.json cut off mid-record",
                   raw("instruction-data.json", lambda data: data[:5000]),
-                  "instruction-data.json: invalid JSON at line …column …"),
+                  "data/raw/instruction-data.json: invalid JSON at line …column …"),
     validate_case("corpus-not-utf8", "byte 0xff at offset 1000 of the-verdict.txt",
                   raw("the-verdict.txt", lambda data: data[:1000] + b"\xff" + data[1000:]),
-                  "the-verdict.txt: not valid UTF-8 at byte offset 1000 (invalid start byte)"),
+                  "data/raw/the-verdict.txt line 5: not valid UTF-8 (byte 1000: invalid start byte); see"),
     validate_case("corpus-shorter-than-window", "the-verdict.txt is 7 tokens, the window 32",
                   raw("the-verdict.txt", lambda data: b"Too short to train on.\n"),
-                  "the-verdict.txt: 7 tokens, fewer than pretrain.context_length + 1 = 33"),
+                  "corpus too short: 7 tokens, fewer than pretrain.context_length + 1 = 33"),
+    # validate: your own data (a folder my-data/ as the dataset's source)
+    validate_case("corpus-folder-empty-file", "a corpus folder holds an empty file",
+                  own("corpus", {"a.txt": b"Some text. " * 100, "b.txt": b""}), "my-data/b.txt: empty file"),
+    validate_case("corpus-folder-binary-file", "a corpus folder holds a binary file",
+                  own("corpus", {"a.txt": b"Some text. " * 100, "b.md": b"text\nmore\x00\x01\x02"}),
+                  "my-data/b.md line 2: binary file (NUL byte at byte 9)"),
+    validate_case("corpus-jsonl-missing-field", "line 2 of a corpus .jsonl has no text field",
+                  own("corpus", {"docs.jsonl": b'{"text": "one"}\n{"body": "two"}\n'}),
+                  "my-data/docs.jsonl line 2: missing field 'text'"),
+    validate_case("corpus-gz-not-utf8", "a gzipped corpus file holds Latin-1 text",
+                  own("corpus", {"a.txt.gz": gzip.compress("Caf\u00e9 au lait.\n".encode("latin-1"))}),
+                  "my-data/a.txt.gz line 1: not valid UTF-8 (byte 3: invalid continuation byte); see"),
+    validate_case("table-missing-column", "the label column is named category, params say topic",
+                  own("classification", {"t.csv": b"sentence,category\nhi there,a\nbye now,b\n"}, **TOPICS),
+                  "my-data/t.csv: no column 'topic' (datasets.classification.label_column); columns: sentence, category"),
+    validate_case("table-empty-label", "row 2 of a labelled CSV has no label",
+                  own("classification", {"t.csv": b"sentence,topic\nhi there,a\nbye now,\nok then,b\n"}, **TOPICS),
+                  "my-data/t.csv row 2 column label: not_nullable got None"),
+    validate_case("table-one-class", "every row of a labelled CSV has the same label",
+                  own("classification", {"t.csv": b"sentence,topic\nhi there,a\nbye now,a\n"}, **TOPICS),
+                  "my-data/t.csv: 1 class(es) ('a') in the label column; a classifier needs 2 or more"),
+    validate_case("table-text-not-string", "line 2 of a labelled .jsonl has a number as its text",
+                  own("classification", {"t.jsonl": b'{"sentence": "hi", "topic": "a"}\n{"sentence": 42, "topic": "b"}\n'},
+                      **{**TOPICS, "format": "auto"}),
+                  "my-data/t.jsonl row 2 column text: is_string got 42"),
+    validate_case("instructions-jsonl-missing-field", "line 2 of an instruction .jsonl has no answer field",
+                  own("instructions", {"t.jsonl": b'{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n'},
+                      instruction_field="prompt", input_field="context", output_field="answer"),
+                  "my-data/t.jsonl line 2 column answer: missing_field got None"),
     # writing outputs
     Case("disk-full-tokenize", "files may not grow past 64 KiB (RLIMIT_FSIZE)", "tokenize", disk_full_after(1 << 16),
          "data/tokens: write failed (File too large)"),
@@ -394,7 +440,7 @@ command_line("{stage}", stage.main)
 
 @pytest.mark.parametrize(("stage", "function", "call", "outputs"), [
     ("download", "fetch_with_origin", 3, ("data/raw/", "data/metrics/download.json")),  # two files fetched
-    ("tokenize", "write_instructions", 1, ("data/tokens/",)),  # pretrain and spam splits written
+    ("tokenize", "write_instructions", 1, ("data/tokens/",)),  # pretrain and classification splits written
 ])
 def test_killed_mid_write_then_rerun(good_project: Path, mirror: Path, tmp_path: Path, stage: str, function: str,
                                      call: int, outputs: tuple[str, ...]):

@@ -12,8 +12,8 @@ from gpt.checkpoint import save_model
 from gpt.classifier import (
     ClassifierSpec,
     add_class_head,
-    binary_metrics,
     classification_logits,
+    classification_metrics,
     classify_texts,
     collate,
     confusion_matrix,
@@ -71,17 +71,37 @@ def test_positions_pick_the_right_token():
         classification_logits(model, ids, lengths, "first")
 
 
-def test_metrics_on_a_hand_made_confusion():
+def test_binary_metrics_on_a_hand_made_confusion():
     targets = [0] * 52 + [1] * 48
     predictions = [0] * 50 + [1] * 2 + [0] * 5 + [1] * 43
     confusion = confusion_matrix(targets, predictions, 2)
     assert confusion == [[50, 2], [5, 43]]
-    scores = binary_metrics(confusion, positive=1)
+    scores = classification_metrics(confusion, LABELS)
     assert scores["accuracy"] == pytest.approx(0.93)
-    assert scores["precision"] == pytest.approx(43 / 45)
-    assert scores["recall"] == pytest.approx(43 / 48)
-    assert scores["f1"] == pytest.approx(2 * 43 / (2 * 43 + 2 + 5))
-    assert binary_metrics([[3, 0], [0, 0]]) == {"accuracy": 1.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    spam = scores["per_class"]["spam"]
+    assert spam["precision"] == pytest.approx(43 / 45) and spam["recall"] == pytest.approx(43 / 48)
+    assert spam["f1"] == pytest.approx(2 * 43 / (2 * 43 + 2 + 5)) and spam["support"] == 48
+    assert scores["macro_f1"] == pytest.approx((2 * 50 / (2 * 50 + 2 + 5) + 2 * 43 / (2 * 43 + 2 + 5)) / 2)
+
+
+def test_multiclass_metrics_on_a_hand_made_confusion():
+    # true down, predicted across:  a  b  c
+    confusion = [[5, 1, 0],   # a: 6 true
+                 [2, 3, 1],   # b: 6 true
+                 [0, 0, 0]]   # c: never true, never predicted
+    scores = classification_metrics(confusion, ("a", "b", "c"))
+    assert scores["accuracy"] == pytest.approx(8 / 12)
+    assert scores["per_class"]["a"] == pytest.approx({"precision": 5 / 7, "recall": 5 / 6, "f1": 10 / 13,
+                                                      "support": 6})
+    assert scores["per_class"]["b"] == pytest.approx({"precision": 3 / 4, "recall": 3 / 6, "f1": 0.6, "support": 6})
+    # Every ratio of a class with no true and no predicted rows is undefined, so 0; it still counts in the mean.
+    assert scores["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert scores["macro_precision"] == pytest.approx((5 / 7 + 3 / 4) / 3)
+    assert scores["macro_recall"] == pytest.approx((5 / 6 + 1 / 2) / 3)
+    assert scores["macro_f1"] == pytest.approx((10 / 13 + 0.6) / 3)
+    assert classification_metrics([[0, 0], [0, 0]], LABELS)["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="2 rows for 3 labels"):
+        classification_metrics([[1, 0], [0, 1]], ("a", "b", "c"))
 
 
 def test_truncation_keeps_the_first_tokens_and_empty_text_is_an_error(bpe_dir: Path):

@@ -85,3 +85,43 @@ def test_unpinned_weights_need_explicit_opt_in(project: Path, mirror: Path):
     result = run_stage(project, "download", mirror)
     assert_failed_cleanly(project, result, "download.hf_weights.pins.gpt2-medium.revision is not pinned",
                           "allow_unpinned")
+
+
+def _manifest(project: Path) -> dict:
+    return {row["file"]: row for row in json.loads((project / "data/metrics/download.json").read_text())["files"]}
+
+
+def test_tracked_source_is_fetched_again_and_conditional(project: Path, mirror: Path):
+    """A tracked URL: no sha256; every run asks again (If-None-Match), reuses the copy on 304, takes new bytes on 200."""
+    set_param(project, "download.sources.extra", {"urls": ["http://127.0.0.1:9/x"], "track": True, "filename": "extra.txt"})
+    rows_v1 = b"label,text\na,one\nb,two\n"
+    with FileServer({"/extra.txt": rows_v1}, etags=True) as server:
+        point_at(project, server, "extra", "/extra.txt")
+        first = run_stage(project, "download", mirror)
+        assert first.returncode == 0, first.stderr
+        assert (project / "data/raw/extra.txt").read_bytes() == rows_v1
+        row = _manifest(project)["extra.txt"]
+        assert (row["tracked"], row["verified"], row["origin"]) == (True, False, f"{server.url}/extra.txt")
+
+        again = run_stage(project, "download", mirror)  # as DVC does: the stage's outputs are rebuilt
+        assert again.returncode == 0, again.stderr
+        assert _manifest(project)["extra.txt"]["origin"] == f"not modified:{server.url}/extra.txt"
+        assert (project / "data/raw/extra.txt").read_bytes() == rows_v1
+
+        server.files["/extra.txt"] = rows_v1 + b"c,three\n"
+        changed = run_stage(project, "download", mirror)
+        assert changed.returncode == 0, changed.stderr
+        assert (project / "data/raw/extra.txt").read_bytes().endswith(b"c,three\n")
+        assert server.statuses == [("/extra.txt", 200), ("/extra.txt", 304), ("/extra.txt", 200)]
+    # Offline, the last copy stands in; pinned files still come from the mirror.
+    offline = run_stage(project, "download", mirror, LLM_PIPELINE_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert _manifest(project)["extra.txt"]["origin"] == "last copy (offline)"
+
+
+def test_a_source_is_pinned_or_tracked(project: Path, mirror: Path):
+    set_param(project, "download.sources.the-verdict.track", True)
+    result = run_stage(project, "download", mirror)
+    assert result.returncode == 1
+    assert result.stderr == ("download: error: params.yaml: download.sources.the-verdict needs either a sha256 "
+                             "(pinned) or track: true (fetched again on every run), not both\n")

@@ -24,14 +24,14 @@ def test_repro_then_noop_then_tokenize_only(dvc_repo):
     for stage in ("download", "validate", "tokenize"):
         assert f"Running stage '{stage}'" in first
     for out in ("data/raw/SMSSpamCollection", "data/metrics/validate.json", "data/tokens/pretrain/train.bin",
-                "data/tokens/spam/test.csv", "data/tokens/instruct/val.json", "data/metrics/tokenize.json"):
+                "data/tokens/classification/test.csv", "data/tokens/instructions/val.json", "data/metrics/tokenize.json"):
         assert (repo / out).is_file(), out
 
     second = sh(repo, env, str(DVC), "repro", "tokenize")
     assert "Running stage" not in second
     assert "up to date" in sh(repo, env, str(DVC), "status", "tokenize")
 
-    set_param(repo, "tokenize.train_ratio", 0.8)
+    set_param(repo, "tokenize.corpus.train_ratio", 0.8)
     third = sh(repo, env, str(DVC), "repro", "tokenize")
     assert "Stage 'download' didn't change, skipping" in third
     assert "Stage 'validate' didn't change, skipping" in third
@@ -42,7 +42,7 @@ def test_repro_then_noop_then_tokenize_only(dvc_repo):
 
 
 SMALL_TRAINING = {
-    "tokenize.corpus": ["the-verdict.txt"],
+    "datasets.corpus.sources": ["the-verdict"],
     "pretrain.model": "micro",
     "pretrain.context_length": 32,
     "pretrain.batch_size": 4,

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from conftest import REPO, UNREACHABLE, run_stage, set_param
 from gpt.checkpoint import load_model, save_model
 from gpt.model import GPTConfig, GPTModel
+from pipeline import datasets
 from pipeline.commands import chat
 from pipeline.stages import finetune_instruct, tokenize_data as tokenize
 from pipeline.stages.finetune_instruct import SPLITS
@@ -40,7 +41,8 @@ def instruct_project(raw_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     monkeypatch.chdir(project)  # the stages' data paths are relative
     params = load_params(project / "params.yaml", tokenize.PARAMS)
     SPLITS.parent.mkdir(parents=True)
-    write_instructions(SPLITS, params["tokenize"]["instruct"], params["validate.instructions_file"])
+    files = datasets.resolve("instructions", params["datasets"]["instructions"]["sources"], params["download.sources"])
+    write_instructions(SPLITS, files, params["datasets"]["instructions"], params["tokenize"]["instructions"])
     for split, keep in CUT.items():
         path = SPLITS / f"{split}.json"
         path.write_text(json.dumps(json.loads(path.read_text())[:keep]))
@@ -69,7 +71,7 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     assert metrics["registered_version"] == 1
 
     responses = json.loads((project / "data/samples/instruct_responses.json").read_text())
-    test = json.loads((project / "data/tokens/instruct/test.json").read_text())
+    test = json.loads((project / "data/tokens/instructions/test.json").read_text())
     assert len(responses) == 3
     for item, record in zip(responses, test):
         assert {"instruction", "input", "reference", "response"} <= item.keys()

@@ -1,19 +1,26 @@
 """Prefect flows over dvc.yaml: flow runs and `dvc repro` agree on what is up to date; the nightly deployment runs."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 import yaml
 
-from conftest import BIN, MIRROR_ENV, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
+from conftest import (BIN, MIRROR_ENV, answers, free_port, make_dvc_repo, readme_examples, set_param, sh, stop,
+                      wait_until, write_own_data, write_topics)
 from pipeline import flows  # first: it points Prefect at a project-local home, offline
-from pipeline.params import ParamsError
+from pipeline.params import ParamsError, read_yaml
+from pipeline.presets import overlay
+from pipeline.stages import STAGES
 from pipeline.tracking import RUN_GROUP_ENV
+from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
@@ -106,39 +113,38 @@ def test_flow_runs_and_dvc_repro_share_up_to_date(dvc_repo, prefect_api, capsys)
     assert state.is_completed(), state.message
     assert state.result() == {"download": "ran", "validate": "ran", "tokenize": "ran"}
     for out in ("data/raw/SMSSpamCollection", "data/metrics/validate.json", "data/tokens/pretrain/train.bin",
-                "data/tokens/spam/test.csv", "data/metrics/tokenize.json"):
+                "data/tokens/classification/test.csv", "data/metrics/tokenize.json"):
         assert (repo / out).is_file(), out
     assert "Data and pipelines are up to date" in sh(repo, env, dvc, "status", "download", "validate", "tokenize")
     assert "Running stage" not in sh(repo, env, dvc, "repro", "tokenize")
 
     # Overrides land in params.yaml, rerun only what reads them, and dvc agrees afterwards.
-    state, _ = run_flow(flows.pipeline_flow, stages=["tokenize"], overrides={"tokenize.train_ratio": 0.8},
+    state, _ = run_flow(flows.pipeline_flow, stages=["tokenize"], overrides={"tokenize.corpus.train_ratio": 0.8},
                         project=str(repo))
     assert state.is_completed(), state.message
     assert state.result() == {"download": "up to date", "validate": "up to date", "tokenize": "ran"}
-    assert yaml.safe_load((repo / "params.yaml").read_text())["tokenize"]["train_ratio"] == 0.8
+    assert yaml.safe_load((repo / "params.yaml").read_text())["tokenize"]["corpus"]["train_ratio"] == 0.8
     assert "Running stage" not in sh(repo, env, dvc, "repro", "tokenize")
 
-    # The reverse: dvc repro does the work; the flow then skips every stage, and its task logs say so.
-    set_param(repo, "tokenize.train_ratio", 0.7)
+    # The reverse: dvc repro does the work; the flow then skips every stage after one `dvc status`.
+    set_param(repo, "tokenize.corpus.train_ratio", 0.7)
     assert "Running stage 'tokenize'" in sh(repo, env, dvc, "repro", "tokenize")
     state, run_id = run_flow(flows.stage_flow("tokenize"), project=str(repo))
     assert state.is_completed(), state.message
     assert set(state.result().values()) == {"up to date"}
     logs = flow_logs(run_id)
-    for stage in ("download", "validate", "tokenize"):
-        assert f"Stage '{stage}' didn't change, skipping" in logs
+    assert "dvc status: all 3 stages up to date (download, validate, tokenize)" in logs
     assert "Running stage" not in logs
 
     # A typo in an override fails the run before any stage, naming the key; params.yaml is untouched.
     before = (repo / "params.yaml").read_text()
-    state, _ = run_flow(flows.pipeline_flow, overrides={"tokenize.train_ratioo": 0.5}, project=str(repo))
-    assert state.is_failed() and "tokenize.train_ratioo" in state.message
+    state, _ = run_flow(flows.pipeline_flow, overrides={"tokenize.corpus.train_ratioo": 0.5}, project=str(repo))
+    assert state.is_failed() and "tokenize.corpus.train_ratioo" in state.message
     with pytest.raises(SystemExit) as exit_info:
-        flows.main(["run", "tokenize", "--project", str(repo), "--set", "tokenize.train_ratio=2"])
+        flows.main(["run", "tokenize", "--project", str(repo), "--set", "tokenize.corpus.train_ratio=2"])
     assert exit_info.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llm-pipeline flow:")]
-    assert errors == ["llm-pipeline flow: error: params.yaml: tokenize.train_ratio must be in (0, 1), got 2"]
+    assert errors == ["llm-pipeline flow: error: params.yaml: tokenize.corpus.train_ratio must be in (0, 1), got 2"]
     assert (repo / "params.yaml").read_text() == before
 
 
@@ -180,3 +186,90 @@ def test_served_deployment_runs_on_trigger(dvc_repo, prefect_api, tmp_path):
     assert (repo / "data/metrics/validate.json").is_file()
     assert (repo / "data/probe.txt").read_text() == f"prefect-{completed[0].id}"
     assert "up to date" in sh(repo, env, str(BIN / "dvc"), "status", "probe")
+
+
+# The README's own-data examples on a model small enough for a test: seconds per stage.
+OWN_DATA_SMALL = {
+    "pretrain": {"model": "micro", "context_length": 32, "batch_size": 4, "max_steps": 4, "eval_every": 0,
+                 "sample_every": 0, "checkpoint_every": 0, "device": "cpu"},
+    "evaluate": {"max_batches": 1, "max_new_tokens": 3, "prompts": ["Hi"], "device": "cpu"},
+    "finetune_classifier": {"epochs": 1, "eval_every": 0, "warmup_steps": 0, "device": "cpu"},
+    "finetune_instruct": {"epochs": 1, "batch_size": 4, "max_length": 64, "max_test_examples": 2,
+                          "max_new_tokens": 3, "device": "cpu"},
+}
+RETRAINED = ["validate", "tokenize", "finetune_classifier", "promote"]
+
+
+def ran_stages(output: str) -> list[str]:
+    return [name for name in STAGES if f"Running stage '{name}'" in output]
+
+
+def trigger(repo: Path, env: dict) -> tuple[float, str]:
+    """Run the served deployment now and wait for it; (seconds the flow run took, its logs)."""
+    watched = sh(repo, env, str(BIN / "prefect"), "deployment", "run", "pipeline/nightly",
+                 "--watch", "--watch-timeout", "300")
+    assert "Flow run finished successfully in 'Completed'" in watched, watched
+    run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", watched).group(1))
+    # The served process ships its logs in batches: wait for the flow's last line to arrive.
+    deadline = time.monotonic() + 60
+    while "Finished in state Completed" not in (logs := flow_logs(run_id)) and time.monotonic() < deadline:
+        time.sleep(1)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    return (run.end_time - run.start_time).total_seconds(), logs
+
+
+def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, mirror):
+    """The README's three own-data examples through `dvc repro`, then the served nightly deployment twice:
+    nothing new skips every stage; a new labelled CSV in the folder retrains the classifier alone."""
+    repo, env = dvc_repo
+    url, home = prefect_api
+    write_own_data(repo, mirror)
+    params = read_yaml(repo / "params.yaml")
+    for example in [*readme_examples(), OWN_DATA_SMALL]:
+        overlay(params, example)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, env, str(BIN / "llm-pipeline"), "dvc-yaml")
+    assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == list(STAGES)
+
+    # The examples were read as written: a corpus folder, three topics, renamed instruction fields.
+    tokens = repo / "data" / "tokens"
+    meta = json.loads((tokens / "pretrain" / "meta.json").read_text())
+    assert [s["file"] for s in meta["sources"]] == ["my-data/corpus/notes.md", "my-data/corpus/verdict.txt"]
+    classes = json.loads((tokens / "classification" / "classes.json").read_text())
+    assert classes["labels"] == ["art", "chat", "drama"] and classes["balance"] == "class_weight"
+    assert classes["class_weights"][0] > 1 > classes["class_weights"][1]  # art is rare, chat common
+    confusion = json.loads((repo / "data" / "plots" / "classifier_confusion.json").read_text())
+    assert {row["actual"] for row in confusion} == {"art", "chat", "drama"}
+    first = json.loads((tokens / "instructions" / "train.json").read_text())[0]
+    assert set(first) == {"instruction", "input", "output"} and first["instruction"].startswith("Evaluate")
+
+    env.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.flows", "serve", "--cron", "0 3 1 1 *"],
+                                  cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            wait_until("served deployment", lambda: deployed(client, "pipeline/nightly"), server, log)
+        idle_s, idle = trigger(repo, env)
+        write_topics(repo / "my-data" / "topics" / "part-2.csv", mirror, {"art": 10, "drama": 10, "chat": 10}, 100)
+        _, retrained = trigger(repo, env)
+    finally:
+        stop(server)
+    print(f"nothing new: the nightly run took {idle_s:.1f} s")
+    assert ran_stages(idle) == [] and idle_s < 20, (idle_s, idle)
+    assert f"dvc status: all {len(STAGES)} stages up to date" in idle, idle
+    assert ran_stages(retrained) == RETRAINED, retrained
+    for stage in ("download", "pretrain", "evaluate", "finetune_instruct"):
+        assert f"Stage '{stage}' didn't change, skipping" in retrained
+    registry = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert sorted(int(v.version) for v in registry.search_model_versions("name='gpt-spam-classifier'")) == [1, 2]
+    assert len(registry.search_model_versions("name='gpt-base'")) == 1
+    decision = json.loads((repo / "data" / "metrics" / "promote.json").read_text())["gpt-spam-classifier"]
+    assert decision["version"] == 2 and decision["decision"] in ("promoted", "kept")
+
+    # dvc repro agrees: nothing to do, then the same four stages for the next file.
+    assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == []
+    write_topics(repo / "my-data" / "topics" / "part-3.csv", mirror, {"art": 5, "drama": 5, "chat": 5}, 150)
+    assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == RETRAINED

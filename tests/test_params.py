@@ -20,9 +20,10 @@ def test_repo_params_are_valid_for_every_stage(stage: str):
 
 def test_repo_defaults_reproduce_the_book():
     params = load_params(REPO / "params.yaml", tokenize.PARAMS)
-    assert params["tokenize"]["train_ratio"] == 0.9
-    assert params["tokenize"]["spam"] == {"seed": 123, "train_frac": 0.7, "val_frac": 0.1}
-    assert params["validate.spam_parsing"] == "book"
+    assert params["tokenize"]["corpus"] == {"train_ratio": 0.9, "split": "cut"}
+    assert params["tokenize"]["classification"] == {"balance": "undersample", "stratify": False, "duplicates": "keep",
+                                                    "seed": 123, "train_frac": 0.7, "val_frac": 0.1}
+    assert params["datasets"]["classification"]["quoting"] == "book"
 
 
 def _load_with(project: Path, dotted: str, value, module=tokenize) -> dict:
@@ -33,15 +34,21 @@ def _load_with(project: Path, dotted: str, value, module=tokenize) -> dict:
 @pytest.mark.parametrize(
     ("dotted", "value", "message"),
     [
-        ("tokenize.train_ratio", 1.5, "params.yaml: tokenize.train_ratio must be in (0, 1), got 1.5"),
-        ("tokenize.train_ratio", "0.9", "params.yaml: tokenize.train_ratio must be a number, got '0.9'"),
-        ("tokenize.spam.seed", True, "params.yaml: tokenize.spam.seed must be an integer, got True"),
-        ("tokenize.spam.seed", -1, "params.yaml: tokenize.spam.seed must be >= 0, got -1"),
-        ("tokenize.corpus", [], "params.yaml: tokenize.corpus must be a list of at least 1 item(s), got []"),
-        ("tokenize.corpus", ["../secret.txt"], "params.yaml: tokenize.corpus[0] must be a string matching"),
-        ("tokenize.instruct.shuffle", "no", "params.yaml: tokenize.instruct.shuffle must be true or false, got 'no'"),
-        ("tokenize.typo", 1, "params.yaml: unknown key tokenize.typo (allowed: corpus, train_ratio, spam, instruct)"),
-        ("validate.spam_parsing", "loose", "params.yaml: validate.spam_parsing must be one of book, strict, got 'loose'"),
+        ("tokenize.corpus.train_ratio", 1.5, "params.yaml: tokenize.corpus.train_ratio must be in (0, 1), got 1.5"),
+        ("tokenize.corpus.train_ratio", "0.9", "params.yaml: tokenize.corpus.train_ratio must be a number, got '0.9'"),
+        ("tokenize.corpus.split", "random", "params.yaml: tokenize.corpus.split must be one of cut, document"),
+        ("tokenize.classification.seed", True, "params.yaml: tokenize.classification.seed must be an integer, got True"),
+        ("tokenize.classification.seed", -1, "params.yaml: tokenize.classification.seed must be >= 0, got -1"),
+        ("tokenize.classification.balance", "oversample", "params.yaml: tokenize.classification.balance must be one "
+                                                          "of none, undersample, class_weight, got 'oversample'"),
+        ("datasets.corpus.sources", [], "params.yaml: datasets.corpus.sources must be a list of at least 1 item(s)"),
+        ("datasets.corpus.sources", [" "], "params.yaml: datasets.corpus.sources[0] must be a string matching"),
+        ("datasets.classification.labels", ["spam"], "params.yaml: datasets.classification.labels must be a list of "
+                                                     "at least 2 item(s), got ['spam']"),
+        ("tokenize.instructions.shuffle", "no", "params.yaml: tokenize.instructions.shuffle must be true or false"),
+        ("tokenize.typo", 1, "params.yaml: unknown key tokenize.typo (allowed: corpus, classification, instructions)"),
+        ("datasets.classification.quoting", "loose", "params.yaml: datasets.classification.quoting must be one of "
+                                                     "book, none, got 'loose'"),
         ("pretrain.context_length", 0, "params.yaml: pretrain.context_length must be >= 1, got 0"),
     ],
 )
@@ -70,9 +77,9 @@ def test_download_section_is_strict(project: Path, dotted: str, value, message: 
 def test_missing_key_and_missing_section(project: Path):
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    del params["tokenize"]["train_ratio"]
+    del params["tokenize"]["corpus"]["train_ratio"]
     path.write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match=r"^params.yaml: missing key tokenize.train_ratio$"):
+    with pytest.raises(ParamsError, match=r"^params.yaml: missing key tokenize.corpus.train_ratio$"):
         load_params(path, tokenize.PARAMS)
     del params["pretrain"]
     path.write_text(yaml.safe_dump(params))
@@ -95,10 +102,10 @@ def test_unreadable_params_file(tmp_path: Path):
 
 
 def test_split_fractions_must_leave_room(project: Path):
-    set_param(project, "tokenize.spam.train_frac", 0.95)
+    set_param(project, "tokenize.classification.train_frac", 0.95)
     result = run_stage(project, "tokenize")
-    assert result.stderr == ("tokenize: error: params.yaml: tokenize.spam.train_frac + tokenize.spam.val_frac "
-                             "must be < 1 (the last split needs rows), got 1.05\n")
+    assert result.stderr == ("tokenize: error: params.yaml: tokenize.classification.train_frac + "
+                             "tokenize.classification.val_frac must be < 1 (the last split needs rows), got 1.05\n")
 
 
 def _bad_values(config_class):

@@ -126,12 +126,12 @@ def test_bad_params_fail_before_training(quick_project: Path, key, value, messag
 def test_book_preset_sets_chapter_5(tmp_path: Path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     changed = apply_preset("book", tmp_path / "params.yaml")
-    assert "pretrain.model" in changed and "tokenize.corpus" in changed
+    assert "pretrain.model" in changed and "datasets.corpus.sources" in changed
     import yaml
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert params["pretrain"]["model"] == "gpt2-small" and params["pretrain"]["batch_size"] == 2
     assert params["pretrain"]["epochs"] == 10 and params["pretrain"]["lr"] == 0.0004
-    assert params["tokenize"]["corpus"] == ["the-verdict.txt"]
+    assert params["datasets"]["corpus"]["sources"] == ["the-verdict"]
     from pipeline.stages import pretrain
     from pipeline.params import load_params
     load_params(tmp_path / "params.yaml", pretrain.PARAMS)  # the result is valid

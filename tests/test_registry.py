@@ -97,7 +97,7 @@ def write_stage_metrics(versions: dict[str, str]) -> None:
 
 def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp_path: Path, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    metrics = {"gpt-base": {"val_loss": 5.5}, "gpt-spam-classifier": {"test_accuracy": 0.9, "test_f1": 0.88},
+    metrics = {"gpt-base": {"val_loss": 5.5}, "gpt-spam-classifier": {"test_accuracy": 0.9, "test_macro_f1": 0.88},
                "gpt-instruct": {"rouge_l_f1": 0.25, "token_f1": 0.3}}
     write_stage_metrics({name: register(name, values) for name, values in metrics.items()})
     promote.main(Path("params.yaml"))
@@ -135,7 +135,7 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     for (name, version), line in rows.items():
         assert f" {digest} " in line and " train.bin=abababab " in line and " g1 " in line
     assert " challenger,champion " in rows["gpt-spam-classifier", "1"]
-    assert "test_accuracy=0.9 " in rows["gpt-spam-classifier", "1"] and " test_f1=0.88 " in rows["gpt-spam-classifier", "1"]
+    assert "test_accuracy=0.9 " in rows["gpt-spam-classifier", "1"] and " test_macro_f1=0.88 " in rows["gpt-spam-classifier", "1"]
     assert " champion " in rows["gpt-instruct", "1"] and " challenger " in rows["gpt-instruct", "2"]
     assert "rouge_l_f1=0.2 " in rows["gpt-instruct", "2"] and " kept " in rows["gpt-instruct", "2"]
     assert "val_loss=5.5 " in rows["gpt-base", "1"]

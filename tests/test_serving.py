@@ -26,8 +26,7 @@ from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
 from pipeline.stages import promote
 from pipeline.mlflow_models import instruct_generator, spam_classifier
-from pipeline.mlflow_models.spam_classifier import predict_frame
-from pipeline.schemas import SPAM_LABELS
+from pipeline.mlflow_models.spam_classifier import predict_frame, signature
 from pipeline.tracking import log_gpt_model, log_pyfunc, stage_run
 
 MLFLOW = BIN / "mlflow"
@@ -81,22 +80,27 @@ def register_champion(name: str, log) -> str:
 def test_classifier_champion_is_served_on_loopback(store: MlflowClient, tmp_path: Path,
                                                    bpe_dir: Path):
     torch.manual_seed(0)
-    model = add_class_head(GPTModel(GPTConfig.from_preset("micro")), len(SPAM_LABELS)).eval()
-    spec = ClassifierSpec(SPAM_LABELS, "last_nonpad", 32)
+    labels = ("ham", "promo", "spam")
+    columns = ["label", "p_ham", "p_promo", "p_spam"]
+    model = add_class_head(GPTModel(GPTConfig.from_preset("micro")), len(labels)).eval()
+    spec = ClassifierSpec(labels, "last_nonpad", 32)
     folder = save_classifier(model, spec, tmp_path / "classifier")
     uri = register_champion("gpt-spam-classifier", lambda: log_pyfunc(
         spam_classifier, {"classifier": folder, "bpe": bpe_dir}, "gpt-spam-classifier", None,
-        {"test_accuracy": 0.5}))
+        {"test_accuracy": 0.5}, signature=signature(labels)))
     expected = predict_frame(model, spec, load_tokenizer(bpe_dir), TEXTS)
+    assert list(expected.columns) == columns
+    assert mlflow.pyfunc.load_model(uri).metadata.get_output_schema().input_names() == columns
 
     with served(uri, tmp_path) as (base, pid):
         predictions = invoke(base, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]},
                                     "params": {"batch_size": 2}})
         assert listening(pid, int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}  # loopback only
+    assert [list(p) for p in predictions] == [columns] * len(TEXTS)  # every class's probability, in class order
     assert [p["label"] for p in predictions] == expected["label"].tolist()
-    assert all(p["label"] in SPAM_LABELS and 0.0 <= p["spam_probability"] <= 1.0 for p in predictions)
-    assert [p["spam_probability"] for p in predictions] == pytest.approx(expected["spam_probability"].tolist(),
-                                                                         abs=1e-6)
+    for prediction, (_, row) in zip(predictions, expected.iterrows()):
+        assert sum(prediction[c] for c in columns[1:]) == pytest.approx(1.0, abs=1e-6)
+        assert [prediction[c] for c in columns[1:]] == pytest.approx([row[c] for c in columns[1:]], abs=1e-6)
 
 
 def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, tmp_path: Path,

@@ -7,19 +7,22 @@ from pathlib import Path
 import pytest
 
 from conftest import run_stage, set_param
-from pipeline.schemas import read_spam, spam_failures
+from pipeline.params import load_params
+from pipeline.schemas import read_table, table_failures
+from pipeline.stages import validate
 
 
 def report(project: Path) -> dict:
     return json.loads((project / "data" / "metrics" / "validate.json").read_text())
 
 
-def test_read_spam_book_and_strict(mirror: Path):
-    book = read_spam(mirror / "SMSSpamCollection")
-    strict = read_spam(mirror / "SMSSpamCollection", "strict")
+def test_read_spam_book_and_strict(mirror: Path, project: Path):
+    reading = load_params(project / "params.yaml", validate.PARAMS)["datasets"]["classification"]
+    book = read_table(mirror / "SMSSpamCollection", reading)
+    strict = read_table(mirror / "SMSSpamCollection", {**reading, "quoting": "none"})
     assert len(book) == 5572 and book["label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
     assert len(strict) == 5574 and strict["label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
-    assert spam_failures(book) == [] and spam_failures(strict) == []
+    assert table_failures(book, ["ham", "spam"]) == [] and table_failures(strict, ["ham", "spam"]) == []
 
 
 def test_real_data_passes(raw_project: Path):
@@ -27,19 +30,21 @@ def test_real_data_passes(raw_project: Path):
     assert result.returncode == 0, result.stderr
     rep = report(raw_project)
     assert rep["status"] == "passed"
-    spam = rep["datasets"]["spam"]
+    spam = rep["datasets"]["classification"]
     assert (spam["rows_checked"], spam["rows_failed"]) == (5572, 0)
-    assert spam["class_balance"] == {"ham": 4825, "spam": 747}
+    assert spam["classes"] == {"ham": 4825, "spam": 747}
+    assert spam["duplicate_texts"] == 403
     assert rep["datasets"]["instructions"]["rows_checked"] == 1100
-    assert rep["datasets"]["corpus:tinyshakespeare.txt"]["tokens"] == 338025
-    assert rep["inputs"]["SMSSpamCollection"] == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+    corpus = rep["datasets"]["corpus"]
+    assert (corpus["files"], corpus["documents"], corpus["bytes"]) == (1, 1, 1115394)
+    assert rep["inputs"]["data/raw/SMSSpamCollection"] == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 
 
 def test_strict_spam_parsing_reads_every_line(raw_project: Path):
-    set_param(raw_project, "validate.spam_parsing", "strict")
+    set_param(raw_project, "datasets.classification.quoting", "none")
     assert run_stage(raw_project, "validate").returncode == 0
-    spam = report(raw_project)["datasets"]["spam"]
-    assert spam["rows_checked"] == 5574 and spam["class_balance"] == {"ham": 4827, "spam": 747}
+    spam = report(raw_project)["datasets"]["classification"]
+    assert spam["rows_checked"] == 5574 and spam["classes"] == {"ham": 4827, "spam": 747}
 
 
 def _edit_lines(path: Path, edits: dict[int, str]) -> None:
@@ -55,14 +60,14 @@ def test_bad_spam_rows_are_reported_by_row_and_block_tokenize(raw_project: Path)
     result = run_stage(raw_project, "validate")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
-    assert result.stderr.startswith("validate: error: 1 dataset(s) failed: SMSSpamCollection row 3 column label: "
-                                    "isin(('ham', 'spam')) got 'hma' (+3 more)")
+    assert result.stderr.startswith("validate: error: 1 dataset(s) failed: data/raw/SMSSpamCollection row 3 column "
+                                    "label: isin(['ham', 'spam']) got 'hma' (+3 more)")
     rep = report(raw_project)
-    assert rep["status"] == "failed" and rep["datasets"]["spam"]["rows_failed"] == 3
-    failures = [(f["row"], f["column"], f["check"]) for f in rep["datasets"]["spam"]["failures"]]
+    assert rep["status"] == "failed" and rep["datasets"]["classification"]["rows_failed"] == 3
+    failures = [(f["row"], f["column"], f["check"]) for f in rep["datasets"]["classification"]["failures"]]
     # A line without a tab is all label and no text: two failures on row 7.
-    assert failures == [(3, "label", "isin(('ham', 'spam'))"), (5, "text", "not_nullable"),
-                        (7, "label", "isin(('ham', 'spam'))"), (7, "text", "not_nullable")]
+    assert failures == [(3, "label", "isin(['ham', 'spam'])"), (5, "text", "not_nullable"),
+                        (7, "label", "isin(['ham', 'spam'])"), (7, "text", "not_nullable")]
 
     refused = run_stage(raw_project, "tokenize")
     assert refused.returncode == 1
@@ -84,8 +89,8 @@ def _instruction_not_a_list(raw: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_instruction_missing_key, "instruction-data.json record 42 column output: missing_key got None"),
-        (_instruction_not_a_list, "instruction-data.json: top level must be a JSON list of records, got dict"),
+        (_instruction_missing_key, "data/raw/instruction-data.json record 42 column output: missing_field got None"),
+        (_instruction_not_a_list, "data/raw/instruction-data.json: top level must be a JSON list of records, got dict"),
     ],
 )
 def test_bad_input_fails_with_one_line(raw_project: Path, damage, message: str):

@@ -1,4 +1,4 @@
-"""Classify texts as ham or spam: `llm-pipeline classify [--model PATH_OR_MODELS_URI] TEXT...`."""
+"""Classify texts, with every class's probability: `llm-pipeline classify [--model PATH_OR_MODELS_URI] TEXT...`."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +14,9 @@ from pipeline.layout import BPE_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR
 
 def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,
              params_path: Path | None = None) -> pd.DataFrame:
-    """Columns `label` and `spam_probability` per text, from a classifier folder or an MLflow model URI
-    (e.g. models:/gpt-spam-classifier@champion, looked up in the store of `params_path`'s mlflow section).
+    """Per text, column `label` and a column `p_<label>` per class (pipeline.mlflow_models.spam_classifier's
+    output), from a classifier folder or an MLflow model URI (e.g. models:/gpt-spam-classifier@champion,
+    looked up in the store of `params_path`'s mlflow section).
 
     Texts longer than the model's max_length keep their first max_length tokens; an empty text is an error.
     """
@@ -39,8 +40,15 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return sys.stdin.read().splitlines()
 
 
+def format_row(label: str, probabilities: dict[str, float], text: str) -> str:
+    """`label<TAB>class=probability ...<TAB>text` with the text on one line, e.g.
+    `spam<TAB>ham=0.0123 spam=0.9877<TAB>WIN now`."""
+    scores = " ".join(f"{name}={probability:.4f}" for name, probability in probabilities.items())
+    return f"{label}\t{scores}\t{' '.join(text.split())}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print `label<TAB>spam probability<TAB>text` per text; an expected error is one line and exit status 1."""
+    """Print `label<TAB>class=probability ...<TAB>text` per text; an expected error is one line and exit status 1."""
     parser = argparse.ArgumentParser(prog="llm-pipeline classify", description=__doc__)
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --file or stdin lines)")
     parser.add_argument("--model", default=str(MODEL_DIR),
@@ -54,8 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     with reporting_errors("classify"):
         texts = read_texts(args)
         result = classify(texts, args.model, args.bpe, args.params)
-    for text, label, probability in zip(texts, result["label"], result["spam_probability"]):
-        print(f"{label}\t{probability:.4f}\t{' '.join(text.split())}")
+    # Imported here, as in classify(): torch is loaded by now either way.
+    from pipeline.mlflow_models.spam_classifier import PROBABILITY_PREFIX
+
+    classes = {column: column.removeprefix(PROBABILITY_PREFIX) for column in result.columns
+               if column.startswith(PROBABILITY_PREFIX)}
+    for text, row in zip(texts, result.to_dict("records")):
+        print(format_row(row["label"], {name: row[column] for column, name in classes.items()}, text))
 
 
 if __name__ == "__main__":

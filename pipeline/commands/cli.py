@@ -15,7 +15,7 @@ COMMANDS = {
     "flow": ("pipeline.flows:main", "run Prefect flows, or serve the scheduled deployment"),
     "generate": ("pipeline.commands.generate:main", "continue prompts with the pretrained GPT"),
     "chat": ("pipeline.commands.chat:main", "ask the instruction-finetuned model"),
-    "classify": ("pipeline.commands.classify:main", "classify texts as ham or spam, with probabilities"),
+    "classify": ("pipeline.commands.classify:main", "classify texts, with the probability of every class"),
     "review": ("pipeline.commands.review:main", "print the registered models: versions, aliases, key metrics, lineage"),
     "dvc-yaml": ("pipeline.dvcyaml:main", "rewrite dvc.yaml's generated parts (cmd, params, metrics, code deps) from pipeline.stages"),
     "serve": ("pipeline.commands.cli:serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),

@@ -1,5 +1,7 @@
-"""MLflow pyfunc model (logged as code): texts in column `text` to `label` and `spam_probability`."""
+"""MLflow pyfunc classifier (logged as code): texts in column `text` to `label` and a `p_<label>` column per class."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import pandas as pd
 import tiktoken
@@ -12,26 +14,40 @@ from gpt.model import GPTModel
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 
-SPAM = "spam"
 BATCH_SIZE = 32
+PROBABILITY_PREFIX = "p_"
+# What every classifier shares; the class columns join the outputs in signature(), once labels are known.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "text")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
+    outputs=Schema([ColSpec("string", "label")]),
     params=ParamSchema([ParamSpec("batch_size", "long", BATCH_SIZE)]),
 )
 # Logged with the model (serving_input_example.json) and predicted once before registering it.
 INPUT_EXAMPLE = (pd.DataFrame({"text": ["You won a free prize! Text WIN to claim it now."]}), {"batch_size": 1})
 
 
+def probability_column(label: str) -> str:
+    """The output column holding P(label), e.g. `p_spam`."""
+    return PROBABILITY_PREFIX + label
+
+
+def signature(labels: Sequence[str]) -> ModelSignature:
+    """SIGNATURE with a double column `p_<label>` per class, in class-index order, after `label`."""
+    columns = [ColSpec("double", probability_column(label)) for label in labels]
+    return ModelSignature(inputs=SIGNATURE.inputs, outputs=Schema([*SIGNATURE.outputs.inputs, *columns]),
+                          params=SIGNATURE.params)
+
+
 def predict_frame(model: GPTModel, spec: ClassifierSpec, tokenizer: tiktoken.Encoding, texts: list[str],
                   batch_size: int = BATCH_SIZE) -> pd.DataFrame:
-    """Columns `label` and `spam_probability`, one row per text (see gpt.classifier.encode_texts for truncation)."""
+    """Column `label` (the most probable class) and `p_<label>` per class (summing to 1), one row per text
+    (see gpt.classifier.encode_texts for truncation)."""
     labels, probabilities = classify_texts(model, tokenizer, texts, spec, batch_size)
-    spam = probabilities[:, spec.labels.index(SPAM)]
-    return pd.DataFrame({"label": labels, "spam_probability": spam.double().numpy()})
+    columns = {probability_column(label): probabilities[:, i].double().numpy() for i, label in enumerate(spec.labels)}
+    return pd.DataFrame({"label": labels, **columns})
 
 
-class SpamClassifier(PythonModel):
+class Classifier(PythonModel):
     """Our classifier folder (artifact `classifier`) and GPT-2 BPE files (artifact `bpe`)."""
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -45,4 +61,4 @@ class SpamClassifier(PythonModel):
         return predict_frame(self.model, self.spec, self.tokenizer, list(model_input["text"]), batch_size)
 
 
-set_model(SpamClassifier())
+set_model(Classifier())

@@ -70,7 +70,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json"),
     Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json", model=RegisteredModel(
         "gpt-spam-classifier", "test_accuracy", higher_is_better=True, tags=("metric.test_accuracy",),
-        others=("metric.test_f1", "metric.val_accuracy", "metric.train_accuracy"))),
+        others=("metric.test_macro_f1", "metric.val_accuracy", "metric.train_accuracy"))),
     Stage("finetune_instruct", "pipeline.stages.finetune_instruct", METRICS / "finetune_instruct.json", model=RegisteredModel(
         # The instruction score: mean ROUGE-L F1 of the greedy test responses against the references.
         "gpt-instruct", "rouge_l_f1", higher_is_better=True, tags=("metric.rouge_l_f1",),

@@ -1,4 +1,4 @@
-"""Stage `download`: fetch every source into data/raw/ (mirror first, then network), verified."""
+"""Stage `download`: fetch every source into data/raw/: pinned ones verified (mirror first, then network), tracked ones again."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +9,11 @@ from tqdm import tqdm
 
 from gpt.files import atomic_dir, atomic_write_json, sha256_file
 from gpt.tokenizer import BPE_FILES
-from pipeline.fetch import FetchError, MissingError, Source, env_offline, fetch_with_origin, resolve_mirror
-from pipeline.layout import BPE_DIR, METRICS, RAW
-from pipeline.params import FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section, Str, load_params
+from pipeline.fetch import (FetchError, MissingError, Source, env_offline, fetch_tracked, fetch_with_origin,
+                           resolve_mirror)
+from pipeline.layout import BPE_DIR, METRICS, RAW, TRACKED
+from pipeline.params import (DOWNLOAD_SOURCES, FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section,
+                             Str, load_params)
 from pipeline.stages import command_line
 
 MANIFEST = METRICS / "download.json"
@@ -28,8 +30,6 @@ BPE_URLS = {
 BPE_SOURCES = tuple(Source(name=f"gpt2-{Path(name).stem}", urls=BPE_URLS[name], sha256=sha256, filename=name,
                            mirror_path=f"{BPE_DIR.name}/{name}") for name, sha256 in BPE_FILES.items())
 
-URL = Str(pattern=r"https?://\S+")
-RELPATH = Str(pattern=r"(?!.*\.\.)[A-Za-z0-9_+-][A-Za-z0-9._+/-]*", optional=True, default="")
 PARAMS = {
     "download": Section(
         mirror=Str(optional=True),
@@ -38,13 +38,7 @@ PARAMS = {
         backoff_s=Float(0, 60),
         timeout_s=Float(0, 3600, bounds="(]"),
         max_member_bytes=Int(low=1),
-        sources=Named(Section(
-            urls=List(URL, min_items=1),
-            sha256=SHA256,
-            filename=FILENAME,
-            mirror_path=RELPATH,
-            archive_member=RELPATH,
-        )),
+        sources=DOWNLOAD_SOURCES,
         hf_weights=Section(
             models=List(FILENAME),
             allow_unpinned=Bool(),
@@ -60,6 +54,10 @@ PARAMS = {
 
 def planned_sources(params: dict, origin: str = "params.yaml") -> list[tuple[str, Source]]:
     """(subfolder of data/raw, Source) for every file the stage must fetch."""
+    for name, spec in params["sources"].items():
+        if bool(spec["sha256"]) == spec["track"]:
+            raise ParamsError(f"{origin}: download.sources.{name} needs either a sha256 (pinned) or "
+                              "track: true (fetched again on every run), not both")
     plan = [("", Source(name=name, **spec)) for name, spec in params["sources"].items()]
     plan += [(BPE_DIR.name, source) for source in BPE_SOURCES]
     plan += _weight_sources(params["hf_weights"], origin)
@@ -97,18 +95,21 @@ def fetch_all(plan: list[tuple[str, Source]], dest: Path, mirror: Path | None, o
     network are collected and reported together in one FetchError."""
     progress = partial(tqdm, disable=None, leave=False)  # no bars unless stderr is a terminal
     rows, missing = [], []
+    network = {key: params[key] for key in ("max_member_bytes", "retries", "backoff_s", "timeout_s")}
     for folder, source in plan:
         try:
-            path, came_from = fetch_with_origin(
-                source, dest / folder, mirror=mirror, offline=offline,
-                max_member_bytes=params["max_member_bytes"], retries=params["retries"],
-                backoff_s=params["backoff_s"], timeout_s=params["timeout_s"], progress=progress)
+            if source.track:
+                path, came_from = fetch_tracked(source, dest / folder, TRACKED / source.name, offline=offline,
+                                                progress=progress, **network)
+            else:
+                path, came_from = fetch_with_origin(source, dest / folder, mirror=mirror, offline=offline,
+                                                    progress=progress, **network)
         except MissingError as exc:
             reason = f" (last error: {exc.reason})" if exc.reason else ""
             missing.append(f"{folder}/{exc.filename} <{exc.url}>{reason}".lstrip("/"))
             continue
         rows.append({"file": str(path.relative_to(dest)), "sha256": sha256_file(path),
-                     "bytes": path.stat().st_size, "origin": came_from, "verified": bool(source.sha256)})
+                     "bytes": path.stat().st_size, "origin": came_from, "verified": bool(source.sha256), "tracked": source.track})
         print(f"download: {rows[-1]['file']} <- {came_from}")
     if missing:
         why = "offline" if offline else "could not be downloaded"  # unreachable, or cut short: see last error
@@ -123,6 +124,7 @@ def main(params_path: Path) -> None:
     plan = planned_sources(params, params_path.name)
     mirror = resolve_mirror(params["mirror"])
     offline = params["offline"] or env_offline()
+    TRACKED.mkdir(parents=True, exist_ok=True)  # a DVC output even when no source is tracked
     with atomic_dir(RAW) as staging:
         rows = fetch_all(plan, staging, mirror, offline, params)
     atomic_write_json(MANIFEST, {"mirror_used": mirror is not None, "files": rows})

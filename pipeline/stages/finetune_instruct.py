@@ -19,7 +19,7 @@ from pipeline import judge
 from pipeline.errors import DataError
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import instruct_generator
-from pipeline.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCT_TOKENS as SPLITS, PLOTS, SAMPLES
+from pipeline.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCTION_TOKENS as SPLITS, PLOTS, SAMPLES
 from pipeline.params import Bool, Int, Section, load_params
 from pipeline.plots import plot_curves, write_rows
 from pipeline.stages import STAGES, command_line

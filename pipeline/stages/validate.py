@@ -1,4 +1,4 @@
-"""Stage `validate`: check the raw datasets against their schemas; write data/metrics/validate.json."""
+"""Stage `validate`: check every dataset's files against their schemas; write data/metrics/validate.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,24 +8,19 @@ import pandas as pd
 
 from gpt.files import atomic_write_json, sha256_file
 from gpt.tokenizer import load_tokenizer
-from pipeline.encoding import encode_text
+from pipeline import datasets
+from pipeline.corpus import check_corpus, describe_failure
 from pipeline.errors import DataError
-from pipeline.layout import BPE_DIR, raw_file
-from pipeline.params import CONTEXT_LENGTH, CORPUS, FILENAME, Int, Section, load_params
-from pipeline.schemas import (SPAM_LABELS, SPAM_PARSING, check_corpus_tokens, instruction_failures, read_corpus,
-                              read_instructions, read_spam, spam_failures, summarize)
+from pipeline.layout import BPE_DIR
+from pipeline.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Int, Section, load_params
+from pipeline.schemas import class_counts, read_instructions, read_tables, summarize, table_failures
 from pipeline.stages import STAGES, command_line
 
 REPORT = STAGES["validate"].metrics
-
 PARAMS = {
-    "validate": Section(
-        spam_file=FILENAME,
-        spam_parsing=SPAM_PARSING,
-        instructions_file=FILENAME,
-        max_failures_reported=Int(low=0),
-    ),
-    "tokenize.corpus": CORPUS,
+    "validate": Section(max_failures_reported=Int(low=0)),
+    datasets.SECTION: datasets.PARAMS,
+    "download.sources": DOWNLOAD_SOURCES,
     "pretrain.context_length": CONTEXT_LENGTH,
 }
 
@@ -37,76 +32,71 @@ def length_stats(lengths: pd.Series) -> dict:
     return {"min": int(lengths.min()), "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)}
 
 
-def _rows_failed(failures: list[dict], key: str) -> int:
-    return len({f[key] for f in failures})
+def _texts(values: pd.Series) -> pd.Series:
+    return values[values.map(lambda v: isinstance(v, str))]
 
 
-def check_spam(path: Path, parsing: str) -> tuple[dict, list[dict]]:
-    """Summary (rows, class balance, text lengths) and row failures of the spam table."""
-    frame = read_spam(path, parsing)
-    failures = spam_failures(frame)
-    counts = frame["label"].value_counts()
-    return {
-        "parsing": parsing,
-        "rows_checked": len(frame),
-        "rows_failed": _rows_failed(failures, "row"),
-        "class_balance": {label: int(counts.get(label, 0)) for label in SPAM_LABELS},
-        "text_chars": length_stats(frame["text"].dropna().str.len()),
-    }, failures
+def check_classification(files: list[Path], reading: dict, keep: int) -> tuple[dict, list[dict], str]:
+    """Summary (rows, classes, text lengths, repeated texts), failures, and their one-line summary."""
+    frame = read_tables(files, reading)
+    failures = table_failures(frame, reading["labels"])
+    summary = {"rows_checked": len(frame), "rows_failed": len({(f["file"], f["row"]) for f in failures}),
+               "text_chars": length_stats(_texts(frame["text"]).str.len()),
+               "duplicate_texts": int(_texts(frame["text"]).duplicated().sum())}
+    if not failures:
+        summary["classes"] = class_counts(frame, reading["labels"])
+    return summary, failures[:keep], summarize(failures) if failures else ""
 
 
-def check_instructions(path: Path) -> tuple[dict, list[dict]]:
-    """Summary (records, field lengths) and per-record failures of the instruction data."""
-    records = read_instructions(path)
-    failures = instruction_failures(records)
-    fields = pd.DataFrame([r for r in records if isinstance(r, dict)])
-    return {
-        "rows_checked": len(records),
-        "rows_failed": _rows_failed(failures, "record"),
-        "text_chars": {k: length_stats(fields[k].dropna().astype(str).str.len())
-                       for k in ("instruction", "input", "output") if k in fields},
-        "empty_input": int(fields["input"].eq("").sum()) if "input" in fields else 0,
-    }, failures
-
-
-def check_corpus(path: Path, context_length: int) -> tuple[dict, list[dict]]:
-    """Summary of a text corpus; raises DataError if it is not UTF-8 or shorter than one window."""
-    text = read_corpus(path)
-    tokens = len(encode_text(load_tokenizer(BPE_DIR), text))
-    check_corpus_tokens(path.name, tokens, context_length)
-    return {"rows_checked": 1, "rows_failed": 0, "chars": len(text), "lines": text.count("\n"),
-            "tokens": tokens}, []
+def check_instructions(files: list[Path], reading: dict, keep: int) -> tuple[dict, list[dict], str]:
+    """Summary (records, field lengths, empty inputs), failures, and their one-line summary."""
+    records, failures = read_instructions(files, reading)
+    fields = pd.DataFrame(records, columns=["instruction", "input", "output"], dtype=object)
+    summary = {"rows_checked": len(records) + len({(f["file"], f.get("record"), f.get("line")) for f in failures
+                                                   if f["check"] in ("is_object", "missing_field")}),
+               "rows_failed": len({(f["file"], f.get("record"), f.get("line")) for f in failures}),
+               "text_chars": {k: length_stats(_texts(fields[k]).str.len()) for k in fields},
+               "empty_input": int(fields["input"].eq("").sum())}
+    return summary, failures[:keep], summarize(failures) if failures else ""
 
 
 def main(params_path: Path) -> None:
     """Validate every dataset, write the report (also on failure), then fail if any check failed."""
     params = load_params(params_path, PARAMS)
-    cfg = params["validate"]
-    checks: dict[str, tuple[str, Callable[[Path], tuple[dict, list[dict]]]]] = {
-        "spam": (cfg["spam_file"], lambda p: check_spam(p, cfg["spam_parsing"])),
-        "instructions": (cfg["instructions_file"], check_instructions),
+    data, downloads = params[datasets.SECTION], params["download.sources"]
+    datasets.require_tracked("validate", datasets.local_deps(data, downloads))
+    keep = params["validate"]["max_failures_reported"]
+    min_tokens = params["pretrain.context_length"] + 1
+
+    def corpus(files: list[Path]) -> tuple[dict, list[dict], str]:
+        summary, failures = check_corpus(files, data["corpus"]["text_field"], load_tokenizer(BPE_DIR), min_tokens, keep)
+        more = f" (+{summary['failures_total'] - 1} more)" if summary.get("failures_total", 0) > 1 else ""
+        return summary, failures, describe_failure(failures[0]) + more if failures else ""
+
+    checks: dict[str, Callable[[list[Path]], tuple[dict, list[dict], str]]] = {
+        "corpus": corpus,
+        "classification": lambda files: check_classification(files, data["classification"], keep),
+        "instructions": lambda files: check_instructions(files, data["instructions"], keep),
     }
-    for name in params["tokenize.corpus"]:
-        checks[f"corpus:{name}"] = (name, lambda p: check_corpus(p, params["pretrain.context_length"]))
-    datasets, inputs, problems = {}, {}, []
-    for dataset, (filename, check) in checks.items():
+    report, inputs, problems = {}, {}, []
+    for name, check in checks.items():
         try:
-            path = raw_file(filename)
-            inputs[filename] = sha256_file(path)
-            summary, failures = check(path)
+            files = datasets.resolve(name, data[name]["sources"], downloads)
+            inputs.update({str(path): sha256_file(path) for path in files})
+            summary, failures, problem = check(files)
         except DataError as exc:
-            datasets[dataset] = {"file": filename, "error": str(exc)}
+            report[name] = {"error": str(exc)}
             problems.append(str(exc))
             continue
-        datasets[dataset] = {"file": filename, **summary, "failures": failures[: cfg["max_failures_reported"]]}
-        if failures:
-            problems.append(summarize(filename, failures))
+        report[name] = {"files": len(files), **summary, "failures": failures}
+        if problem:
+            problems.append(problem)
     status = "failed" if problems else "passed"
-    atomic_write_json(REPORT, {"status": status, "inputs": inputs, "datasets": datasets})
+    atomic_write_json(REPORT, {"status": status, "inputs": inputs, "datasets": report})
     if problems:
         shown = "; ".join(problems[:3])
         raise DataError(f"{len(problems)} dataset(s) failed: {shown}; see {REPORT}")
-    print(f"validate: passed ({', '.join(datasets)}); report in {REPORT}")
+    print(f"validate: passed ({', '.join(report)}); report in {REPORT}")
 
 
 if __name__ == "__main__":
