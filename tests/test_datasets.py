@@ -76,3 +76,14 @@ def test_dvc_yaml_tracks_local_sources_and_tracked_downloads(tmp_path: Path):
     assert stages["download"]["always_changed"] is True
     assert stages["validate"]["deps"] == yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["validate"]["deps"]
     assert not dvcyaml.refresh(tmp_path / "dvc.yaml")  # idempotent
+
+
+def test_a_flow_override_of_sources_rewrites_dvc_yaml(tmp_path: Path):
+    from pipeline.flows import apply_params
+
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    changed = apply_params(tmp_path, overrides={"datasets.corpus.sources": ["tinyshakespeare", "notes/*.md"]})
+    assert changed == ["datasets.corpus.sources"]
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "notes" in stages["validate"]["deps"] and "notes" in stages["tokenize"]["deps"]
