@@ -17,10 +17,11 @@ from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import mlflow
+import yaml
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 import gpt
 from pipeline.repro import RUN_GROUP_ENV
@@ -30,6 +31,9 @@ EXPERIMENT = "llm-pipeline"
 MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
 MODEL_ARTIFACT = "model"
 PARAMS_DIGEST_TAG = "params_digest"
+# `dvc exp run` names the experiment and its baseline commit in the environment of every stage.
+EXP_NAME_ENV, EXP_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+EXPERIMENT_TAGS = ("dvc_exp", "dvc_exp_baseline", "dvc_exp_changed")
 REACH_TIMEOUT_S = 5.0
 # A server keeps its own artifact root; only a local store gets <project>/mlartifacts.
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
@@ -104,9 +108,36 @@ def git_state() -> tuple[str, str]:
     return commit, "unknown" if status is None else str(bool(status)).lower()
 
 
+def changed_params(baseline: str, params_path: Path = Path("params.yaml")) -> str:
+    """`key=value` of every param whose value differs from the baseline commit's params.yaml, sorted and
+    joined by "; " (cut to fit a tag); "" when git cannot show that file."""
+    before = _git("show", f"{baseline}:{params_path.name}")
+    if before is None:
+        return ""
+    old = flatten_params(yaml.safe_load(before) or {})
+    new = flatten_params(yaml.safe_load(params_path.read_text(encoding="utf-8")) or {})
+    changed = "; ".join(f"{key}={new.get(key, '(removed)')}" for key in sorted(old.keys() | new.keys())
+                        if old.get(key) != new.get(key))
+    return changed if len(changed) <= MAX_TAG_VAL_LENGTH else (
+        changed[: MAX_TAG_VAL_LENGTH - len(_CUT)] + _CUT)
+
+
+def experiment_tags() -> dict[str, str]:
+    """Inside `dvc exp run` (which names the experiment and its baseline commit in the environment of
+    every stage): the experiment's name, baseline and changed params; outside one, nothing."""
+    name = os.environ.get(EXP_NAME_ENV)
+    if not name:
+        return {}
+    baseline = os.environ.get(EXP_BASELINE_ENV, "")
+    return {"dvc_exp": name, "dvc_exp_baseline": baseline[:8], "dvc_exp_changed": changed_params(baseline)}
+
+
 def run_group(commit: str, dirty: str) -> str:
-    """$LLM_PIPELINE_RUN_GROUP, else the commit (plus "-dirty"), so runs of the same code group."""
-    group = os.environ.get(RUN_GROUP_ENV) or (f"{commit}-dirty" if dirty == "true" else commit)
+    """$LLM_PIPELINE_RUN_GROUP, else `exp-<name>` inside `dvc exp run`, else the commit (plus "-dirty"),
+    so the stages of one experiment, or of the same code, group together under a name one can read."""
+    experiment = os.environ.get(EXP_NAME_ENV)
+    group = (os.environ.get(RUN_GROUP_ENV) or (f"exp-{experiment}" if experiment else None)
+             or (f"{commit}-dirty" if dirty == "true" else commit))
     if not _RUN_GROUP.fullmatch(group):
         raise TrackingError(f"${RUN_GROUP_ENV}={group!r}: use up to 200 letters, digits and ._:@+-")
     return group
@@ -139,7 +170,7 @@ def params_digest(params: Mapping[str, Any]) -> str:
 
 def _lineage_tag(key: str) -> bool:
     # What a registered version copies from its run: where it came from, not how the run was named.
-    return key in ("stage", "run_group", "git_commit", "git_dirty", PARAMS_DIGEST_TAG) or (
+    return key in ("stage", "run_group", "git_commit", "git_dirty", PARAMS_DIGEST_TAG, *EXPERIMENT_TAGS) or (
         key.startswith("data.") and key.endswith(".sha256"))
 
 
@@ -165,7 +196,7 @@ def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, s
     commit, dirty = git_state()
     group = run_group(commit, dirty)
     client = mlflow.MlflowClient()
-    common = {"run_group": group, "git_commit": commit, "git_dirty": dirty}
+    common = {"run_group": group, "git_commit": commit, "git_dirty": dirty, **experiment_tags()}
     parent_id = _group_parent(client, experiment_id, group, common)
     hashes = {_key(f"data.{name}.sha256"): digest for name, digest in (data_hashes or {}).items()}
     status = "FAILED"

@@ -136,3 +136,14 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
     finally:
         mlflow.set_tracking_uri(None)
     assert isinstance(texts["text"][0], str) and texts["text"][0]
+
+    # An experiment keeps its name: the version it registers says which experiment and which params.
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "first run")
+    env.pop("LLM_PIPELINE_RUN_GROUP")
+    ran = sh(repo, env, str(DVC), "exp", "run", "-n", "seed-one", "-S", "finetune_classifier.seed=1")
+    assert "Running stage 'finetune_classifier'" in ran and "Running stage 'pretrain'" not in ran
+    tags = client.get_model_version("gpt-spam-classifier", "2").tags
+    baseline = sh(repo, env, "git", "rev-parse", "HEAD").strip()
+    assert (tags["dvc_exp"], tags["dvc_exp_baseline"], tags["dvc_exp_changed"], tags["run_group"]) == (
+        "seed-one", baseline[:8], "finetune_classifier.seed=1", "exp-seed-one")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,11 @@ TRAIN_PARAMS = {"lr": 0.1, "epochs": 2}
 HASHES = {"train.bin": "ab" * 32}
 
 
-def register(name: str, metrics: dict[str, float], tags: dict | None = None) -> str:
+def register(name: str, metrics: dict[str, float], tags: dict | None = None, params: dict = TRAIN_PARAMS,
+             hashes: dict = HASHES) -> str:
     """A new version of `name` from a stage run, tagged by the real tag_new_version (no model files:
     the promotion logic reads only tags and aliases)."""
-    with stage_run("train", TRAIN_PARAMS, HASHES) as run:
+    with stage_run("train", params, hashes) as run:
         client = MlflowClient()
         if not client.search_registered_models(f"name = '{name}'"):
             client.create_registered_model(name)
@@ -163,6 +165,77 @@ def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):
                            text=True, timeout=120)
     assert empty.returncode == 0, empty.stderr
     assert empty.stdout.startswith("no registered models in sqlite:///")
+
+
+def cells(text: str) -> dict[str, list[str]]:
+    """The rows of a --compare table by their first cell; cells are two or more spaces apart."""
+    return {row[0]: row[1:] for row in (re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[2:])}
+
+
+def test_review_compares_two_versions_side_by_side(store: MlflowClient, tmp_path: Path, monkeypatch, capsys):
+    name = "gpt-spam-classifier"
+    with monkeypatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent.db'}")
+        absent = review.review(name, versions=("1", "2"))
+    assert absent.startswith("no MLflow store at sqlite:///") and "run the pipeline first" in absent
+    first = register(name, {"test_accuracy": 0.80, "test_macro_f1": 0.75, "val_accuracy": 0.7})
+    promote.promote(store, name, first, margin=0.0)
+    second = register(name, {"test_accuracy": 0.90, "val_accuracy": 0.7}, params={"lr": 0.2, "epochs": 2},
+                      hashes={"train.bin": "cd" * 32, "classes.json": "ef" * 32})
+    promote.promote(store, name, second, margin=0.0)
+
+    review.main(["--model", name, "--compare", "1", "champion"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"{name}: A = 1, B = champion"
+    assert out.splitlines()[1].split() == ["A", "(version", "1)", "B", "(version", "2)", "B", "-", "A"]
+    rows = cells(out)
+    assert rows["test_accuracy (key, higher is better)"] == ["0.8", "0.9", "+0.1, B better"]
+    assert rows["test_macro_f1"] == ["0.75", "-", "only A"]
+    assert rows["val_accuracy"] == ["0.7", "0.7"]  # equal: no difference shown
+    assert list(rows).index("test_macro_f1") < list(rows).index("val_accuracy")  # the model's own order
+    assert rows["params (1 equal, not shown; --all shows them)"] == []
+    assert rows["lr"] == ["0.1", "0.2", "differs"] and "epochs" not in rows
+    assert rows["params_digest"] == [params_digest(TRAIN_PARAMS)[:8], params_digest({"lr": 0.2, "epochs": 2})[:8],
+                                     "differs"]
+    assert rows["train.bin"] == ["abababab", "cdcdcdcd", "differs"] and rows["classes.json"] == ["-", "efefefef", "only B"]
+    assert rows["promotion.decision"] == ["promoted", "promoted"]
+    assert rows["promotion.compared_with"] == ["none", "version 1", "differs"]
+    assert rows["promotion.reason"][1] == "test_accuracy 0.9 vs 0.8 of version 1: better by 0.1, more than margin 0"
+    assert rows["aliases"] == ["-", "challenger,champion", "only B"] and rows["run group"] == ["g1", "g1"]
+
+    review.main(["--model", name, "--compare", "challenger", "1", "--all"])
+    rows = cells(capsys.readouterr().out)
+    assert rows["test_accuracy (key, higher is better)"] == ["0.9", "0.8", "-0.1, A better"]
+    assert rows["params (1 equal)"] == [] and rows["epochs"] == ["2", "2"] and rows["lr"] == ["0.2", "0.1", "differs"]
+
+
+def test_lower_is_better_and_the_tag_each_key_metric_came_from(store: MlflowClient, capsys):
+    register("gpt-base", {"val_loss": 5.0}, {"eval.val_loss": 4.0})
+    register("gpt-base", {"val_loss": 3.5})  # not evaluated: pretrain's own val loss stands in
+    review.main(["--model", "gpt-base", "--compare", "1", "2"])
+    rows = cells(capsys.readouterr().out)
+    assert rows["val_loss (key, lower is better)"] == ["4 (eval.val_loss)", "3.5 (val_loss)", "-0.5, B better"]
+    # Each tag that held the key on one side only stays a row, so the other side's value shows.
+    assert rows["val_loss"] == ["5", "3.5", "-1.5"] and rows["eval.val_loss"] == ["4", "-", "only A"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "gpt-base", "--compare", "9", "1"],
+     "gpt-base has no version 9 (versions: 1, 2; aliases: challenger=2, champion=1)"),
+    (["--model", "gpt-base", "--compare", "1", "best"],
+     "gpt-base has no alias best (versions: 1, 2; aliases: challenger=2, champion=1)"),
+    (["--model", "gpt-nope", "--compare", "1", "2"], "no registered model named gpt-nope in sqlite:///{db} (models: gpt-base)"),
+    (["--compare", "1", "2"], "--compare needs --model NAME"),
+    (["--model", "gpt-base", "--all"], "--all applies to --compare only"),
+])
+def test_compare_of_what_is_not_there_is_one_line(store: MlflowClient, tmp_path: Path, capsys, argv, message):
+    for loss in (4.0, 5.0):
+        promote.promote(store, "gpt-base", register("gpt-base", {"val_loss": loss}), margin=0.0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        review.main(argv)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [f"review: error: {message.format(db=tmp_path.resolve() / 'mlflow.db')}"]
 
 
 @pytest.mark.parametrize(("value", "message"), [

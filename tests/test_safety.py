@@ -68,7 +68,7 @@ def test_no_unpickling_in_gpt_and_pipeline():
 def test_serve_passes_loopback_as_its_default_host(monkeypatch: pytest.MonkeyPatch):
     launched = []
     monkeypatch.setattr("pipeline.tracking.use_project_store", lambda params: "0")
-    monkeypatch.setattr(cli.subprocess, "call", lambda argv, env: launched.append(argv) or 0)
+    monkeypatch.setattr(cli, "run_server", lambda argv, env: launched.append(argv) or 0)
     with pytest.raises(SystemExit):
         cli.serve([])
     [argv] = launched

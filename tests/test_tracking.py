@@ -157,6 +157,10 @@ def test_gpt_model_is_registered_as_code_and_generates(store: MlflowClient, tmp_
     assert texts == [generate_text(direct, tokenizer, p, max_new_tokens=6, temperature=0.0) for p in prompts]
     sampled = model.predict({"prompt": ["Hello"]}, params={"max_new_tokens": 3, "temperature": 1.0, "top_k": 5})
     assert sampled["text"].map(type).tolist() == [str]
+    # A dict of lists (the `inputs` request form) is one row per item, as a DataFrame would be.
+    greedy = {"max_new_tokens": 4, "temperature": 0.0}
+    assert model.predict({"prompt": prompts[:2]}, params=greedy)["text"].tolist() == model.predict(
+        pd.DataFrame({"prompt": prompts[:2]}), params=greedy)["text"].tolist()
 
     logged = list((tmp_path / "mlartifacts").rglob("MLmodel"))
     assert len(logged) == 2 and not (tmp_path / "mlruns").exists()

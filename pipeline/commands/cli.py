@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,8 +64,41 @@ def serve(argv: list[str]) -> None:
 
     use_project_store(args.params)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    sys.exit(subprocess.call([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model,
-                              "--host", args.host, "--port", str(args.port), "--env-manager", "local"], env=env))
+    sys.exit(run_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model,
+                         "--host", args.host, "--port", str(args.port), "--env-manager", "local"], env))
+
+
+def run_server(command: list[str], env: dict[str, str], grace_s: float = 30.0) -> int:
+    """Run `command` in a session of its own until it exits or SIGINT/SIGTERM arrives; then stop its whole
+    process group (SIGTERM, SIGKILL after grace_s) and return its exit status, or 128 + the signal."""
+    # Its own session: a terminal's Ctrl-C reaches only us, and the group holds every process it starts
+    # (mlflow starts uvicorn as a child, which would outlive mlflow alone).
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        _signal_group(server.pid, signal.SIGTERM)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    status = server.wait()
+    _signal_group(server.pid, signal.SIGTERM)  # whatever mlflow left behind when it exited
+    deadline = time.monotonic() + grace_s
+    # Bounded: a member already dead but not yet reaped by init still counts as in the group.
+    while _signal_group(server.pid, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(server.pid, signal.SIGKILL)
+    return 128 + received[0] if received else status
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send signum to process group pgid; whether the group still had a process."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Print the registered models as a table: versions, aliases, key metrics and lineage (`llm-pipeline review`)."""
+"""Print the registered models as a table, or two versions side by side (`llm-pipeline review`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import reporting_errors
+from pipeline.errors import DataError, reporting_errors
 from pipeline.registry import key_metric, metric_label
 from pipeline.stages import TRAINERS
 from pipeline.tracking import PARAMS_DIGEST_TAG, configure, project_tracking, tracking_uri
@@ -39,10 +39,22 @@ def _pages(search, *args, **kwargs) -> list:
             return found
 
 
+def _aliases(model: RegisteredModel, version: ModelVersion) -> str:
+    return ",".join(sorted(alias for alias, number in model.aliases.items()
+                           if str(number) == str(version.version))) or "-"
+
+
+def _created(version: ModelVersion) -> str:
+    return datetime.fromtimestamp(version.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _commit(tags: dict[str, str]) -> str:
+    return tags.get("git_commit", "-")[:SHORT] + ("+dirty" if tags.get("git_dirty") == "true" else "")
+
+
 def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...]:
     """The table row of one version."""
     tags = version.tags
-    aliases = sorted(alias for alias, number in model.aliases.items() if str(number) == str(version.version))
     trainer = TRAINERS.get(model.name)
     spec = trainer.model if trainer else None
     key, others = "-", []
@@ -55,23 +67,153 @@ def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...
         others = [f"{metric_label(tag)}={_number(tags[tag])}" for tag in spec.others if tag in tags]
     data = [f"{tag.removeprefix('data.').removesuffix('.sha256')}={value[:SHORT]}"
             for tag, value in sorted(tags.items()) if tag.startswith("data.") and tag.endswith(".sha256")]
-    created = datetime.fromtimestamp(version.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
-    dirty = "+dirty" if tags.get("git_dirty") == "true" else ""
-    return (model.name, str(version.version), ",".join(aliases) or "-", key, " ".join(others) or "-",
-            tags.get("promotion.decision", "-"), created, tags.get("git_commit", "-")[:SHORT] + dirty,
+    return (model.name, str(version.version), _aliases(model, version), key, " ".join(others) or "-",
+            tags.get("promotion.decision", "-"), _created(version), _commit(tags),
             tags.get("run_group", "-"), tags.get(PARAMS_DIGEST_TAG, "-")[:SHORT], " ".join(data) or "-",
             version.run_id or "-")
 
 
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned columns under COLUMNS, two spaces apart."""
-    widths = [max(len(row[i]) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+def format_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Left-aligned columns under `columns`, two spaces apart."""
+    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [COLUMNS, *rows])
+                     for row in [columns, *rows])
 
 
-def review(model: str | None = None, params_path: Path | None = Path("params.yaml")) -> str:
-    """The table of the registered models (only `model` if given), or a message saying there are none."""
+def _marker(a: str, b: str) -> str:
+    """The last column of a row of text: blank when both sides agree."""
+    if a == b:
+        return ""
+    return "only B" if a == "-" else "only A" if b == "-" else "differs"
+
+
+def _difference(a: str | None, b: str | None) -> str:
+    """B - A of two tag values (blank when equal; computed from the values, not their rounded display),
+    else the marker of text."""
+    try:
+        gain = float(b) - float(a)
+    except (TypeError, ValueError):
+        return _marker(a or "-", b or "-")
+    return f"{gain:+.4g}" if gain else ""
+
+
+def _key_metric(name: str, version: ModelVersion) -> tuple[str, float] | None:
+    try:
+        return key_metric(name, version)
+    except ValueError:  # absent or not a number: the row says "?" rather than hiding the other side
+        return None
+
+
+def _key_row(spec: RegisteredModel, keys: list[tuple[str, float] | None]) -> tuple[str, ...]:
+    """The key metric of both sides, B - A and which side is better."""
+    # Name the tag each value came from only when they differ (evaluate's vs the stage's own).
+    tagged = len({key[0] for key in keys if key}) > 1
+    cells = tuple("?" if key is None else _number(str(key[1])) + (f" ({metric_label(key[0])})" if tagged else "")
+                  for key in keys)
+    verdict = "?"
+    if keys[0] and keys[1]:
+        gain = keys[1][1] - keys[0][1]
+        better = gain if spec.higher_is_better else -gain
+        verdict = "equal" if not gain else f"{gain:+.4g}, {'B' if better > 0 else 'A'} better"
+    return (f"  {spec.metric} (key, {'higher' if spec.higher_is_better else 'lower'} is better)", *cells, verdict)
+
+
+def _metric_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
+    trainer = TRAINERS.get(model.name)
+    spec = trainer.model if trainer else None
+    rows, in_key_row = [("metrics", "", "", "")], set()
+    if spec is not None:
+        keys = [_key_metric(model.name, version) for version in (a, b)]
+        rows.append(_key_row(spec, keys))
+        # A tag that holds the key on one side only stays a row too, so the other side's value shows.
+        if keys[0] and keys[1] and keys[0][0] == keys[1][0]:
+            in_key_row = {keys[0][0]}
+    tags = {tag for tag in {*a.tags, *b.tags} if tag.startswith(("metric.", "eval.")) and tag not in in_key_row}
+    first = [tag for tag in (spec.others if spec else ()) if tag in tags]
+    for tag in first + sorted(tags - set(first)):
+        values = [version.tags.get(tag) for version in (a, b)]
+        rows.append((f"  {metric_label(tag)}", *("-" if v is None else _number(v) for v in values),
+                     _difference(*values)))
+    return rows
+
+
+def _hash_row(label: str, a: str, b: str) -> tuple[str, ...]:
+    # Compared in full: two digests may share their first SHORT digits.
+    return f"  {label}", a[:SHORT], b[:SHORT], _marker(a, b)
+
+
+def _param_rows(client: mlflow.MlflowClient, a: ModelVersion, b: ModelVersion,
+                show_all: bool) -> list[tuple[str, ...]]:
+    params = [client.get_run(version.run_id).data.params if version.run_id else {} for version in (a, b)]
+    names = sorted({*params[0], *params[1]})
+    differing = [name for name in names if params[0].get(name) != params[1].get(name)]
+    equal = len(names) - len(differing)
+    rows = [(f"params ({equal} equal{'' if show_all else ', not shown; --all shows them'})", "", "", ""),
+            _hash_row(PARAMS_DIGEST_TAG, *(version.tags.get(PARAMS_DIGEST_TAG, "-") for version in (a, b)))]
+    for name in names if show_all else differing:
+        cells = tuple(p.get(name, "-") for p in params)
+        rows.append((f"  {name}", *cells, _marker(*cells)))
+    return rows
+
+
+def _data_rows(a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
+    rows = [("data (sha256)", "", "", "")]
+    for tag in sorted(tag for tag in {*a.tags, *b.tags} if tag.startswith("data.") and tag.endswith(".sha256")):
+        rows.append(_hash_row(tag.removeprefix("data.").removesuffix(".sha256"),
+                              *(version.tags.get(tag, "-") for version in (a, b))))
+    return rows
+
+
+def _decision_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
+    rows = [("decision", "", "", "")]
+    for label, cell in (
+            ("promotion.decision", lambda v: v.tags.get("promotion.decision", "-")),
+            ("promotion.reason", lambda v: v.tags.get("promotion.reason", "-")),
+            ("promotion.compared_with", lambda v: v.tags.get("promotion.compared_with", "-")),
+            ("aliases", lambda v: _aliases(model, v)),
+            ("git commit", lambda v: _commit(v.tags)),
+            ("run group", lambda v: v.tags.get("run_group", "-")),
+            ("experiment", lambda v: v.tags.get("dvc_exp", "-")),
+            ("experiment's params", lambda v: v.tags.get("dvc_exp_changed", "-")),
+            ("created (UTC)", _created),
+            ("stage run", lambda v: v.run_id or "-")):
+        cells = (cell(a), cell(b))
+        rows.append((f"  {label}", *cells, _marker(*cells)))
+    return rows
+
+
+def _resolve(model: RegisteredModel, versions: list[ModelVersion], ref: str) -> ModelVersion:
+    """The version that `ref` names: a version number or an alias."""
+    by_number = {str(version.version): version for version in versions}
+    number = str(int(ref)) if ref.isascii() and ref.isdecimal() else model.aliases.get(ref)
+    if number is not None and str(number) in by_number:
+        return by_number[str(number)]
+    known = ", ".join(sorted(by_number, key=int)) or "none"
+    aliases = ", ".join(f"{alias}={n}" for alias, n in sorted(model.aliases.items())) or "none"
+    what = f"version {ref}" if ref.isascii() and ref.isdecimal() else f"alias {ref}"
+    raise DataError(f"{model.name} has no {what} (versions: {known}; aliases: {aliases})")
+
+
+def compare(client: mlflow.MlflowClient, name: str, ref_a: str, ref_b: str, show_all: bool = False) -> str:
+    """Versions `ref_a` and `ref_b` (numbers or aliases) of model `name` side by side: metrics, params
+    of their stage runs (only those that differ unless `show_all`), data hashes and promotion decision."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        models = ", ".join(sorted(m.name for m in _pages(client.search_registered_models))) or "none"
+        raise DataError(f"no registered model named {name} in {client.tracking_uri} (models: {models})") from None
+    versions = _pages(client.search_model_versions, f"name = '{name}'")
+    a, b = _resolve(model, versions, ref_a), _resolve(model, versions, ref_b)
+    rows = (_metric_rows(model, a, b) + _param_rows(client, a, b, show_all) + _data_rows(a, b)
+            + _decision_rows(model, a, b))
+    columns = ("", f"A (version {a.version})", f"B (version {b.version})", "B - A")
+    return f"{name}: A = {ref_a}, B = {ref_b}\n{format_table(rows, columns)}"
+
+
+def review(model: str | None = None, params_path: Path | None = Path("params.yaml"),
+           versions: tuple[str, str] | None = None, show_all: bool = False) -> str:
+    """The table of the registered models (only `model` if given), or a message saying there are none;
+    with `versions` (A, B), those two versions of `model` compared (see compare)."""
     tracking = project_tracking(params_path)
     uri = tracking_uri(tracking)
     # Reading must not create a store: an absent sqlite file means nothing was logged yet.
@@ -79,6 +221,8 @@ def review(model: str | None = None, params_path: Path | None = Path("params.yam
         return f"no MLflow store at {uri}; run the pipeline first (dvc repro)"
     configure(tracking)
     client = mlflow.MlflowClient()
+    if versions is not None:
+        return compare(client, model, *versions, show_all=show_all)
     if model is not None:
         try:
             models = [client.get_registered_model(model)]
@@ -103,9 +247,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", metavar="NAME", help="only this registered model (default: all)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file whose mlflow section locates the registry (default: params.yaml, if present)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="show versions A and B of --model side by side (version numbers or aliases)")
+    parser.add_argument("--all", action="store_true", help="with --compare: also the params both runs share")
     args = parser.parse_args(argv)
     with reporting_errors("review"):
-        print(review(args.model, args.params))
+        # Checked here rather than by argparse, so bad input is one line like every other error.
+        if args.compare and args.model is None:
+            raise ValueError("--compare needs --model NAME")
+        if args.all and not args.compare:
+            raise ValueError("--all applies to --compare only")
+        print(review(args.model, args.params, tuple(args.compare) if args.compare else None, args.all))
 
 
 if __name__ == "__main__":

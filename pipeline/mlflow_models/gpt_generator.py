@@ -10,6 +10,7 @@ from gpt.checkpoint import load_model
 from gpt.generate import generate_text
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
+from pipeline.mlflow_models.inputs import check_texts
 
 # top_k 0 and top_p 1.0 disable those filters; temperature 0.0 is greedy.
 SIGNATURE = ModelSignature(
@@ -37,6 +38,7 @@ class GPTGenerator(PythonModel):
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict | None = None) -> pd.DataFrame:
+        model_input = check_texts(model_input, ["prompt"])
         settings = {**DEFAULTS, **(params or {})}
         texts = [
             generate_text(self.model, self.tokenizer, str(prompt),

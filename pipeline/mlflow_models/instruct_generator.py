@@ -9,6 +9,7 @@ from mlflow.types.schema import ColSpec, Schema
 from gpt.instruct import format_prompt
 from pipeline.mlflow_models.gpt_generator import SIGNATURE as GPT_SIGNATURE
 from pipeline.mlflow_models.gpt_generator import GPTGenerator
+from pipeline.mlflow_models.inputs import check_texts
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
@@ -24,6 +25,7 @@ class InstructGenerator(GPTGenerator):
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict | None = None) -> pd.DataFrame:
+        model_input = check_texts(model_input, ["instruction"], optional=["input"])
         inputs = model_input["input"] if "input" in model_input else [""] * len(model_input)
         prompts = [format_prompt(str(instruction), "" if pd.isna(text) else str(text))
                    for instruction, text in zip(model_input["instruction"], inputs)]

@@ -13,6 +13,7 @@ from gpt.classifier import ClassifierSpec, classify_texts, load_classifier
 from gpt.model import GPTModel
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
+from pipeline.mlflow_models.inputs import check_texts
 
 BATCH_SIZE = 32
 PROBABILITY_PREFIX = "p_"
@@ -57,6 +58,7 @@ class Classifier(PythonModel):
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict | None = None) -> pd.DataFrame:
+        model_input = check_texts(model_input, ["text"])
         batch_size = int((params or {}).get("batch_size", BATCH_SIZE))
         return predict_frame(self.model, self.spec, self.tokenizer, list(model_input["text"]), batch_size)
 
