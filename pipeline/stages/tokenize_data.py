@@ -37,8 +37,8 @@ PARAMS = {
 }
 
 
-def require_validated(files: list[Path]) -> None:
-    """Refuse to run unless validate passed on exactly the files about to be read."""
+def require_validated(files: list[Path]) -> dict[Path, str]:
+    """Refuse to run unless validate passed on exactly the files about to be read; return their sha256."""
     try:
         report = json.loads(VALIDATE_REPORT.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -47,19 +47,22 @@ def require_validated(files: list[Path]) -> None:
         raise DataError(f"{VALIDATE_REPORT} is not valid JSON; rerun the validate stage") from None
     if report.get("status") != "passed":
         raise DataError(f"{VALIDATE_REPORT} says status {report.get('status')!r}; fix the data and rerun validate")
+    hashes = {}
     for path in files:
         recorded = report.get("inputs", {}).get(str(path))
         if recorded is None:
             raise DataError(f"{path} is not in {VALIDATE_REPORT}; rerun the validate stage")
         if recorded != sha256_file(path):
             raise DataError(f"{path} changed since validation; rerun the validate stage")
+        hashes[path] = recorded
+    return hashes
 
 
-def write_pretrain(out: Path, enc: tiktoken.Encoding, files: list[Path], text_field: str, cfg: dict,
+def write_pretrain(out: Path, enc: tiktoken.Encoding, files: dict[Path, str], text_field: str, cfg: dict,
                    context_length: int) -> dict:
-    """Write pretrain/{train,val}.bin and meta.json, streaming; return the metrics."""
+    """Write pretrain/{train,val}.bin and meta.json from `files` ({path: sha256}), streaming; return the metrics."""
     out.mkdir()
-    stats = write_corpus_tokens(files, text_field, enc, cfg["train_ratio"], cfg["split"], out / "train.bin",
+    stats = write_corpus_tokens(list(files), text_field, enc, cfg["train_ratio"], cfg["split"], out / "train.bin",
                                 out / "val.bin")
     for split in ("train", "val"):
         if stats[f"{split}_tokens"] < context_length + 1:
@@ -67,7 +70,7 @@ def write_pretrain(out: Path, enc: tiktoken.Encoding, files: list[Path], text_fi
                             f"pretrain.context_length + 1 = {context_length + 1}; add text or change train_ratio")
     atomic_write_json(out / "meta.json", {
         "dtype": "uint16", "tokenizer": {"name": "gpt2", **BPE_FILES}, "end_of_text_id": END_OF_TEXT_ID, **cfg,
-        "sources": [{"file": str(path), "sha256": sha256_file(path)} for path in files],
+        "sources": [{"file": str(path), "sha256": digest} for path, digest in files.items()],
         "train_tokens": stats["train_tokens"], "val_tokens": stats["val_tokens"]})
     return stats
 
@@ -167,15 +170,15 @@ def main(params_path: Path) -> None:
     cfg, data = params["tokenize"], params[datasets.SECTION]
     datasets.require_tracked("tokenize", datasets.local_deps(data, params["download.sources"]))
     files = {name: datasets.resolve(name, data[name]["sources"], params["download.sources"]) for name in datasets.NAMES}
-    require_validated([path for paths in files.values() for path in paths])
+    hashes = require_validated([path for paths in files.values() for path in paths])
     enc = load_tokenizer(BPE_DIR)
     with atomic_dir(TOKENS) as staging:
         def inside(folder: Path) -> Path:
             return staging / folder.relative_to(TOKENS)
 
         metrics = {
-            "corpus": write_pretrain(inside(PRETRAIN_TOKENS), enc, files["corpus"], data["corpus"]["text_field"],
-                                     cfg["corpus"], params["pretrain.context_length"]),
+            "corpus": write_pretrain(inside(PRETRAIN_TOKENS), enc, {path: hashes[path] for path in files["corpus"]},
+                                     data["corpus"]["text_field"], cfg["corpus"], params["pretrain.context_length"]),
             "classification": write_classification(inside(CLASSIFICATION_TOKENS), enc, files["classification"],
                                                    data["classification"], cfg["classification"]),
             "instructions": write_instructions(inside(INSTRUCTION_TOKENS), files["instructions"],
