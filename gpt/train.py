@@ -165,6 +165,26 @@ def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 
 @torch.no_grad()
+def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None) -> list[float]:
+    """The mean loss of each context-length window of `tokens` (no overlap, fixed order), over the first
+    `max_batches` batches: their mean is evaluate_loss's, their spread gives its standard error."""
+    context = model.cfg.context_length
+    loader = create_dataloader(tokens, batch_size, context, context, shuffle=False, drop_last=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    for i, (inputs, targets) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = model(inputs.to(device))
+        per_token = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+        losses += per_token.view(targets.shape).mean(dim=1).tolist()
+    model.train(was_training)
+    return losses
+
+
+@torch.no_grad()
 def evaluate_loss(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None,
                   stride: int | None = None, rank: int = 0, world_size: int = 1) -> float:
     """Mean loss over the first `max_batches` windows-batches of `tokens`, in fixed order.

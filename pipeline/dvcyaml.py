@@ -104,8 +104,12 @@ def render(text: str, params_path: Path) -> str:
                 entry["always_changed"] = True
             else:
                 entry.pop("always_changed", None)
+        if stage.report is not None and str(stage.report) not in entry.setdefault("outs", []):
+            entry["outs"].append(str(stage.report))
         if stage.metrics is not None:
             entry["metrics"] = [str(stage.metrics)]
+        else:
+            entry.pop("metrics", None)
     out = io.StringIO()
     yaml.dump(document, out)
     # One blank line before each stage, however the hand-written file spaced them.

@@ -17,7 +17,8 @@ MODELS = DATA / "models"
 BASE_MODEL_DIR = MODELS / "base"  # pretrain's model
 CLASSIFIER_MODEL_DIR = MODELS / "classifier"  # finetune_classifier's
 INSTRUCT_MODEL_DIR = MODELS / "instruct"  # finetune_instruct's
-METRICS = DATA / "metrics"  # one <stage>.json per stage (see pipeline.stages.STAGES)
+METRICS = DATA / "metrics"  # <stage>.json: the few numbers people compare (see pipeline.stages.STAGES)
+REPORTS = DATA / "reports"  # <stage>.json: everything else a stage found (statistics, hashes, versions)
 PLOTS = DATA / "plots"
 SAMPLES = DATA / "samples"
 

@@ -171,7 +171,7 @@ def params_digest(params: Mapping[str, Any]) -> str:
 def _lineage_tag(key: str) -> bool:
     # What a registered version copies from its run: where it came from, not how the run was named.
     return key in ("stage", "run_group", "git_commit", "git_dirty", PARAMS_DIGEST_TAG, *EXPERIMENT_TAGS) or (
-        key.startswith("data.") and key.endswith(".sha256"))
+        key.startswith("data.") and key.endswith((".sha256", ".size")))
 
 
 def _group_parent(client: mlflow.MlflowClient, experiment_id: str, group: str, tags: dict[str, str]) -> str:
@@ -185,12 +185,14 @@ def _group_parent(client: mlflow.MlflowClient, experiment_id: str, group: str, t
 
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, str] | None = None,
-              tracking: Mapping[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+              tracking: Mapping[str, Any] | None = None,
+              data_sizes: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """Run the block as the MLflow run of `stage`, a child of its run group's parent run.
 
     Logs the flattened `params` and tags the run with the stage, run group, git state,
-    `params_digest` (see params_digest) and `data.<name>.sha256` for each of `data_hashes`. `tracking` is the checked `mlflow` params
-    section (None: the defaults). The parent's status follows the last stage that ended.
+    `params_digest` (see params_digest), `data.<name>.sha256` for each of `data_hashes` and `data.<name>.size`
+    ("1045 rows") for each of `data_sizes`. `tracking` is the checked `mlflow` params section (None: the
+    defaults). The parent's status follows the last stage that ended.
     """
     experiment_id = configure(tracking)
     commit, dirty = git_state()
@@ -198,12 +200,13 @@ def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, s
     client = mlflow.MlflowClient()
     common = {"run_group": group, "git_commit": commit, "git_dirty": dirty, **experiment_tags()}
     parent_id = _group_parent(client, experiment_id, group, common)
-    hashes = {_key(f"data.{name}.sha256"): digest for name, digest in (data_hashes or {}).items()}
+    data_tags = {_key(f"data.{name}.sha256"): digest for name, digest in (data_hashes or {}).items()}
+    data_tags.update({_key(f"data.{name}.size"): size for name, size in (data_sizes or {}).items()})
     status = "FAILED"
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                               tags={"stage": stage, **common, PARAMS_DIGEST_TAG: params_digest(params),
-                                    **hashes}) as run:
+                                    **data_tags}) as run:
             mlflow.log_params(flatten_params(params))
             yield run
         status = "FINISHED"

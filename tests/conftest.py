@@ -26,6 +26,8 @@ from pipeline.stages import STAGES
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's console scripts: dvc, prefect, llm-pipeline
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
+# The promotion policy as params.yaml sets it (the promote params), for tests that promote directly.
+POLICY = yaml.safe_load((REPO / "params.yaml").read_text())["promote"]
 DEFAULT_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 

@@ -27,7 +27,7 @@ from gpt.files import sha256_file
 from gpt.model import GPTConfig, GPTModel
 
 CLI = BIN / "llm-pipeline"
-REPORT = "data/metrics/validate.json"
+REPORT = "data/reports/validate.json"
 CHECKPOINTS = "data/checkpoints/pretrain"
 # The good project every case starts from: every stage that a case runs has run once, on tiny settings.
 SMALL = {
@@ -439,7 +439,7 @@ command_line("{stage}", stage.main)
 
 
 @pytest.mark.parametrize(("stage", "function", "call", "outputs"), [
-    ("download", "fetch_with_origin", 3, ("data/raw/", "data/metrics/download.json")),  # two files fetched
+    ("download", "fetch_with_origin", 3, ("data/raw/", "data/reports/download.json")),  # two files fetched
     ("tokenize", "write_instructions", 1, ("data/tokens/",)),  # pretrain and classification splits written
 ])
 def test_killed_mid_write_then_rerun(good_project: Path, mirror: Path, tmp_path: Path, stage: str, function: str,

@@ -20,13 +20,13 @@ def assert_failed_cleanly(project: Path, result, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in lines[0]
     assert not (project / "data" / "raw").exists()
-    assert not (project / "data" / "metrics" / "download.json").exists()
+    assert not (project / "data" / "reports" / "download.json").exists()
     assert leftovers(project) == []
 
 
 def test_downloads_everything_from_mirror(downloaded: Path, mirror: Path):
     raw = downloaded / "data" / "raw"
-    manifest = json.loads((downloaded / "data" / "metrics" / "download.json").read_text())
+    manifest = json.loads((downloaded / "data" / "reports" / "download.json").read_text())
     rows = {row["file"]: row for row in manifest["files"]}
     assert sorted(rows) == sorted(SOURCE_FILES + BPE_FILES)
     for name, row in rows.items():
@@ -64,7 +64,7 @@ def test_http_download_with_zip_extraction(project: Path, mirror: Path, tmp_path
         point_at(project, server, "sms-spam", "/sms.zip")
         result = run_stage(project, "download", partial)
     assert result.returncode == 0, result.stderr
-    rows = {r["file"]: r for r in json.loads((project / "data/metrics/download.json").read_text())["files"]}
+    rows = {r["file"]: r for r in json.loads((project / "data/reports/download.json").read_text())["files"]}
     assert rows["the-verdict.txt"]["origin"] == f"{server.url}/verdict"
     assert rows["SMSSpamCollection"]["origin"] == f"{server.url}/sms.zip"
     assert sha256_file(project / "data/raw/SMSSpamCollection") == sha256_file(mirror / "SMSSpamCollection")
@@ -88,7 +88,7 @@ def test_unpinned_weights_need_explicit_opt_in(project: Path, mirror: Path):
 
 
 def _manifest(project: Path) -> dict:
-    return {row["file"]: row for row in json.loads((project / "data/metrics/download.json").read_text())["files"]}
+    return {row["file"]: row for row in json.loads((project / "data/reports/download.json").read_text())["files"]}
 
 
 def test_tracked_source_is_fetched_again_and_conditional(project: Path, mirror: Path):

@@ -1,6 +1,7 @@
 """dvc.yaml end to end in a scratch git repo: repro, no-op repro, and a tokenize-only rerun."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -23,8 +24,8 @@ def test_repro_then_noop_then_tokenize_only(dvc_repo):
     first = sh(repo, env, str(DVC), "repro", "tokenize")
     for stage in ("download", "validate", "tokenize"):
         assert f"Running stage '{stage}'" in first
-    for out in ("data/raw/SMSSpamCollection", "data/metrics/validate.json", "data/tokens/pretrain/train.bin",
-                "data/tokens/classification/test.csv", "data/tokens/instructions/val.json", "data/metrics/tokenize.json"):
+    for out in ("data/raw/SMSSpamCollection", "data/reports/validate.json", "data/tokens/pretrain/train.bin",
+                "data/tokens/classification/test.csv", "data/tokens/instructions/val.json", "data/reports/tokenize.json"):
         assert (repo / out).is_file(), out
 
     second = sh(repo, env, str(DVC), "repro", "tokenize")
@@ -37,8 +38,7 @@ def test_repro_then_noop_then_tokenize_only(dvc_repo):
     assert "Stage 'validate' didn't change, skipping" in third
     assert "Running stage 'tokenize'" in third
     assert "Running stage 'download'" not in third and "Running stage 'validate'" not in third
-    metrics = sh(repo, env, str(DVC), "metrics", "show")
-    assert "data/metrics/tokenize.json" in metrics and "data/metrics/validate.json" in metrics
+    assert not (repo / "data/metrics").exists()  # the data stages' statistics are reports, not metrics
 
 
 SMALL_TRAINING = {
@@ -147,3 +147,24 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
     baseline = sh(repo, env, "git", "rev-parse", "HEAD").strip()
     assert (tags["dvc_exp"], tags["dvc_exp_baseline"], tags["dvc_exp_changed"], tags["run_group"]) == (
         "seed-one", baseline[:8], "finetune_classifier.seed=1", "exp-seed-one")
+    # Its model card says the same, beside the champion it was compared with.
+    card = client.get_model_version("gpt-spam-classifier", "2").description
+    assert card.startswith("**gpt-spam-classifier, version 2.**")
+    assert "| metric | this version (2) | champion (version 1) | difference |" in card
+    assert "| **val_accuracy** (decides) |" in card and "| **test_accuracy** (reported) |" in card
+    assert f"DVC experiment `seed-one` from baseline `{baseline[:8]}`, changed: `finetune_classifier.seed=1`" in card
+    assert "| seed | 1 | 123 |" in card and "| train.csv | " in card and " rows | `" in card
+    assert "`classifier_confusion.png`" in card and "`classifier_loss.png`" in card
+    generator = client.get_model_version("gpt-instruct", "1").description
+    assert generator.count("**Prompt:**") == 3 and "No champion to compare with." in generator
+    assert client.get_registered_model("gpt-base").description.startswith("The pretrained GPT")
+
+    # Lean metrics: a handful of numbers per stage, all visible in `dvc exp show` on a 160-column terminal.
+    shown = json.loads(sh(repo, env, str(DVC), "metrics", "show", "--json"))
+    files = shown[next(iter(shown))]["data"]
+    numbers = {name: value for path, entry in files.items() for name, value in entry["data"].items()}
+    assert all(len(entry["data"]) <= 12 for entry in files.values()) and len(numbers) <= 12, files
+    table = sh(repo, {**env, "COLUMNS": "160"}, str(DVC), "exp", "show", "--no-pager")
+    assert max(map(len, table.splitlines())) <= 160
+    header = " ".join(table.splitlines()[1:4])
+    assert all(name in header for name in numbers), (numbers, table)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import run_stage, set_param, stage_env, tokenized
+from conftest import POLICY, run_stage, set_param, stage_env, tokenized
 from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, encode_texts, load_classifier, predict_logits
 from gpt.model import GPTConfig, GPTModel
@@ -102,7 +102,7 @@ def test_short_run_learns_registers_a_champion_and_classifies(raw_project: Path)
         assert label == max(probabilities, key=probabilities.get)
 
     # The promote stage's step for this model: its first version becomes champion.
-    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "gpt-spam-classifier", 1, margin=0.0)
+    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "gpt-spam-classifier", 1, POLICY)
     registered = classify(project, "--model", "models:/gpt-spam-classifier@champion", *TEXTS)
     assert registered.returncode == 0, registered.stderr
     assert registered.stdout == local.stdout  # the registered model is the local one

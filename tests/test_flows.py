@@ -112,8 +112,8 @@ def test_flow_runs_and_dvc_repro_share_up_to_date(dvc_repo, prefect_api, capsys)
     state, _ = run_flow(flows.stage_flow("tokenize"), project=str(repo))
     assert state.is_completed(), state.message
     assert state.result() == {"download": "ran", "validate": "ran", "tokenize": "ran"}
-    for out in ("data/raw/SMSSpamCollection", "data/metrics/validate.json", "data/tokens/pretrain/train.bin",
-                "data/tokens/classification/test.csv", "data/metrics/tokenize.json"):
+    for out in ("data/raw/SMSSpamCollection", "data/reports/validate.json", "data/tokens/pretrain/train.bin",
+                "data/tokens/classification/test.csv", "data/reports/tokenize.json"):
         assert (repo / out).is_file(), out
     assert "Data and pipelines are up to date" in sh(repo, env, dvc, "status", "download", "validate", "tokenize")
     assert "Running stage" not in sh(repo, env, dvc, "repro", "tokenize")
@@ -150,7 +150,7 @@ def test_flow_runs_and_dvc_repro_share_up_to_date(dvc_repo, prefect_api, capsys)
 
 PROBE_STAGE = {  # a stage a flow must pick up from dvc.yaml; it records the run group it was given
     "cmd": f"python -c \"import os; open('data/probe.txt', 'w').write(os.environ['{RUN_GROUP_ENV}'])\"",
-    "deps": ["data/metrics/validate.json"],
+    "deps": ["data/reports/validate.json"],
     "outs": ["data/probe.txt"],
 }
 
@@ -183,7 +183,7 @@ def test_served_deployment_runs_on_trigger(dvc_repo, prefect_api, tmp_path):
     assert [schedule.schedule.cron for schedule in deployment.schedules] == [cron]
     completed = [run for run in runs if run.state.is_completed()]
     assert len(completed) == 1, [run.state for run in runs]
-    assert (repo / "data/metrics/validate.json").is_file()
+    assert (repo / "data/reports/validate.json").is_file()
     assert (repo / "data/probe.txt").read_text() == f"prefect-{completed[0].id}"
     assert "up to date" in sh(repo, env, str(BIN / "dvc"), "status", "probe")
 
@@ -266,7 +266,7 @@ def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, 
     registry = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert sorted(int(v.version) for v in registry.search_model_versions("name='gpt-spam-classifier'")) == [1, 2]
     assert len(registry.search_model_versions("name='gpt-base'")) == 1
-    decision = json.loads((repo / "data" / "metrics" / "promote.json").read_text())["gpt-spam-classifier"]
+    decision = json.loads((repo / STAGES["promote"].report).read_text())["gpt-spam-classifier"]
     assert decision["version"] == 2 and decision["decision"] in ("promoted", "kept")
 
     # dvc repro agrees: nothing to do, then the same four stages for the next file.

@@ -17,7 +17,7 @@ from pipeline.commands import review
 from pipeline.registry import CHALLENGER, CHAMPION
 from pipeline.stages import STAGES, TRAINERS, promote
 from pipeline.stages.promote import INPUTS, PROMOTED
-from pipeline.tracking import params_digest, stage_run, tag_new_version
+from pipeline.tracking import log_path, params_digest, stage_run, tag_new_version
 
 TRAIN_PARAMS = {"lr": 0.1, "epochs": 2}
 HASHES = {"train.bin": "ab" * 32}
@@ -39,93 +39,150 @@ def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
 
 
+def rules(margin: float = 0.0, noise_z: float = 0.0, decide_on: str = "val") -> dict:
+    """The promote params: the policy."""
+    return {"decide_on": decide_on, "noise_z": noise_z, "margins": {name: margin for name in TRAINERS}}
+
+
 def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowClient):
     name = "gpt-spam-classifier"
-    first = register(name, {"test_accuracy": 0.80})
-    decision = promote.promote(store, name, first, margin=0.05)
+    first = register(name, {"val_accuracy": 0.80, "test_accuracy": 0.5})
+    decision = promote.promote(store, name, first, rules(margin=0.05))
     assert decision["decision"] == PROMOTED and decision["reason"].startswith("first version")
     assert aliases(store, name) == {CHAMPION: first, CHALLENGER: first}
     tags = store.get_model_version(name, first).tags
     assert (tags["promotion.decision"], tags["promotion.compared_with"]) == ("promoted", "none")
 
-    worse = register(name, {"test_accuracy": 0.70})
-    decision = promote.promote(store, name, worse, margin=0.05)
+    worse = register(name, {"val_accuracy": 0.70, "test_accuracy": 0.99})  # its test score never decides
+    decision = promote.promote(store, name, worse, rules(margin=0.05))
     assert (decision["decision"], decision["champion"], decision["champion_value"]) == ("kept", 1, 0.80)
     assert aliases(store, name) == {CHAMPION: first, CHALLENGER: worse}
     tags = store.get_model_version(name, worse).tags
     assert tags["promotion.decision"] == "kept" and tags["promotion.compared_with"] == "version 1"
-    assert tags["promotion.reason"] == "test_accuracy 0.7 vs 0.8 of version 1: worse by 0.1"
+    assert tags["promotion.reason"] == "val_accuracy 0.7 vs 0.8 of version 1: worse by 0.1"
 
-    within = register(name, {"test_accuracy": 0.83})  # better, but by less than the margin
-    assert promote.promote(store, name, within, margin=0.05)["decision"] == "kept"
+    within = register(name, {"val_accuracy": 0.83})  # better, but by less than the margin
+    assert promote.promote(store, name, within, rules(margin=0.05))["decision"] == "kept"
     assert aliases(store, name) == {CHAMPION: first, CHALLENGER: within}
-    assert "not more than margin 0.05" in store.get_model_version(name, within).tags["promotion.reason"]
+    assert "not more than the margin 0.05" in store.get_model_version(name, within).tags["promotion.reason"]
 
-    better = register(name, {"test_accuracy": 0.90})
-    decision = promote.promote(store, name, better, margin=0.05)
+    better = register(name, {"val_accuracy": 0.90})
+    decision = promote.promote(store, name, better, rules(margin=0.05))
     assert (decision["decision"], decision["champion"]) == ("promoted", 4)
     assert aliases(store, name) == {CHAMPION: better, CHALLENGER: better}
-    assert "more than margin 0.05" in store.get_model_version(name, better).tags["promotion.reason"]
+    assert "more than the margin 0.05" in store.get_model_version(name, better).tags["promotion.reason"]
 
-    rerun = promote.promote(store, name, better, margin=0.05)
+    rerun = promote.promote(store, name, better, rules(margin=0.05))
     assert rerun["decision"] == "already_champion" and aliases(store, name)[CHAMPION] == better
     assert store.get_model_version(name, better).tags["promotion.decision"] == "promoted"  # the real decision stays
 
 
-def test_val_loss_is_lower_is_better_and_prefers_the_evaluate_stage(store: MlflowClient):
+def test_a_gain_within_the_noise_keeps_the_champion(store: MlflowClient):
+    """The gain must exceed noise_z standard errors of the difference, sqrt(se_new² + se_champion²)."""
+    name = "gpt-spam-classifier"
+    promote.promote(store, name, register(name, {"val_accuracy": 0.90, "val_accuracy_se": 0.03}), rules(noise_z=1.0))
+    # +0.04 against a noise of sqrt(0.03² + 0.03²) = 0.0424: kept, however lucky it looks on test.
+    lucky = register(name, {"val_accuracy": 0.94, "val_accuracy_se": 0.03, "test_accuracy": 1.0})
+    decision = promote.promote(store, name, lucky, rules(noise_z=1.0))
+    assert decision["decision"] == "kept" and decision["needed"] == pytest.approx(0.03 * 2 ** 0.5)
+    assert store.get_model_version(name, lucky).tags["promotion.reason"] == (
+        "val_accuracy 0.94 ± 0.03 vs 0.9 ± 0.03 of version 1: better by 0.04, not more than the noise 0.04243 "
+        "(1 × the difference's standard error)")
+    # The same gain measured more precisely (a larger split): sqrt(0.015² + 0.03²) = 0.0335 < 0.04, promoted.
+    sharper = register(name, {"val_accuracy": 0.94, "val_accuracy_se": 0.015})
+    assert promote.promote(store, name, sharper, rules(noise_z=1.0))["decision"] == PROMOTED
+    assert promote.promote(store, name, sharper, rules(noise_z=2.0))["decision"] == "already_champion"
+    # Beyond the noise (0.015) but within a larger margin: the margin is the bar.
+    steady = register(name, {"val_accuracy": 0.98, "val_accuracy_se": 0.001})
+    decision = promote.promote(store, name, steady, rules(margin=0.05, noise_z=1.0))
+    assert decision["decision"] == "kept" and decision["needed"] == 0.05
+    assert "not more than the margin 0.05" in decision["reason"]
+
+
+def test_decide_on_test_is_a_choice_and_a_champion_without_the_metric_is_replaced(store: MlflowClient):
+    name = "gpt-instruct"
+    old = register(name, {"rouge_l_f1": 0.30})  # registered before val ROUGE-L was measured
+    promote.promote(store, name, old, rules())
+    new = register(name, {"val_rouge_l_f1": 0.20, "val_rouge_l_f1_se": 0.02, "rouge_l_f1": 0.25})
+    decision = promote.promote(store, name, new, rules(noise_z=1.0))
+    assert decision["decision"] == PROMOTED
+    assert decision["reason"] == "champion version 1 has no val_rouge_l_f1 (registered before it was measured)"
+    # On test (the other choice), with no standard error on one side: it borrows the other's.
+    third = register(name, {"val_rouge_l_f1": 0.10, "rouge_l_f1": 0.31, "rouge_l_f1_se": 0.02})
+    decision = promote.promote(store, name, third, rules(noise_z=1.0, decide_on="test"))
+    assert (decision["decision"], decision["metric"]) == ("promoted", "rouge_l_f1")
+    assert decision["needed"] == pytest.approx(0.02 * 2 ** 0.5)
+
+
+def test_val_loss_is_lower_is_better_and_comes_from_the_evaluate_stage(store: MlflowClient):
     name = "gpt-base"
     first = register(name, {"val_loss": 5.0}, {"eval.val_loss": 4.0})
-    promote.promote(store, name, first, margin=0.0)
+    promote.promote(store, name, first, rules())
     # pretrain's own val loss looks better, but evaluate's (whole split) decides: 4.1 > 4.0, kept.
     second = register(name, {"val_loss": 3.0}, {"eval.val_loss": 4.1})
-    assert promote.promote(store, name, second, margin=0.0)["decision"] == "kept"
-    third = register(name, {"val_loss": 3.9})  # not evaluated: pretrain's val loss stands in
-    decision = promote.promote(store, name, third, margin=0.0)
+    assert promote.promote(store, name, second, rules())["decision"] == "kept"
+    third = register(name, {"val_loss": 3.0}, {"eval.val_loss": 3.9})
+    decision = promote.promote(store, name, third, rules())
     assert decision["decision"] == PROMOTED and decision["champion_value"] == 4.0
     assert aliases(store, name) == {CHAMPION: third, CHALLENGER: third}
 
-    missing = register(name, {"steps": 5.0})
-    with pytest.raises(ValueError, match=r"^gpt-base version 4: no eval.val_loss or metric.val_loss tag"):
-        promote.promote(store, name, missing, margin=0.0)
+    missing = register(name, {"val_loss": 1.0})  # not evaluated
+    with pytest.raises(ValueError, match=r"^gpt-base: version 4 has no eval.val_loss tag to decide on"):
+        promote.promote(store, name, missing, rules())
     assert aliases(store, name)[CHALLENGER] == third  # nothing moved
 
 
-def write_stage_metrics(versions: dict[str, str]) -> None:
+def write_stage_reports(versions: dict[str, str], samples: bool = True) -> None:
     for name, stage in TRAINERS.items():
-        stage.metrics.parent.mkdir(parents=True, exist_ok=True)
-        stage.metrics.write_text(json.dumps({"registered_version": int(versions[name])}))
+        stage.report.parent.mkdir(parents=True, exist_ok=True)
+        stage.report.write_text(json.dumps({"registered_version": int(versions[name])}))
     Path(INPUTS[-1]).write_text(json.dumps({"registered_version": int(versions["gpt-base"])}))
+    if samples:
+        for path, records in (
+                ("data/samples/evaluate.json", [{"prompt": f"p{i}", "greedy": f"g{i}", "sampled": "s"} for i in range(4)]),
+                ("data/samples/instruct_responses.json",
+                 [{"instruction": f"do {i}", "input": "x" if i else "", "response": f"done {i}"} for i in range(4)])):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(records))
 
 
 def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp_path: Path, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    metrics = {"gpt-base": {"val_loss": 5.5}, "gpt-spam-classifier": {"test_accuracy": 0.9, "test_macro_f1": 0.88},
-               "gpt-instruct": {"rouge_l_f1": 0.25, "token_f1": 0.3}}
-    write_stage_metrics({name: register(name, values) for name, values in metrics.items()})
+    metrics = {"gpt-base": {"val_loss": 5.5}, "gpt-spam-classifier": {"val_accuracy": 0.9, "test_accuracy": 0.9,
+                                                                       "test_macro_f1": 0.88},
+               "gpt-instruct": {"val_rouge_l_f1": 0.25, "rouge_l_f1": 0.25, "token_f1": 0.3}}
+    tags = {"gpt-base": {"eval.val_loss": 5.5}}
+    write_stage_reports({name: register(name, values, tags.get(name)) for name, values in metrics.items()})
     promote.main(Path("params.yaml"))
     first = capsys.readouterr().out.splitlines()
     assert first == [f"{name} version 1: promoted (champion: version 1; first version (no champion yet))"
                      for name in TRAINERS]
 
-    worse = register("gpt-instruct", {"rouge_l_f1": 0.20})
-    write_stage_metrics({"gpt-base": "1", "gpt-spam-classifier": "1", "gpt-instruct": worse})
+    worse = register("gpt-instruct", {"val_rouge_l_f1": 0.20, "rouge_l_f1": 0.3})
+    write_stage_reports({"gpt-base": "1", "gpt-spam-classifier": "1", "gpt-instruct": worse})
     promote.main(Path("params.yaml"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "gpt-base version 1: already_champion (champion: version 1; already the champion)"
-    assert lines[2] == "gpt-instruct version 2: kept (champion: version 1; rouge_l_f1 0.2 vs 0.25 of version 1: worse by 0.05)"
-    report = json.loads(Path("data/metrics/promote.json").read_text())
+    assert lines[2] == ("gpt-instruct version 2: kept (champion: version 1; "
+                        "val_rouge_l_f1 0.2 vs 0.25 of version 1: worse by 0.05)")
+    report = json.loads(STAGES["promote"].report.read_text())
     assert report["gpt-instruct"] | {"reason": ""} == {
-        "version": 2, "metric": "rouge_l_f1", "value": 0.2, "higher_is_better": True, "margin": 0.0,
-        "champion_version": 1, "champion_value": 0.25, "decision": "kept", "reason": "", "champion": 1}
+        "version": 2, "decide_on": "val", "metric": "val_rouge_l_f1", "value": 0.2, "se": None,
+        "test_metric": "rouge_l_f1", "test_value": 0.3, "higher_is_better": True, "champion_version": 1,
+        "champion_value": 0.25, "gain": pytest.approx(-0.05), "needed": 0.0, "decision": "kept", "reason": "",
+        "champion": 1}
+    assert not Path("data/metrics/promote.json").exists()  # decisions are a report, not metrics
 
     runs = store.search_runs([store.get_experiment_by_name("llm-pipeline").experiment_id], "tags.stage = 'promote'")
     run = max(runs, key=lambda r: r.info.start_time)
     assert run.data.tags["run_group"] == "g1" and "mlflow.parentRunId" in run.data.tags
     assert run.data.params["decision.gpt-instruct"] == "kept (version 2)"
-    assert run.data.params["margins.gpt-base"] == "0.0"
+    assert run.data.params["margins.gpt-base"] == "0.0" and run.data.params["decide_on"] == "val"
     assert run.data.metrics["gpt-instruct.promoted"] == 0.0 and run.data.metrics["gpt-instruct.champion_version"] == 1
     assert {f"data.{path.name}.sha256" for path in INPUTS} <= run.data.tags.keys()
     assert [a.path for a in store.list_artifacts(run.info.run_id)] == ["promote.json"]
+    for name, stage in TRAINERS.items():  # each registered model says what it is
+        assert store.get_registered_model(name).description == stage.model.summary
 
     review.main([])
     table = capsys.readouterr().out.splitlines()
@@ -137,10 +194,11 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     for (name, version), line in rows.items():
         assert f" {digest} " in line and " train.bin=abababab " in line and " g1 " in line
     assert " challenger,champion " in rows["gpt-spam-classifier", "1"]
-    assert "test_accuracy=0.9 " in rows["gpt-spam-classifier", "1"] and " test_macro_f1=0.88 " in rows["gpt-spam-classifier", "1"]
+    assert " val_accuracy=0.9 test_accuracy=0.9 " in rows["gpt-spam-classifier", "1"]
+    assert " test_macro_f1=0.88 " in rows["gpt-spam-classifier", "1"]
     assert " champion " in rows["gpt-instruct", "1"] and " challenger " in rows["gpt-instruct", "2"]
-    assert "rouge_l_f1=0.2 " in rows["gpt-instruct", "2"] and " kept " in rows["gpt-instruct", "2"]
-    assert "val_loss=5.5 " in rows["gpt-base", "1"]
+    assert "val_rouge_l_f1=0.2 rouge_l_f1=0.3 " in rows["gpt-instruct", "2"] and " kept " in rows["gpt-instruct", "2"]
+    assert " eval.val_loss=5.5 " in rows["gpt-base", "1"]
 
     review.main(["--model", "gpt-instruct"])
     assert {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]} == {"gpt-instruct"}
@@ -149,6 +207,42 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     assert capsys.readouterr().out == "gpt-empty: no versions\n"
     review.main(["--model", "nope"])
     assert capsys.readouterr().out.startswith("no registered model named nope in sqlite:///")
+
+
+def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_path: Path):
+    """The card: decision, key metric with the champion's and the difference, data sizes and hashes, the
+    params that differ, samples of a generator, and the plots of its run."""
+    name = "gpt-instruct"
+    first = register(name, {"val_rouge_l_f1": 0.20, "val_rouge_l_f1_se": 0.01, "rouge_l_f1": 0.21})
+    promote.promote(store, name, first, rules(noise_z=1.0), [("p", "q")])
+    plot = tmp_path / "instruct_loss.png"
+    plot.write_bytes(b"\x89PNG not really")
+    with stage_run("finetune_instruct", {"lr": 0.2, "epochs": 2, "seed": 1}, {"train.bin": "cd" * 32},
+                   data_sizes={"train.bin": "100 tokens"}) as run:
+        log_path(plot)
+        created = store.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        second = str(tag_new_version(name, created.version, None,
+                                     {"val_rouge_l_f1": 0.25, "val_rouge_l_f1_se": 0.01, "rouge_l_f1": 0.23,
+                                      "token_f1": 0.4}).version)
+    samples = [("Rewrite: it is cold / x", "It is chilly."), ("b", ""), ("c", "d"), ("e", "never shown")]
+    promote.promote(store, name, second, rules(noise_z=1.0), samples)
+    card = store.get_model_version(name, second).description
+    assert card.startswith(f"**gpt-instruct, version {second}.** {TRAINERS[name].model.summary}")
+    assert "### Decision: promoted, now the champion" in card
+    assert "val_rouge_l_f1 0.25 ± 0.01 vs 0.2 ± 0.01 of version 1: better by 0.05, more than the noise 0.01414" in card
+    assert "| **val_rouge_l_f1** (decides) | 0.25 ± 0.01 | 0.2 ± 0.01 | +0.05 |" in card
+    assert "| **rouge_l_f1** (reported) | 0.23 | 0.21 | +0.02 |" in card
+    assert "| token_f1 | 0.4 | - | - |" in card
+    assert "| train.bin | 100 tokens | `cdcdcdcdcdcd` | `abababababab` |" in card  # the champion saw other data
+    assert "| lr | 0.2 | 0.1 |" in card and "| seed | 1 | - |" in card and "| epochs |" not in card  # equal
+    assert card.count("**Prompt:**") == 3 and "> It is chilly." in card and "> (empty)" in card
+    assert "never shown" not in card
+    assert f"[source run](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}): `instruct_loss.png`" in card
+    # The first version's card says there was nothing to compare with; a rerun leaves cards as they are.
+    first_card = store.get_model_version(name, first).description
+    assert "No champion to compare with." in first_card and "| **val_rouge_l_f1** (decides) | 0.2 ± 0.01 | - | - |" in first_card
+    promote.promote(store, name, second, rules(), [])
+    assert store.get_model_version(name, second).description == card
 
 
 def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):
@@ -178,21 +272,22 @@ def test_review_compares_two_versions_side_by_side(store: MlflowClient, tmp_path
         env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent.db'}")
         absent = review.review(name, versions=("1", "2"))
     assert absent.startswith("no MLflow store at sqlite:///") and "run the pipeline first" in absent
-    first = register(name, {"test_accuracy": 0.80, "test_macro_f1": 0.75, "val_accuracy": 0.7})
-    promote.promote(store, name, first, margin=0.0)
-    second = register(name, {"test_accuracy": 0.90, "val_accuracy": 0.7}, params={"lr": 0.2, "epochs": 2},
-                      hashes={"train.bin": "cd" * 32, "classes.json": "ef" * 32})
-    promote.promote(store, name, second, margin=0.0)
+    first = register(name, {"test_accuracy": 0.80, "test_macro_f1": 0.75, "val_accuracy": 0.7, "train_accuracy": 0.9})
+    promote.promote(store, name, first, rules())
+    second = register(name, {"test_accuracy": 0.90, "val_accuracy": 0.75, "train_accuracy": 0.9},
+                      params={"lr": 0.2, "epochs": 2}, hashes={"train.bin": "cd" * 32, "classes.json": "ef" * 32})
+    promote.promote(store, name, second, rules())
 
     review.main(["--model", name, "--compare", "1", "champion"])
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"{name}: A = 1, B = champion"
     assert out.splitlines()[1].split() == ["A", "(version", "1)", "B", "(version", "2)", "B", "-", "A"]
     rows = cells(out)
+    assert rows["val_accuracy (key, higher is better)"] == ["0.7", "0.75", "+0.05, B better"]
     assert rows["test_accuracy (key, higher is better)"] == ["0.8", "0.9", "+0.1, B better"]
     assert rows["test_macro_f1"] == ["0.75", "-", "only A"]
-    assert rows["val_accuracy"] == ["0.7", "0.7"]  # equal: no difference shown
-    assert list(rows).index("test_macro_f1") < list(rows).index("val_accuracy")  # the model's own order
+    assert rows["train_accuracy"] == ["0.9", "0.9"]  # equal: no difference shown
+    assert list(rows).index("test_macro_f1") < list(rows).index("train_accuracy")  # the model's own order
     assert rows["params (1 equal, not shown; --all shows them)"] == []
     assert rows["lr"] == ["0.1", "0.2", "differs"] and "epochs" not in rows
     assert rows["params_digest"] == [params_digest(TRAIN_PARAMS)[:8], params_digest({"lr": 0.2, "epochs": 2})[:8],
@@ -200,7 +295,7 @@ def test_review_compares_two_versions_side_by_side(store: MlflowClient, tmp_path
     assert rows["train.bin"] == ["abababab", "cdcdcdcd", "differs"] and rows["classes.json"] == ["-", "efefefef", "only B"]
     assert rows["promotion.decision"] == ["promoted", "promoted"]
     assert rows["promotion.compared_with"] == ["none", "version 1", "differs"]
-    assert rows["promotion.reason"][1] == "test_accuracy 0.9 vs 0.8 of version 1: better by 0.1, more than margin 0"
+    assert rows["promotion.reason"][1] == "val_accuracy 0.75 vs 0.7 of version 1: better by 0.05, more than the margin 0"
     assert rows["aliases"] == ["-", "challenger,champion", "only B"] and rows["run group"] == ["g1", "g1"]
 
     review.main(["--model", name, "--compare", "challenger", "1", "--all"])
@@ -209,14 +304,16 @@ def test_review_compares_two_versions_side_by_side(store: MlflowClient, tmp_path
     assert rows["params (1 equal)"] == [] and rows["epochs"] == ["2", "2"] and rows["lr"] == ["0.2", "0.1", "differs"]
 
 
-def test_lower_is_better_and_the_tag_each_key_metric_came_from(store: MlflowClient, capsys):
+def test_lower_is_better_and_a_missing_key_metric_shows_as_unknown(store: MlflowClient, capsys):
     register("gpt-base", {"val_loss": 5.0}, {"eval.val_loss": 4.0})
-    register("gpt-base", {"val_loss": 3.5})  # not evaluated: pretrain's own val loss stands in
+    register("gpt-base", {"val_loss": 3.5})  # not evaluated: no key metric
     review.main(["--model", "gpt-base", "--compare", "1", "2"])
     rows = cells(capsys.readouterr().out)
-    assert rows["val_loss (key, lower is better)"] == ["4 (eval.val_loss)", "3.5 (val_loss)", "-0.5, B better"]
-    # Each tag that held the key on one side only stays a row, so the other side's value shows.
-    assert rows["val_loss"] == ["5", "3.5", "-1.5"] and rows["eval.val_loss"] == ["4", "-", "only A"]
+    assert rows["eval.val_loss (key, lower is better)"] == ["4", "?", "?"]
+    assert rows["val_loss"] == ["5", "3.5", "-1.5"]
+    register("gpt-base", {"val_loss": 3.0}, {"eval.val_loss": 3.9})
+    review.main(["--model", "gpt-base", "--compare", "1", "3"])
+    assert cells(capsys.readouterr().out)["eval.val_loss (key, lower is better)"] == ["4", "3.9", "-0.1, B better"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -230,7 +327,7 @@ def test_lower_is_better_and_the_tag_each_key_metric_came_from(store: MlflowClie
 ])
 def test_compare_of_what_is_not_there_is_one_line(store: MlflowClient, tmp_path: Path, capsys, argv, message):
     for loss in (4.0, 5.0):
-        promote.promote(store, "gpt-base", register("gpt-base", {"val_loss": loss}), margin=0.0)
+        promote.promote(store, "gpt-base", register("gpt-base", {}, {"eval.val_loss": loss}), rules())
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         review.main(argv)
@@ -250,11 +347,11 @@ def test_bad_margin_is_one_line_naming_the_key(project: Path, value, message: st
     assert result.stderr.strip().splitlines() == [f"promote: error: {message}"]
 
 
-def test_missing_stage_metrics_is_one_line(project: Path):
+def test_missing_stage_report_is_one_line(project: Path):
     result = run_stage(project, "promote")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "promote: error: data/metrics/pretrain.json: missing; run the pretrain stage first"]
+        "promote: error: data/reports/pretrain.json: missing; run the pretrain stage first"]
     assert not (project / "mlflow.db").exists()
 
 
@@ -262,7 +359,7 @@ def test_the_declaration_matches_params_and_dvc_yaml():
     """Registered names and key metrics live in pipeline.stages alone; promote's margins and inputs follow it."""
     assert {name: stage.name for name, stage in TRAINERS.items()} == {
         "gpt-base": "pretrain", "gpt-spam-classifier": "finetune_classifier", "gpt-instruct": "finetune_instruct"}
-    assert STAGES["evaluate"].metrics in INPUTS
+    assert STAGES["evaluate"].report in INPUTS
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert list(params["promote"]["margins"]) == list(TRAINERS)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

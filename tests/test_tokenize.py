@@ -95,8 +95,8 @@ def test_pretrain_tokens(tokenized: Path, enc, mirror: Path):
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(expected_train), len(expected_val))
     assert [s["file"] for s in meta["sources"]] == ["data/raw/the-verdict.txt", "data/raw/tinyshakespeare.txt"]
-    metrics = json.loads((tokenized / "data" / "metrics" / "tokenize.json").read_text())
-    assert metrics["corpus"]["train_tokens"] == len(expected_train) and metrics["corpus"]["mb_per_s"] > 0
+    report = json.loads((tokenized / "data" / "reports" / "tokenize.json").read_text())
+    assert report["corpus"]["train_tokens"] == len(expected_train) and report["corpus"]["mb_per_s"] > 0
     assert leftovers(tokenized) == []
 
 
@@ -112,7 +112,7 @@ def test_spam_splits_match_the_book(tokenized: Path):
     assert sha256_file(out / "train.csv") == BOOK_TRAIN_SHA256
     assert json.loads((out / "classes.json").read_text()) == {"labels": ["ham", "spam"], "balance": "undersample",
                                                              "class_weights": None}
-    stats = json.loads((tokenized / "data" / "metrics" / "tokenize.json").read_text())["classification"]
+    stats = json.loads((tokenized / "data" / "reports" / "tokenize.json").read_text())["classification"]
     assert set(stats["train"]) == {"rows", "per_class", "tokens_max", "tokens_mean", "tokens_p95"}
 
 
@@ -134,13 +134,13 @@ def assert_refused(project: Path, result, message: str) -> None:
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("tokenize: error: ")
     assert message in result.stderr
     assert not (project / "data" / "tokens").exists()
-    assert not (project / "data" / "metrics" / "tokenize.json").exists()
+    assert not (project / "data" / "reports" / "tokenize.json").exists()
     assert leftovers(project) == []
 
 
 def test_refuses_without_a_validate_report(raw_project: Path):
     result = run_stage(raw_project, "tokenize")
-    assert_refused(raw_project, result, "data/metrics/validate.json is missing; run the validate stage first")
+    assert_refused(raw_project, result, "data/reports/validate.json is missing; run the validate stage first")
 
 
 def test_refuses_when_raw_data_changed_after_validation(raw_project: Path):

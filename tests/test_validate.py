@@ -13,7 +13,7 @@ from pipeline.stages import validate
 
 
 def report(project: Path) -> dict:
-    return json.loads((project / "data" / "metrics" / "validate.json").read_text())
+    return json.loads((project / "data" / "reports" / "validate.json").read_text())
 
 
 def test_read_spam_book_and_strict(mirror: Path, project: Path):
@@ -71,7 +71,7 @@ def test_bad_spam_rows_are_reported_by_row_and_block_tokenize(raw_project: Path)
 
     refused = run_stage(raw_project, "tokenize")
     assert refused.returncode == 1
-    assert refused.stderr == ("tokenize: error: data/metrics/validate.json says status 'failed'; "
+    assert refused.stderr == ("tokenize: error: data/reports/validate.json says status 'failed'; "
                               "fix the data and rerun validate\n")
     assert not (raw_project / "data" / "tokens").exists()
 
@@ -101,7 +101,8 @@ def test_bad_input_fails_with_one_line(raw_project: Path, damage, message: str):
     assert len(lines) == 1 and lines[0].startswith("validate: error: 1 dataset(s) failed: ")
     assert message in lines[0]
     assert report(raw_project)["status"] == "failed"
-    assert [p.name for p in (raw_project / "data" / "metrics").iterdir()] == ["validate.json"]
+    assert [p.name for p in (raw_project / "data" / "reports").iterdir()] == ["validate.json"]
+    assert not (raw_project / "data" / "metrics").exists()
 
 
 def test_missing_raw_file(project: Path):

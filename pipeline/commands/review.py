@@ -10,8 +10,8 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import DataError, reporting_errors
-from pipeline.registry import key_metric, metric_label
-from pipeline.stages import TRAINERS
+from pipeline.policy import SPLITS, measure, metric_label, metric_tag
+from pipeline.stages import TRAINERS, RegisteredModel as ModelSpec
 from pipeline.tracking import PARAMS_DIGEST_TAG, configure, project_tracking, tracking_uri
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
@@ -59,11 +59,8 @@ def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...
     spec = trainer.model if trainer else None
     key, others = "-", []
     if spec is not None:
-        try:
-            tag, value = key_metric(model.name, version)
-            key = f"{metric_label(tag)}={_number(str(value))}"
-        except ValueError:
-            key = f"{spec.metric}=?"
+        keys = dict.fromkeys(metric_tag(spec, split) for split in SPLITS)  # val first: it decides
+        key = " ".join(f"{metric_label(tag)}={_number(tags[tag]) if tag in tags else '?'}" for tag in keys)
         others = [f"{metric_label(tag)}={_number(tags[tag])}" for tag in spec.others if tag in tags]
     data = [f"{tag.removeprefix('data.').removesuffix('.sha256')}={value[:SHORT]}"
             for tag, value in sorted(tags.items()) if tag.startswith("data.") and tag.endswith(".sha256")]
@@ -97,25 +94,24 @@ def _difference(a: str | None, b: str | None) -> str:
     return f"{gain:+.4g}" if gain else ""
 
 
-def _key_metric(name: str, version: ModelVersion) -> tuple[str, float] | None:
-    try:
-        return key_metric(name, version)
-    except ValueError:  # absent or not a number: the row says "?" rather than hiding the other side
-        return None
-
-
-def _key_row(spec: RegisteredModel, keys: list[tuple[str, float] | None]) -> tuple[str, ...]:
-    """The key metric of both sides, B - A and which side is better."""
-    # Name the tag each value came from only when they differ (evaluate's vs the stage's own).
-    tagged = len({key[0] for key in keys if key}) > 1
-    cells = tuple("?" if key is None else _number(str(key[1])) + (f" ({metric_label(key[0])})" if tagged else "")
-                  for key in keys)
-    verdict = "?"
-    if keys[0] and keys[1]:
-        gain = keys[1][1] - keys[0][1]
-        better = gain if spec.higher_is_better else -gain
-        verdict = "equal" if not gain else f"{gain:+.4g}, {'B' if better > 0 else 'A'} better"
-    return (f"  {spec.metric} (key, {'higher' if spec.higher_is_better else 'lower'} is better)", *cells, verdict)
+def _key_rows(spec: ModelSpec, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
+    """The key metric on each split, of both sides, with B - A and which side is better."""
+    rows = []
+    for tag in dict.fromkeys(metric_tag(spec, split) for split in SPLITS):
+        split = next(s for s in SPLITS if metric_tag(spec, s) == tag)
+        try:
+            values = [measure(spec, v.tags, split, f"version {v.version}").value for v in (a, b)]
+        except ValueError:  # not a number: the row says "?" rather than hiding the other side
+            values = [None, None]
+        verdict = "?"
+        if None not in values:
+            gain = values[1] - values[0]
+            better = gain if spec.higher_is_better else -gain
+            verdict = "equal" if not gain else f"{gain:+.4g}, {'B' if better > 0 else 'A'} better"
+        direction = "higher" if spec.higher_is_better else "lower"
+        rows.append((f"  {metric_label(tag)} (key, {direction} is better)",
+                     *("?" if v is None else _number(str(v)) for v in values), verdict))
+    return rows
 
 
 def _metric_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
@@ -123,11 +119,8 @@ def _metric_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> li
     spec = trainer.model if trainer else None
     rows, in_key_row = [("metrics", "", "", "")], set()
     if spec is not None:
-        keys = [_key_metric(model.name, version) for version in (a, b)]
-        rows.append(_key_row(spec, keys))
-        # A tag that holds the key on one side only stays a row too, so the other side's value shows.
-        if keys[0] and keys[1] and keys[0][0] == keys[1][0]:
-            in_key_row = {keys[0][0]}
+        rows += _key_rows(spec, a, b)
+        in_key_row = {metric_tag(spec, split) for split in SPLITS}
     tags = {tag for tag in {*a.tags, *b.tags} if tag.startswith(("metric.", "eval.")) and tag not in in_key_row}
     first = [tag for tag in (spec.others if spec else ()) if tag in tags]
     for tag in first + sorted(tags - set(first)):

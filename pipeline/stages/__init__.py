@@ -5,8 +5,8 @@ A stage module defines
   main(params_path): the stage, run in the project folder;
 and ends with `if __name__ == "__main__": command_line("<stage name>", main)`. No stage imports another:
 what two stages share lives in pipeline/ (layout, tracking, finetuning, ...) or in this declaration.
-dvc.yaml's `cmd`, `params`, `metrics` and code deps are written from here by `llm-pipeline dvc-yaml`;
-its data deps, outs and plots are written by hand.
+dvc.yaml's `cmd`, `params`, `metrics`, report out and code deps are written from here by `llm-pipeline
+dvc-yaml`; its data deps, other outs and plots are written by hand.
 """
 from __future__ import annotations
 
@@ -18,18 +18,24 @@ from types import ModuleType
 from typing import Callable
 
 from pipeline.errors import reporting_errors
-from pipeline.layout import METRICS
+from pipeline.layout import METRICS, REPORTS
 
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A model a training stage registers in MLflow, and how `promote` compares its versions."""
+    """A model a training stage registers in MLflow, and the version tags `promote` decides on.
+
+    Each metric tag `t` has its standard error in tag `t_se`, which the promotion policy reads as the
+    metric's noise (pipeline.policy).
+    """
 
     name: str
-    metric: str                # the key metric, as the stage's metrics file names it
+    summary: str               # the registered model's description in MLflow
+    metric: str                # the key metric, as people name it
     higher_is_better: bool
-    tags: tuple[str, ...]      # version tags that may hold the key metric, in order of preference
-    others: tuple[str, ...]    # version tags `review` shows beside it
+    val_tag: str               # the key metric on the validation split: what promote decides on
+    test_tag: str              # on the test split: reported (the same as val_tag where there is no test split)
+    others: tuple[str, ...]    # version tags `review` and the model card show beside it
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class Stage:
 
     name: str
     module: str
-    metrics: Path | None = None  # the numbers people compare (dvc metrics show); a training stage's
+    metrics: Path | None = None  # the handful of numbers people compare (dvc metrics show, dvc exp show)
+    report: Path | None = None   # an output, not a metric: statistics, input hashes; a training stage's
                                  # also holds the version it registered, as registered_version
     model: RegisteredModel | None = None
     # An environment variable that may replace `python` in the command (pretrain: torchrun).
@@ -60,23 +67,31 @@ class Stage:
 PRETRAIN_LAUNCH_ENV = "LLM_PIPELINE_PRETRAIN_LAUNCH"
 # In dvc.yaml's order, which is also the order in which they run.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("download", "pipeline.stages.download"),
-    Stage("validate", "pipeline.stages.validate", METRICS / "validate.json"),
-    Stage("tokenize", "pipeline.stages.tokenize_data", METRICS / "tokenize.json"),
-    Stage("pretrain", "pipeline.stages.pretrain", METRICS / "pretrain.json", launcher_env=PRETRAIN_LAUNCH_ENV, model=RegisteredModel(
-        # evaluate tags the version with the val loss over the whole split; pretrain's covers eval_batches only.
-        "gpt-base", "val_loss", higher_is_better=False, tags=("eval.val_loss", "metric.val_loss"),
-        others=("eval.val_perplexity", "metric.train_loss", "metric.steps"))),
-    Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json"),
-    Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json", model=RegisteredModel(
-        "gpt-spam-classifier", "test_accuracy", higher_is_better=True, tags=("metric.test_accuracy",),
-        others=("metric.test_macro_f1", "metric.val_accuracy", "metric.train_accuracy"))),
-    Stage("finetune_instruct", "pipeline.stages.finetune_instruct", METRICS / "finetune_instruct.json", model=RegisteredModel(
-        # The instruction score: mean ROUGE-L F1 of the greedy test responses against the references.
-        "gpt-instruct", "rouge_l_f1", higher_is_better=True, tags=("metric.rouge_l_f1",),
-        others=("metric.token_f1", "metric.test_loss", "metric.judge_score"))),
+    Stage("download", "pipeline.stages.download", report=REPORTS / "download.json"),
+    Stage("validate", "pipeline.stages.validate", report=REPORTS / "validate.json"),
+    Stage("tokenize", "pipeline.stages.tokenize_data", report=REPORTS / "tokenize.json"),
+    Stage("pretrain", "pipeline.stages.pretrain", METRICS / "pretrain.json", REPORTS / "pretrain.json",
+          launcher_env=PRETRAIN_LAUNCH_ENV, model=RegisteredModel(
+              # evaluate tags the version with the loss over the whole val split; the corpus has no test split.
+              "gpt-base", "The pretrained GPT: a text generator, and the base the finetuning stages start from.",
+              "val_loss", higher_is_better=False, val_tag="eval.val_loss", test_tag="eval.val_loss",
+              others=("eval.val_perplexity", "metric.train_loss", "metric.steps", "metric.tokens_per_s"))),
+    Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json", REPORTS / "evaluate.json"),
+    Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json",
+          REPORTS / "finetune_classifier.json", model=RegisteredModel(
+              "gpt-spam-classifier", "The GPT base finetuned to classify texts (by default SMS messages as ham or "
+              "spam); returns each text's label and class probabilities.",
+              "accuracy", higher_is_better=True, val_tag="metric.val_accuracy", test_tag="metric.test_accuracy",
+              others=("metric.test_macro_f1", "metric.train_accuracy"))),
+    Stage("finetune_instruct", "pipeline.stages.finetune_instruct", METRICS / "finetune_instruct.json",
+          REPORTS / "finetune_instruct.json", model=RegisteredModel(
+              # The instruction score: mean ROUGE-L F1 of greedy responses against the references.
+              "gpt-instruct", "The GPT base finetuned to follow instructions (Alpaca-style prompt); returns "
+              "a greedy or sampled response.",
+              "rouge_l_f1", higher_is_better=True, val_tag="metric.val_rouge_l_f1", test_tag="metric.rouge_l_f1",
+              others=("metric.token_f1", "metric.test_loss", "metric.judge_score"))),
     # Last, so `models:/<name>@champion` is settled once `dvc repro` ends.
-    Stage("promote", "pipeline.stages.promote", METRICS / "promote.json"),
+    Stage("promote", "pipeline.stages.promote", report=REPORTS / "promote.json"),
 )}
 # The registered models, each with the stage that trains it.
 TRAINERS: dict[str, Stage] = {stage.model.name: stage for stage in STAGES.values() if stage.model}

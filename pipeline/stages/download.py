@@ -11,12 +11,12 @@ from gpt.files import atomic_dir, atomic_write_json, sha256_file
 from gpt.tokenizer import BPE_FILES
 from pipeline.fetch import (FetchError, MissingError, Source, env_offline, fetch_tracked, fetch_with_origin,
                            resolve_mirror)
-from pipeline.layout import BPE_DIR, METRICS, RAW, TRACKED
+from pipeline.layout import BPE_DIR, RAW, TRACKED
 from pipeline.params import (DOWNLOAD_SOURCES, FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section,
                              Str, load_params)
-from pipeline.stages import command_line
+from pipeline.stages import STAGES, command_line
 
-MANIFEST = METRICS / "download.json"
+MANIFEST = STAGES["download"].report
 HF_FILES = ("config.json", "model.safetensors")
 # Where the GPT-2 BPE files are published (their sha256 is gpt.tokenizer's, which checks them on load).
 BPE_URLS = {
@@ -119,7 +119,7 @@ def fetch_all(plan: list[tuple[str, Source]], dest: Path, mirror: Path | None, o
 
 
 def main(params_path: Path) -> None:
-    """Fetch all sources into data/raw/ and write the manifest data/metrics/download.json."""
+    """Fetch all sources into data/raw/ and write the manifest data/reports/download.json."""
     params = load_params(params_path, PARAMS)["download"]
     plan = planned_sources(params, params_path.name)
     mirror = resolve_mirror(params["mirror"])

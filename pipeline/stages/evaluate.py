@@ -13,9 +13,10 @@ from gpt.data import load_tokens
 from gpt.files import atomic_write_json, sha256_file
 from gpt.generate import generate_text
 from gpt.tokenizer import load_tokenizer
-from gpt.train import evaluate_loss, pick_device
+from gpt.train import evaluate_loss, pick_device, window_losses
 from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, PRETRAIN_TOKENS, SAMPLES
 from pipeline.params import DEVICE, Float, Int, List, Section, Str, load_params
+from pipeline.policy import standard_error
 from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
@@ -37,15 +38,16 @@ PARAMS = {
 }
 
 
-def timed_loss(model, tokens, batch_size: int, max_batches: int | None) -> tuple[float, float]:
-    """(mean loss, tokens/s of the forward passes) over the token array."""
+# The metrics file's numbers (dvc metrics show); the report has them all.
+COMPARED = ("val_loss", "val_perplexity")
+
+
+def val_scores(model, tokens, batch_size: int, max_batches: int | None) -> dict[str, float]:
+    """The mean loss over the windows of `tokens`, its standard error (promote's noise) and the tokens/s."""
     start = time.perf_counter()
-    loss = evaluate_loss(model, tokens, batch_size, max_batches)
-    context = model.cfg.context_length
-    windows = (len(tokens) - 1) // context
-    if max_batches is not None:
-        windows = min(windows, max_batches * batch_size)
-    return loss, windows * context / (time.perf_counter() - start)
+    losses = window_losses(model, tokens, batch_size, max_batches)
+    return {"val_loss": sum(losses) / len(losses), "val_loss_se": standard_error(losses),
+            "eval_tokens_per_s": round(len(losses) * model.cfg.context_length / (time.perf_counter() - start), 1)}
 
 
 def main(params_path: Path) -> None:
@@ -54,12 +56,12 @@ def main(params_path: Path) -> None:
     device = pick_device(cfg["device"])
     model = load_model(BASE_MODEL_DIR, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
-    version = json.loads(PRETRAIN.metrics.read_text())["registered_version"]
+    version = json.loads(PRETRAIN.report.read_text())["registered_version"]
     # The run opens before any output is written: an unreachable tracking server leaves the old ones.
     with stage_run("evaluate", cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
-        val_loss, tokens_per_s = timed_loss(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"],
-                                            cfg["max_batches"])
-        train_loss, _ = timed_loss(model, load_tokens(PRETRAIN_TOKENS / "train.bin"), cfg["batch_size"], cfg["max_batches"])
+        val = val_scores(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
+        train_loss = evaluate_loss(model, load_tokens(PRETRAIN_TOKENS / "train.bin"), cfg["batch_size"],
+                                   cfg["max_batches"])
 
         generator = torch.Generator(device=device).manual_seed(cfg["seed"])
         samples = []
@@ -72,10 +74,9 @@ def main(params_path: Path) -> None:
             new_tokens += len(tokenizer.encode(sampled, allowed_special="all"))
             samples.append({"prompt": prompt, "greedy": greedy, "sampled": sampled})
         metrics = {
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(val_loss),
+            **val,
+            "val_perplexity": math.exp(val["val_loss"]),
             "train_loss": train_loss,
-            "eval_tokens_per_s": round(tokens_per_s, 1),
             "generation_tokens_per_s": round(new_tokens / (time.perf_counter() - start), 1),
         }
         for sample in samples:
@@ -85,7 +86,9 @@ def main(params_path: Path) -> None:
         log_path(SAMPLES_FILE)
         # The registry entry of the evaluated model carries its evaluation, for review.
         tag_model_version(PRETRAIN.model.name, version, {f"eval.{k}": v for k, v in metrics.items()})
-    atomic_write_json(STAGES["evaluate"].metrics, {**metrics, "registered_version": version})
+    atomic_write_json(STAGES["evaluate"].report, {**metrics, "registered_version": version})
+    atomic_write_json(STAGES["evaluate"].metrics, {key: metrics[key] for key in COMPARED})
+
 
 if __name__ == "__main__":
     command_line("evaluate", main)

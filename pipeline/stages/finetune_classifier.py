@@ -36,6 +36,7 @@ from pipeline.mlflow_models import spam_classifier
 from pipeline.layout import BPE_DIR, CLASSIFICATION_TOKENS as SPLITS_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR, PLOTS
 from pipeline.params import Float, Int, Section, Str, load_params
 from pipeline.plots import plot_confusion, plot_curves, write_rows
+from pipeline.policy import standard_error
 from pipeline.stages import STAGES, command_line
 from pipeline.tracking import (
     MLFLOW_SECTION,
@@ -54,7 +55,9 @@ EVAL_CSV = PLOTS / "classifier_eval.csv"
 CURVE_PNG = PLOTS / "classifier_loss.png"
 CONFUSION_JSON = PLOTS / "classifier_confusion.json"
 CONFUSION_PNG = PLOTS / "classifier_confusion.png"
-SCALARS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+SCALARS = ("accuracy", "accuracy_se", "macro_precision", "macro_recall", "macro_f1")
+# The metrics file's numbers (dvc metrics show); the report has them all.
+COMPARED = ("val_accuracy", "test_accuracy", "test_macro_f1")
 # A label fit for an MLflow metric key as it is; others get no per-class metric rather than a mangled,
 # possibly colliding, name.
 METRIC_SAFE_LABEL = re.compile(r"[\w.-]+")
@@ -142,10 +145,12 @@ def loss_and_accuracy(model: GPTModel, sequences: list[list[int]], targets: torc
 
 
 def split_report(targets: torch.Tensor, predictions: torch.Tensor, labels: tuple[str, ...]) -> dict:
-    """classification_metrics of one split and its confusion counts {true: {predicted: n}}."""
+    """classification_metrics of one split, the accuracy's standard error (promote's noise) and the confusion
+    counts {true: {predicted: n}}."""
     confusion = confusion_matrix(targets.tolist(), predictions.tolist(), len(labels))
     counts = {true: dict(zip(labels, row)) for true, row in zip(labels, confusion)}
-    return {**classification_metrics(confusion, labels), "confusion": counts}
+    return {**classification_metrics(confusion, labels),
+            "accuracy_se": standard_error((predictions == targets).float().tolist()), "confusion": counts}
 
 
 def scalar_metrics(reports: dict[str, dict]) -> dict[str, float]:
@@ -255,7 +260,8 @@ def main(params_path: Path) -> None:
     select_trainable(model, cfg["trainable"], cfg["n_blocks"], cfg["lora_rank"], cfg["lora_alpha"],
                      always=[model.out_head])
     trainable = report_trainable(model, cfg["trainable"])
-    with stage_run("finetune_classifier", cfg, data.hashes, params["mlflow"]):
+    sizes = {f"{split}.csv": f"{len(rows)} rows" for split, rows in data.encoded.items()}
+    with stage_run("finetune_classifier", cfg, data.hashes, params["mlflow"], sizes):
         history = finetune(model, data, cfg, device)
         predictions = {split: predict_logits(model, data.encoded[split], data.spec, 64).argmax(-1) for split in SPLITS}
         reports = {split: split_report(data.targets[split], predictions[split], labels) for split in SPLITS}
@@ -273,11 +279,12 @@ def main(params_path: Path) -> None:
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, flat, signature=spam_classifier.signature(labels))
-        atomic_write_json(STAGE.metrics, {
-            **reports, "test_accuracy": reports["test"]["accuracy"], "max_length": data.spec.max_length,
+        atomic_write_json(STAGE.report, {
+            **reports, "max_length": data.spec.max_length,
             "steps": history[-1]["step"], "trainable_parameters": trainable, "parameters": count_parameters(model),
             "train_time_s": round(history[-1]["elapsed_s"], 2), "wall_time_s": round(time.perf_counter() - started, 2),
             "device": device.type, "registered_version": int(version.version)})
+        atomic_write_json(STAGE.metrics, {key: flat[key] for key in COMPARED})
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ from pipeline.mlflow_models import instruct_generator
 from pipeline.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCTION_TOKENS as SPLITS, PLOTS, SAMPLES
 from pipeline.params import Bool, Int, Section, load_params
 from pipeline.plots import plot_curves, write_rows
+from pipeline.policy import standard_error
 from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
 
 STAGE = STAGES["finetune_instruct"]
 RESPONSES_FILE = SAMPLES / "instruct_responses.json"
 FIELDS = ("instruction", "input", "output")
+# The metrics file's numbers (dvc metrics show), judge_score when a judge scored; the report has them all.
+COMPARED = ("val_rouge_l_f1", "rouge_l_f1", "test_loss", "judge_score")
 PARAMS = {
     "finetune_instruct": Section(
         **COMMON_PARAMS,
@@ -97,18 +100,24 @@ def finetune(model, examples: dict[str, list[Example]], val_batches: list, cfg: 
                  lambda r: f"train loss {r['train_loss']:.3f}, val loss {r['val_loss']:.3f}")
 
 
-def test_scores(model, tokenizer, test: list[dict], cfg: dict) -> tuple[list[dict], dict]:
-    """(greedy test responses with their scores, the mean scores and generation time)."""
+def response_scores(model, tokenizer, records: dict[str, list[dict]], cfg: dict) -> tuple[list[dict], dict]:
+    """(the greedy test responses with their scores; the mean ROUGE-L F1 of the val and test responses with
+    their standard errors (promote's noise), the test token F1 and judge score, and the generation time)."""
     model.eval()
     started = time.perf_counter()
-    responses = generate_responses(model, tokenizer, test[: cfg["max_test_examples"]], cfg["max_new_tokens"])
+    val, test = (generate_responses(model, tokenizer, records[split][: cfg["max_test_examples"]], cfg["max_new_tokens"])
+                 for split in ("val", "test"))
     generation_s = time.perf_counter() - started
-    judged = judge_responses(cfg["judge"], responses) if cfg["judge"]["enabled"] else {}
-    return responses, {
-        "rouge_l_f1": sum(r["rouge_l_f1"] for r in responses) / len(responses),
-        "token_f1": sum(r["token_f1"] for r in responses) / len(responses),
-        "responses_scored": len(responses),
-        "test_examples": len(test),
+    judged = judge_responses(cfg["judge"], test) if cfg["judge"]["enabled"] else {}
+    scores = {}
+    for prefix, responses in (("val_", val), ("", test)):
+        rouge = [r["rouge_l_f1"] for r in responses]
+        scores.update({f"{prefix}rouge_l_f1": sum(rouge) / len(rouge), f"{prefix}rouge_l_f1_se": standard_error(rouge)})
+    return test, {
+        **scores,
+        "token_f1": sum(r["token_f1"] for r in test) / len(test),
+        "responses_scored": len(test),
+        "test_examples": len(records["test"]),
         **judged,
         "generation_wall_time_s": round(generation_s, 2),
     }
@@ -145,9 +154,10 @@ def main(params_path: Path) -> None:
                         f"finetune_instruct.batch_size={cfg['batch_size']}")
     val_batches = make_batches(examples["val"], **batching)
     val_loss_before = mean_loss(model, val_batches)
-    with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"]):
+    sizes = {f"{name}.json": f"{len(split)} examples" for name, split in records.items()}
+    with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"], sizes):
         history = finetune(model, examples, val_batches, cfg, batching)
-        responses, scores = test_scores(model, tokenizer, records["test"], cfg)
+        responses, scores = response_scores(model, tokenizer, records, cfg)
         evals = [h for h in history if "val_loss" in h]
         metrics = {
             "base": cfg["base"], "trainable": cfg["trainable"], "trainable_parameters": trainable,
@@ -167,7 +177,8 @@ def main(params_path: Path) -> None:
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, metrics)
-        atomic_write_json(STAGE.metrics, {**metrics, "registered_version": int(version.version)})
+        atomic_write_json(STAGE.report, {**metrics, "registered_version": int(version.version)})
+        atomic_write_json(STAGE.metrics, {key: metrics[key] for key in COMPARED if metrics.get(key) is not None})
 
 
 if __name__ == "__main__":

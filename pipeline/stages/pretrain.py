@@ -95,8 +95,13 @@ class Progress:
             bar.write(f"step {record['step']}: train loss {record['train_loss']:.3f}, val loss {record['val_loss']:.3f}")
 
 
+# The metrics file's numbers (dvc metrics show); the report has them all. Its val_loss covers
+# eval_batches only: the evaluate stage's is over the whole split.
+COMPARED = ("train_loss", "tokens_per_s")
+
+
 def run_metrics(trainer: Trainer, state: TrainState) -> dict:
-    """The numbers of a finished run, for data/metrics/pretrain.json and the registered version."""
+    """The numbers of a finished run, for the stage's report and the registered version."""
     final = state.history[-1]
     return {
         "train_loss": final.get("train_loss"),
@@ -140,7 +145,8 @@ def main(params_path: Path) -> None:
     if not trainer.is_main:
         trainer.run()  # the other ranks train their shares; rank 0 writes everything
         return
-    with stage_run("pretrain", cfg, data_hashes, params["mlflow"]):
+    sizes = {"train.bin": f"{len(train_tokens)} tokens", "val.bin": f"{len(val_tokens)} tokens"}
+    with stage_run("pretrain", cfg, data_hashes, params["mlflow"], sizes):
         try:
             state = trainer.run()
         finally:
@@ -153,7 +159,8 @@ def main(params_path: Path) -> None:
         for path in (PLOTS / "pretrain_loss.png", PLOTS / "pretrain_loss.csv", SAMPLES_FILE):
             log_path(path)
         version = log_gpt_model(BASE_MODEL_DIR, BPE_DIR, STAGE.model.name, metrics=metrics)
-        atomic_write_json(STAGE.metrics, {**metrics, "registered_version": int(version.version)})
+        atomic_write_json(STAGE.report, {**metrics, "registered_version": int(version.version)})
+        atomic_write_json(STAGE.metrics, {key: metrics[key] for key in COMPARED})
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
     # a failed run with new params keeps the resume point of the old ones.
     for stale in CHECKPOINTS.glob("*"):

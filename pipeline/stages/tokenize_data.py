@@ -19,8 +19,8 @@ from pipeline.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Bool, Float, Int, 
 from pipeline.schemas import class_counts, read_instructions, read_tables, require_valid, table_failures
 from pipeline.stages import STAGES, command_line
 
-VALIDATE_REPORT = STAGES["validate"].metrics
-METRICS_FILE = STAGES["tokenize"].metrics
+VALIDATE_REPORT = STAGES["validate"].report
+REPORT = STAGES["tokenize"].report
 CLASSES_FILE = "classes.json"  # labels in class-index order, and the loss weights if balance is class_weight
 BALANCES = ("none", "undersample", "class_weight")
 FRACTION = Float(0, 1, bounds="()")
@@ -60,7 +60,7 @@ def require_validated(files: list[Path]) -> dict[Path, str]:
 
 def write_pretrain(out: Path, enc: tiktoken.Encoding, files: dict[Path, str], text_field: str, cfg: dict,
                    context_length: int) -> dict:
-    """Write pretrain/{train,val}.bin and meta.json from `files` ({path: sha256}), streaming; return the metrics."""
+    """Write pretrain/{train,val}.bin and meta.json from `files` ({path: sha256}), streaming; return the statistics."""
     out.mkdir()
     stats = write_corpus_tokens(list(files), text_field, enc, cfg["train_ratio"], cfg["split"], out / "train.bin",
                                 out / "val.bin")
@@ -164,7 +164,7 @@ def _check_fractions(params: dict, origin: str) -> None:
 
 
 def main(params_path: Path) -> None:
-    """Build data/tokens/ (all or nothing) and data/metrics/tokenize.json."""
+    """Build data/tokens/ (all or nothing) and data/reports/tokenize.json."""
     params = load_params(params_path, PARAMS)
     _check_fractions(params, params_path.name)
     cfg, data = params["tokenize"], params[datasets.SECTION]
@@ -176,7 +176,7 @@ def main(params_path: Path) -> None:
         def inside(folder: Path) -> Path:
             return staging / folder.relative_to(TOKENS)
 
-        metrics = {
+        report = {
             "corpus": write_pretrain(inside(PRETRAIN_TOKENS), enc, {path: hashes[path] for path in files["corpus"]},
                                      data["corpus"]["text_field"], cfg["corpus"], params["pretrain.context_length"]),
             "classification": write_classification(inside(CLASSIFICATION_TOKENS), enc, files["classification"],
@@ -184,8 +184,8 @@ def main(params_path: Path) -> None:
             "instructions": write_instructions(inside(INSTRUCTION_TOKENS), files["instructions"],
                                                data["instructions"], cfg["instructions"]),
         }
-    atomic_write_json(METRICS_FILE, metrics)
-    corpus = metrics["corpus"]
+    atomic_write_json(REPORT, report)
+    corpus = report["corpus"]
     print(f"tokenize: {corpus['train_tokens']} train / {corpus['val_tokens']} val tokens at "
           f"{corpus['mb_per_s']:.1f} MB/s; outputs in {TOKENS}")
 

@@ -1,4 +1,4 @@
-"""Stage `validate`: check every dataset's files against their schemas; write data/metrics/validate.json."""
+"""Stage `validate`: check every dataset's files against their schemas; write data/reports/validate.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +16,7 @@ from pipeline.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Int, Section, load
 from pipeline.schemas import class_counts, read_instructions, read_tables, summarize, table_failures
 from pipeline.stages import STAGES, command_line
 
-REPORT = STAGES["validate"].metrics
+REPORT = STAGES["validate"].report
 PARAMS = {
     "validate": Section(max_failures_reported=Int(low=0)),
     datasets.SECTION: datasets.PARAMS,
