@@ -80,7 +80,7 @@ def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(ddp_pro
     ours = load_file(ddp_project / "data/models/base/model.safetensors")
     theirs = load_file(single / "data/models/base/model.safetensors")
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-4
-    metrics = json.loads((ddp_project / "data/metrics/pretrain.json").read_text())
+    metrics = json.loads((ddp_project / "data/reports/pretrain.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 10
 
     # Rank 0 alone wrote: one progress bar, one checkpoint holding rank 1's RNG, one MLflow run, one version.

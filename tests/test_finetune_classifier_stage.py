@@ -80,9 +80,14 @@ def test_short_run_learns_registers_a_champion_and_classifies(raw_project: Path)
     assert result.returncode == 0, result.stderr
 
     metrics = json.loads((project / "data/metrics/finetune_classifier.json").read_text())
+    assert list(metrics) == ["val_accuracy", "test_accuracy", "test_macro_f1"]  # the numbers people compare
     assert metrics["test_accuracy"] > untrained_test_accuracy(project, 48, seed=123) + 0.1
-    assert metrics["max_length"] == 48 and metrics["registered_version"] == 1
-    test = metrics["test"]
+    report = json.loads((project / "data/reports/finetune_classifier.json").read_text())
+    assert report["max_length"] == 48 and report["registered_version"] == 1
+    test = report["test"]
+    assert test["accuracy"] == metrics["test_accuracy"] and test["macro_f1"] == metrics["test_macro_f1"]
+    n = 300  # sqrt(p(1-p)/n), with the sample deviation's n-1
+    assert test["accuracy_se"] == pytest.approx((test["accuracy"] * (1 - test["accuracy"]) / (n - 1)) ** 0.5)
     assert sum(sum(row.values()) for row in test["confusion"].values()) == 300
     assert {"accuracy", "macro_precision", "macro_recall", "macro_f1"} <= test.keys()
     assert list(test["per_class"]) == ["ham", "spam"] and sum(c["support"] for c in test["per_class"].values()) == 300
@@ -178,9 +183,9 @@ def test_three_classes_head_metrics_confusion_registry_and_pyfunc(three_class_pr
     model, spec = load_classifier(project / "data/models/classifier")
     assert model.out_head.out_features == 3 and spec.labels == CLASSES
 
-    metrics = json.loads((project / "data/metrics/finetune_classifier.json").read_text())
+    reports = json.loads((project / "data/reports/finetune_classifier.json").read_text())
     for split in ("train", "val", "test"):
-        report = metrics[split]
+        report = reports[split]
         assert {"accuracy", "macro_precision", "macro_recall", "macro_f1"} <= report.keys()
         assert list(report["per_class"]) == list(CLASSES)
         assert {label: c["support"] for label, c in report["per_class"].items()} == ROWS[split]
@@ -189,7 +194,8 @@ def test_three_classes_head_metrics_confusion_registry_and_pyfunc(three_class_pr
         assert {label: sum(row.values()) for label, row in confusion.items()} == ROWS[split]
         assert report["accuracy"] == pytest.approx(sum(confusion[c][c] for c in CLASSES) / sum(ROWS[split].values()))
         assert report["macro_f1"] == pytest.approx(sum(c["f1"] for c in report["per_class"].values()) / 3)
-    assert metrics["test_accuracy"] == metrics["test"]["accuracy"] and metrics["registered_version"] == 1
+    metrics = json.loads((project / "data/metrics/finetune_classifier.json").read_text())
+    assert metrics["test_accuracy"] == reports["test"]["accuracy"] and reports["registered_version"] == 1
 
     pairs = json.loads((project / "data/plots/classifier_confusion.json").read_text())
     assert len(pairs) == 12 and {p["actual"] for p in pairs} == set(CLASSES) and {p["predicted"] for p in pairs} <= set(CLASSES)

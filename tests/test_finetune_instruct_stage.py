@@ -61,8 +61,12 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     result = run_stage(project, "finetune_instruct")
     assert result.returncode == 0, result.stderr
 
-    metrics = json.loads((project / "data/metrics/finetune_instruct.json").read_text())
+    lean = json.loads((project / "data/metrics/finetune_instruct.json").read_text())
+    assert list(lean) == ["val_rouge_l_f1", "rouge_l_f1", "test_loss", "judge_score"]
+    metrics = json.loads((project / "data/reports/finetune_instruct.json").read_text())
+    assert {key: metrics[key] for key in lean} == lean
     assert metrics["val_loss"] < metrics["val_loss_before"]
+    assert 0.0 <= metrics["val_rouge_l_f1"] <= 1.0 and metrics["val_rouge_l_f1_se"] >= 0.0
     assert metrics["max_length"] == 64  # min(max_length 1024, the base's context 64)
     assert metrics["steps"] == 2 * CUT["train"] // 8
     assert metrics["responses_scored"] == 3 and metrics["test_examples"] == CUT["test"]

@@ -48,7 +48,7 @@ def assert_same_run(ours: Path, theirs: Path, loss_rtol: float, weight_atol: flo
     for a, b in zip(*curves):
         assert (a["lr"], a["tokens_seen"]) == (b["lr"], b["tokens_seen"]), a["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=loss_rtol, abs=0), a["step"]
-    metrics = [json.loads((p / "data/metrics/pretrain.json").read_text()) for p in (ours, theirs)]
+    metrics = [json.loads((p / "data/reports/pretrain.json").read_text()) for p in (ours, theirs)]
     assert metrics[0]["val_loss"] is not None
     assert (metrics[0]["steps"], metrics[0]["tokens_seen"]) == (metrics[1]["steps"], metrics[1]["tokens_seen"])
     for key in ("last_batch_loss", "train_loss", "val_loss"):
@@ -102,7 +102,10 @@ def test_evaluate_reports_perplexity_and_samples(quick_project: Path):
     result = run_stage(quick_project, "evaluate")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((quick_project / "data/metrics/evaluate.json").read_text())
-    assert metrics["val_perplexity"] == pytest.approx(2.718281828 ** metrics["val_loss"], rel=1e-6)
+    report = json.loads((quick_project / "data/reports/evaluate.json").read_text())
+    assert list(metrics) == ["val_loss"] and report["val_loss"] == metrics["val_loss"]
+    assert report["val_perplexity"] == pytest.approx(2.718281828 ** metrics["val_loss"], rel=1e-6)
+    assert 0 < report["val_loss_se"] < metrics["val_loss"] / 10  # over the val windows
     samples = json.loads((quick_project / "data/samples/evaluate.json").read_text())
     assert [s["prompt"] for s in samples] == json.loads(json.dumps(
         __import__("yaml").safe_load((quick_project / "params.yaml").read_text())["evaluate"]["prompts"]))

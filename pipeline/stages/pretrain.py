@@ -96,8 +96,8 @@ class Progress:
 
 
 # The metrics file's numbers (dvc metrics show); the report has them all. Its val_loss covers
-# eval_batches only: the evaluate stage's is over the whole split.
-COMPARED = ("train_loss", "tokens_per_s")
+# eval_batches only: the evaluate stage's, over the whole split, is the one to compare.
+COMPARED = ("train_loss",)
 
 
 def run_metrics(trainer: Trainer, state: TrainState) -> dict:
