@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlencode
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -21,6 +22,10 @@ def _cell(text: Any) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(map(_cell, row)) + " |" for row in rows)]
+
+
+def _difference(mine: float, theirs: float) -> str:
+    return f"{mine - theirs:+.4g}" if mine != theirs else "0"
 
 
 def _number(value: str | None) -> str:
@@ -44,14 +49,14 @@ def _metric_rows(model: RegisteredModel, new: ModelVersion, champion: ModelVersi
         theirs = measure(model, champion.tags, split, f"version {champion.version}") if champion else None
         difference = "-"
         if theirs is not None and theirs.value is not None and mine.value is not None:
-            difference = f"{mine.value - theirs.value:+.4g}"
+            difference = _difference(mine.value, theirs.value)
         role = "decides" if split == decide_on else "reported"
         rows.append([f"**{metric_label(tag)}** ({role})", mine.text(), theirs.text() if theirs else "-", difference])
     for tag in model.others:
         if tag in new.tags or (champion and tag in champion.tags):
             values = [new.tags.get(tag), champion.tags.get(tag) if champion else None]
             try:
-                difference = f"{float(values[0]) - float(values[1]):+.4g}"
+                difference = _difference(float(values[0]), float(values[1]))
             except (TypeError, ValueError):
                 difference = "-"
             rows.append([metric_label(tag), _number(values[0]), _number(values[1]), difference])
@@ -132,6 +137,8 @@ def write_card(client: mlflow.MlflowClient, model: RegisteredModel, new: ModelVe
         link = f"#/experiments/{run.info.experiment_id}/runs/{new.run_id}"
         lines += ["", "### Plots", "", f"In the artifacts of the [source run]({link}): "
                   + (", ".join(f"`{p}`" for p in plots) or "none") + "."]
+        # The tracking server's UI serves a run's artifacts at get-artifact, relative to its root.
+        lines += [f"\n![{p}](get-artifact?{urlencode({'path': p, 'run_uuid': new.run_id})})" for p in plots]
     text = "\n".join(lines).rstrip() + "\n"
     client.update_model_version(model.name, str(new.version), description=text)
     return text

@@ -160,7 +160,7 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
     assert client.get_registered_model("gpt-base").description.startswith("The pretrained GPT")
 
     # Lean metrics: a handful of numbers per stage. `dvc exp show` pages its table with `less -S`: the
-    # metrics come first, so all of them fit the first 150 columns; params and code hashes are to the right.
+    # metrics come first, so all of them fit the first 160 columns; params and code hashes are to the right.
     shown = json.loads(sh(repo, env, str(DVC), "metrics", "show", "--json"))
     files = shown[next(iter(shown))]["data"]
     numbers = {name for entry in files.values() for name in entry["data"]}
@@ -169,4 +169,4 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
     columns = header.split()
     assert columns[:2] == ["Experiment", "Created"] and set(columns[2 : 2 + len(numbers)]) == numbers, header[:300]
     last = columns[1 + len(numbers)]
-    assert header.index(f" {last} ") + len(last) < 150, header[:300]
+    assert header.index(f" {last} ") + len(last) <= 160, header[:300]

@@ -6,13 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, run_stage, set_param, stage_env
+from conftest import BIN, REPO, answers, free_port, run_stage, set_param, stage_env, stop, wait_until
 from pipeline.commands import review
 from pipeline.registry import CHALLENGER, CHAMPION
 from pipeline.stages import STAGES, TRAINERS, promote
@@ -238,11 +239,38 @@ def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_
     assert card.count("**Prompt:**") == 3 and "> It is chilly." in card and "> (empty)" in card
     assert "never shown" not in card
     assert f"[source run](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}): `instruct_loss.png`" in card
+    assert f"![instruct_loss.png](get-artifact?path=instruct_loss.png&run_uuid={run.info.run_id})" in card
     # The first version's card says there was nothing to compare with; a rerun leaves cards as they are.
     first_card = store.get_model_version(name, first).description
     assert "No champion to compare with." in first_card and "| **val_rouge_l_f1** (decides) | 0.2 ± 0.01 | - | - |" in first_card
     promote.promote(store, name, second, rules(), [])
     assert store.get_model_version(name, second).description == card
+
+
+def test_the_cards_plots_load_from_the_tracking_servers_ui(store: MlflowClient, tmp_path: Path):
+    """A real `mlflow server` on the store answers the card's image links with the plot's bytes."""
+    plot = tmp_path / "classifier_confusion.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n a confusion matrix")
+    with stage_run("finetune_classifier", TRAIN_PARAMS, HASHES) as run:
+        log_path(plot)
+        store.create_registered_model("gpt-spam-classifier")
+        created = store.create_model_version("gpt-spam-classifier", f"runs:/{run.info.run_id}/model",
+                                             run_id=run.info.run_id)
+        version = str(tag_new_version("gpt-spam-classifier", created.version, None, {"val_accuracy": 0.9}).version)
+    promote.promote(store, "gpt-spam-classifier", version, rules())
+    links = re.findall(r"!\[[^]]*\]\((get-artifact\?[^)]+)\)", store.get_model_version("gpt-spam-classifier", version).description)
+    assert len(links) == 1
+    port, log = free_port(), tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_until("mlflow server", lambda: answers(f"http://127.0.0.1:{port}/health"), server, log)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{links[0]}", timeout=30) as response:
+            assert response.read() == plot.read_bytes()
+    finally:
+        stop(server)
 
 
 def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):

@@ -20,6 +20,7 @@ COMMANDS = {
     "review": ("pipeline.commands.review:main", "print the registered models: versions, aliases, key metrics, lineage"),
     "dvc-yaml": ("pipeline.dvcyaml:main", "rewrite dvc.yaml's generated parts (cmd, params, metrics, code deps) from pipeline.stages"),
     "serve": ("pipeline.commands.cli:serve", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),
+    "services": ("pipeline.services:main", "start or stop PostgreSQL, MLflow and Prefect servers and a worker on 127.0.0.1"),
 }
 
 
