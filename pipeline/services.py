@@ -208,7 +208,7 @@ def up(project: Path, ports: dict[str, int], deploy: bool = True) -> dict[str, A
         database = f"127.0.0.1:{ports['postgres']}"
         # The backend URI carries no password: libpq reads $PGPASSWORD, which no `ps` shows.
         mlflow_env = {**os.environ, "PGPASSWORD": password,
-                      "MLFLOW_BACKEND_STORE_URI": f"postgresql://{DB_USER}@{database}/mlflow"}
+                      "MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{DB_USER}@{database}/mlflow"}
         state["pids"]["mlflow"] = _spawn("mlflow", [
             str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
             "--serve-artifacts", "--artifacts-destination", str(project / STATE_DIR / "mlartifacts")],
