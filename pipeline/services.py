@@ -252,14 +252,18 @@ def _stop(state: dict[str, Any]) -> None:
         stop_postgres(state["postgres"])
 
 
-def down(project: Path) -> bool:
-    """Stop everything `up` started (the data stays); whether anything was up."""
+def down(project: Path, purge: bool = False) -> bool:
+    """Stop everything `up` started; whether anything was up. The databases and artifacts stay for the
+    next `up`, unless `purge`, which deletes them and the state folder."""
     state_file = project / STATE_FILE
-    if not state_file.is_file():
-        return False
-    _stop(json.loads(state_file.read_text()))
-    state_file.unlink()
-    return True
+    was_up = state_file.is_file()
+    if was_up:
+        _stop(json.loads(state_file.read_text()))
+        state_file.unlink()
+    if purge:
+        shutil.rmtree(cluster_dir(project).parent, ignore_errors=True)  # its log and socket folder too
+        shutil.rmtree(project / STATE_DIR, ignore_errors=True)
+    return was_up
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, port in DEFAULT_PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=port, help=f"(default: {port})")
     parser.add_argument("--no-deploy", action="store_true", help="up: do not run `prefect deploy --all`")
+    parser.add_argument("--purge", action="store_true", help="down: also delete the databases, artifacts and logs")
     args = parser.parse_args(argv)
     project = Path.cwd().resolve()
     with reporting_errors("services"):
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"worker    pool {WORK_POOL}, pid {state['pids']['worker']}; logs in {STATE_DIR / 'logs'}")
             print(f"clients:  source {ENV_FILE}")
         elif args.action == "down":
-            print("services: stopped" if down(project) else "services: nothing was up")
+            print("services: stopped" if down(project, args.purge) else "services: nothing was up")
         else:
             state_file = project / STATE_FILE
             if not state_file.is_file():

@@ -35,6 +35,9 @@ PARAMS_DIGEST_TAG = "params_digest"
 EXP_NAME_ENV, EXP_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
 EXPERIMENT_TAGS = ("dvc_exp", "dvc_exp_baseline", "dvc_exp_changed")
 REACH_TIMEOUT_S = 5.0
+# MLflow retries a failing server for minutes by default (7 tries); these keep a stage waiting about
+# 30 s (backoff 2, 4, 8, 16 s) for a server that restarts, then failing in one line. The environment wins.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
 # A server keeps its own artifact root; only a local store gets <project>/mlartifacts.
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
 # The parent run of a group carries this tag too, so a search never mistakes a stage run for it.
@@ -72,6 +75,8 @@ def configure(tracking: Mapping[str, Any] | None = None) -> str:
     """Point MLflow at the project's store, creating the experiment if needed; return its id."""
     uri = tracking_uri(tracking)
     _check_reachable(uri)
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     # set_tracking_uri also exports $MLFLOW_TRACKING_URI, which would then override the
@@ -247,7 +252,7 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
                tags: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None,
                signature: ModelSignature | None = None) -> ModelVersion | None:
     """Log a models-from-code file (SIGNATURE, INPUT_EXAMPLE, set_model) to the active run and register
-    it as a new version of `registered_name` (None: log only), tagged by tag_new_version. It sets no
+    it as a new version of `registered_name` (None: log only), tagged with version_tags(tags, metrics). It sets no
     alias: the promote stage owns `champion` and `challenger`. `signature` replaces SIGNATURE when the
     outputs depend on the artifacts (a classifier's class columns)."""
     run = mlflow.active_run()
@@ -272,25 +277,24 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
     mlflow.pyfunc.load_model(info.model_uri).predict(example, params=params)
     if registered_name is None:
         return None
-    number = mlflow.register_model(info.model_uri, registered_name).version
-    return tag_new_version(registered_name, number, tags, metrics)
+    # Created with all its tags in one request: a tracking server that goes away mid-stage leaves either
+    # no version or a complete one, never one without its lineage.
+    number = mlflow.register_model(info.model_uri, registered_name, tags=version_tags(tags, metrics)).version
+    return mlflow.MlflowClient().get_model_version(registered_name, str(number))
 
 
-def tag_new_version(name: str, version: int | str, tags: Mapping[str, Any] | None = None,
-                    metrics: Mapping[str, Any] | None = None) -> ModelVersion:
-    """Tag a version registered from the active run with that run's lineage (stage, run group, git
-    state, params digest, data hashes), `tags` and `metric.<name>` for the numbers among `metrics`."""
+def version_tags(tags: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The tags of a version registered from the active run: that run's lineage (stage, run group, git
+    state, params digest, data hashes and sizes), `tags`, and `metric.<name>` for the numbers among `metrics`."""
     run = mlflow.active_run()
     if run is None:
-        raise TrackingError("tag a new model version inside stage_run(), so it carries a stage's lineage")
-    client = mlflow.MlflowClient()
-    run_tags = client.get_run(run.info.run_id).data.tags
-    version_tags = {key: value for key, value in run_tags.items() if _lineage_tag(key)}
-    version_tags.update(tags or {})
-    version_tags.update({f"metric.{key}": float(value) for key, value in (metrics or {}).items()
-                         if isinstance(value, (int, float)) and not isinstance(value, bool)})
-    tag_model_version(name, version, version_tags)
-    return client.get_model_version(name, str(version))
+        raise TrackingError("register a model version inside stage_run(), so it carries a stage's lineage")
+    run_tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    chosen: dict[str, Any] = {key: value for key, value in run_tags.items() if _lineage_tag(key)}
+    chosen.update(tags or {})
+    chosen.update({f"metric.{key}": float(value) for key, value in (metrics or {}).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    return {_key(key): str(value) for key, value in chosen.items()}
 
 
 def project_tracking(params_path: str | os.PathLike | None = "params.yaml") -> dict | None:

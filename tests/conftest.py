@@ -161,7 +161,7 @@ def make_dvc_repo(root: Path, mirror: Path) -> tuple[Path, dict]:
     environment its `dvc` commands need (this venv first on PATH, as dvc.yaml runs `python`)."""
     repo = root / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("dvc.yaml", "params.yaml", "prefect.yaml", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     for package in ("pipeline", "gpt"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))

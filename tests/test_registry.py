@@ -18,7 +18,7 @@ from pipeline.commands import review
 from pipeline.registry import CHALLENGER, CHAMPION
 from pipeline.stages import STAGES, TRAINERS, promote
 from pipeline.stages.promote import INPUTS, PROMOTED
-from pipeline.tracking import log_path, params_digest, stage_run, tag_new_version
+from pipeline.tracking import log_path, params_digest, stage_run, version_tags
 
 TRAIN_PARAMS = {"lr": 0.1, "epochs": 2}
 HASHES = {"train.bin": "ab" * 32}
@@ -26,14 +26,14 @@ HASHES = {"train.bin": "ab" * 32}
 
 def register(name: str, metrics: dict[str, float], tags: dict | None = None, params: dict = TRAIN_PARAMS,
              hashes: dict = HASHES) -> str:
-    """A new version of `name` from a stage run, tagged by the real tag_new_version (no model files:
+    """A new version of `name` from a stage run, tagged by the real version_tags (no model files:
     the promotion logic reads only tags and aliases)."""
     with stage_run("train", params, hashes) as run:
         client = MlflowClient()
         if not client.search_registered_models(f"name = '{name}'"):
             client.create_registered_model(name)
-        created = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-        return str(tag_new_version(name, created.version, tags, metrics).version)
+        return str(client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                               tags=version_tags(tags, metrics)).version)
 
 
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
@@ -221,10 +221,8 @@ def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_
     with stage_run("finetune_instruct", {"lr": 0.2, "epochs": 2, "seed": 1}, {"train.bin": "cd" * 32},
                    data_sizes={"train.bin": "100 tokens"}) as run:
         log_path(plot)
-        created = store.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-        second = str(tag_new_version(name, created.version, None,
-                                     {"val_rouge_l_f1": 0.25, "val_rouge_l_f1_se": 0.01, "rouge_l_f1": 0.23,
-                                      "token_f1": 0.4}).version)
+        second = str(store.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=version_tags(
+            None, {"val_rouge_l_f1": 0.25, "val_rouge_l_f1_se": 0.01, "rouge_l_f1": 0.23, "token_f1": 0.4})).version)
     samples = [("Rewrite: it is cold / x", "It is chilly."), ("b", ""), ("c", "d"), ("e", "never shown")]
     promote.promote(store, name, second, rules(noise_z=1.0), samples)
     card = store.get_model_version(name, second).description
@@ -254,9 +252,8 @@ def test_the_cards_plots_load_from_the_tracking_servers_ui(store: MlflowClient, 
     with stage_run("finetune_classifier", TRAIN_PARAMS, HASHES) as run:
         log_path(plot)
         store.create_registered_model("gpt-spam-classifier")
-        created = store.create_model_version("gpt-spam-classifier", f"runs:/{run.info.run_id}/model",
-                                             run_id=run.info.run_id)
-        version = str(tag_new_version("gpt-spam-classifier", created.version, None, {"val_accuracy": 0.9}).version)
+        version = str(store.create_model_version("gpt-spam-classifier", f"runs:/{run.info.run_id}/model",
+                                                 run_id=run.info.run_id, tags=version_tags(None, {"val_accuracy": 0.9})).version)
     promote.promote(store, "gpt-spam-classifier", version, rules())
     links = re.findall(r"!\[[^]]*\]\((get-artifact\?[^)]+)\)", store.get_model_version("gpt-spam-classifier", version).description)
     assert len(links) == 1

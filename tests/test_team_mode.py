@@ -1,0 +1,159 @@
+"""Team mode on real services: PostgreSQL-backed MLflow and Prefect servers, a process worker running the
+prefect.yaml deployment, and a DVC remote shared by two clones; everything on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import BIN, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
+from pipeline.services import STATE_DIR, STATE_FILE
+from test_dvc_stages import SMALL_TRAINING
+from test_serving import invoke
+
+DVC, LLM_PIPELINE, PREFECT = str(BIN / "dvc"), str(BIN / "llm-pipeline"), str(BIN / "prefect")
+MODELS = ("gpt-base", "gpt-instruct", "gpt-spam-classifier")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def team(tmp_path: Path, mirror: Path):
+    """Clone A of a small pipeline with a local DVC remote, its services up; yields (repo, env, ports)
+    with env pointing clients at the servers; brings everything down (and deletes it) after."""
+    (tmp_path / "a").mkdir()
+    repo, env = make_dvc_repo(tmp_path / "a", mirror)
+    for key, value in SMALL_TRAINING.items():
+        set_param(repo, key, value)
+    sh(repo, env, DVC, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "small pipeline, shared remote")
+    ports = {"postgres": free_port(), "mlflow": free_port(), "prefect": free_port()}
+    env.update(LLM_PIPELINE_DB_PASSWORD=secrets.token_urlsafe(16), PREFECT_HOME=str(tmp_path / "prefect-client"),
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports['mlflow']}",
+               PREFECT_API_URL=f"http://127.0.0.1:{ports['prefect']}/api")
+    flags = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
+    try:
+        up = sh(repo, env, LLM_PIPELINE, "services", "up", *flags)
+        assert f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}" in up
+        yield repo, env, ports
+    finally:
+        down = subprocess.run([LLM_PIPELINE, "services", "down", "--purge"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not [name for name, port in ports.items() if listening(port)]  # nothing is left listening
+    assert not (repo / STATE_DIR).exists()
+
+
+def flow_run(env: dict, run_id: str) -> dict:
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def trigger(repo: Path, env: dict) -> str:
+    """Start a run of the nightly deployment now; its flow run id."""
+    out = sh(repo, env, PREFECT, "deployment", "run", "pipeline/nightly")
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+
+def wait_done(env: dict, run_ids: list[str], timeout_s: float = 240) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = [flow_run(env, run_id) for run_id in run_ids]
+        if all(run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for run in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"flow runs not done in {timeout_s} s: {[flow_run(env, r)['state_name'] for r in run_ids]}")
+
+
+def test_a_worker_runs_the_deployment_and_a_second_clone_pulls_it_all(team, tmp_path: Path):
+    repo, env, ports = team
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+    # From clone A: the worker runs the whole pipeline; the models land on the server.
+    first = wait_done(env, [trigger(repo, env)])[0]
+    assert first["state_type"] == "COMPLETED", first["state"]
+    for name in MODELS:
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    # The server stores artifacts itself: clients upload and download through it.
+    assert client.get_experiment_by_name("llm-pipeline").artifact_location.startswith("mlflow-artifacts:")
+    assert any((repo / STATE_DIR / "mlartifacts").rglob("model.safetensors"))
+
+    # Two runs at once: the deployment's concurrency limit makes the second wait for the first.
+    runs = wait_done(env, [trigger(repo, env), trigger(repo, env)])
+    assert [run["state_type"] for run in runs] == ["COMPLETED", "COMPLETED"]
+    runs.sort(key=lambda run: run["start_time"])
+    assert runs[1]["start_time"] >= runs[0]["end_time"], runs
+    assert len(client.search_model_versions("name = 'gpt-base'")) == 1  # nothing new: DVC found it up to date
+    assert "up to date" in sh(repo, env, DVC, "status")
+
+    # Shared through the DVC remote: clone B restores every output and runs the models without retraining.
+    sh(repo, env, DVC, "push")
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "the worker's run")
+    clone = tmp_path / "b"
+    sh(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, env, DVC, "pull")
+    assert "Data and pipelines are up to date." in sh(clone, env, DVC, "status")
+    assert sh(clone, env, LLM_PIPELINE, "review") == sh(repo, env, LLM_PIPELINE, "review")
+    served, local = (subprocess.run([LLM_PIPELINE, "classify", *model, "Win a free prize now"], cwd=clone, env=env,
+                                    capture_output=True, text=True, timeout=300).stdout
+                     for model in (["--model", "models:/gpt-spam-classifier@champion"], []))
+    assert served == local and re.fullmatch(r"(ham|spam)\tham=[\d.]+ spam=[\d.]+\tWin a free prize now\n", local)
+    for command in (["generate", "--model", "models:/gpt-base@champion", "--max-new-tokens", "3", "Hello"],
+                    ["chat", "--model", "models:/gpt-instruct@champion", "--max-new-tokens", "3", "Say hi."]):
+        sh(clone, env, LLM_PIPELINE, *command)
+    port, log = free_port(), tmp_path / "serve.log"
+    with log.open("w") as out:  # `serve` loads the champion through the tracking server
+        server = subprocess.Popen([LLM_PIPELINE, "serve", "--port", str(port)], cwd=clone, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until("llm-pipeline serve", lambda: answers(f"http://127.0.0.1:{port}/ping"), server, log)
+        predictions = invoke(f"http://127.0.0.1:{port}", {"inputs": {"text": ["Win a free prize now"]}})
+    finally:
+        stop(server)
+    assert predictions[0]["label"] == local.split("\t")[0]
+
+
+def test_losing_the_tracking_server_mid_stage_fails_in_one_line_and_a_rerun_completes(team):
+    repo, env, ports = team
+    sh(repo, env, sys.executable, "-m", "dvc", "repro", "finetune_classifier")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    set_param(repo, "finetune_classifier.epochs", 4)  # long enough to stop the server while it trains
+    set_param(repo, "finetune_classifier.batch_size", 8)
+    quick = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    stage = subprocess.Popen([sys.executable, "-m", "pipeline.stages.finetune_classifier"], cwd=repo, env=quick,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "finetune_classifier:" not in err:  # the progress bar: training has started
+        err += stage.stderr.read(1)
+        assert stage.poll() is None, err
+    os.killpg(json.loads((repo / STATE_FILE).read_text())["pids"]["mlflow"], signal.SIGKILL)
+    _, rest = stage.communicate(timeout=240)
+    lines = [line for line in (err + rest).replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert stage.returncode == 1 and "Traceback" not in err + rest
+    assert lines[-1].startswith("finetune_classifier: error: "), lines
+
+    # The server back (same database and artifacts): no version was half made, and a rerun completes.
+    sh(repo, env, LLM_PIPELINE, "services", "down")
+    flags = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
+    sh(repo, env, LLM_PIPELINE, "services", "up", "--no-deploy", *flags)
+    assert [v.version for v in client.search_model_versions("name = 'gpt-spam-classifier'")] == ["1"]
+    sh(repo, env, sys.executable, "-m", "pipeline.stages.finetune_classifier")
+    versions = client.search_model_versions("name = 'gpt-spam-classifier'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert all(v.tags.get("stage") == "finetune_classifier" and "data.train.csv.sha256" in v.tags for v in versions)
