@@ -9,11 +9,11 @@ import torch
 
 from gpt.data import EpochBatchSampler
 from gpt.generate import generate_text
+from gpt.loss import IGNORE_INDEX  # targets gpt.train.batch_loss skips
 from gpt.model import GPTModel
 from gpt.tokenizer import END_OF_TEXT_ID
 from gpt.train import batch_loss
 
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index, so gpt.train.batch_loss skips these targets
 INTRO = ("Below is an instruction that describes a task. "
          "Write a response that appropriately completes the request.")
 RESPONSE_HEADER = "\n\n### Response:\n"

@@ -9,6 +9,7 @@ from torch import nn
 
 from gpt.attention import KVCache, MultiHeadAttention
 from gpt.fields import bounded, check_fields
+from gpt.loss import head_cross_entropy
 
 
 # "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
@@ -175,9 +176,15 @@ class GPTModel(nn.Module):
             cache.length += n_tokens
         return self.final_norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (batch, tokens, vocab_size) for token ids (batch, tokens)."""
-        logits = self.out_head(self.hidden_states(idx, cache))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, tokens, vocab_size) for token ids (batch, tokens); with `targets` (batch, tokens),
+        the mean next-token cross-entropy against them instead, computed by gpt.loss without the whole
+        logits tensor (through forward, so DDP and torch.compile wrappers see it)."""
+        hidden = self.hidden_states(idx, cache)
+        if targets is not None:
+            return head_cross_entropy(hidden, self.out_head.weight[: self.cfg.vocab_size], targets)
+        logits = self.out_head(hidden)
         if logits.shape[-1] == self.cfg.padded_vocab_size != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # padded ids are never predicted
         return logits

@@ -159,9 +159,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a batch."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """Mean next-token cross-entropy over a batch (targets equal to gpt.loss.IGNORE_INDEX count for nothing).
+    In full precision the model fuses its head with the loss (gpt.loss); under autocast the loss is taken
+    from the logits, as autocast's own cross-entropy runs it."""
+    if torch.is_autocast_enabled(inputs.device.type):
+        return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    return model(inputs, targets=targets)
 
 
 @torch.no_grad()

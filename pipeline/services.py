@@ -199,7 +199,12 @@ def up(project: Path, ports: dict[str, int], deploy: bool = True) -> dict[str, A
     stop what was started. Return the state written to .services/state.json."""
     state_file = project / STATE_FILE
     if state_file.is_file():
-        raise ServiceError(f"services are already up ({STATE_FILE}); `llm-pipeline services down` first")
+        before = json.loads(state_file.read_text())
+        running = [name for name, pid in before["pids"].items() if _alive(pid)]
+        if running:
+            raise ServiceError(f"services are already up ({', '.join(running)}); `llm-pipeline services down` first")
+        _stop(before)  # left by a reboot or a killed session: PostgreSQL may still run
+        state_file.unlink()
     password = _password(project)
     state: dict[str, Any] = {"ports": ports, "pids": {}}
     clients = urls(ports)

@@ -111,7 +111,7 @@ class _FailsWhenCalled(torch.nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         raise RuntimeError("C++ compiler not found\nmore details")
 
 
