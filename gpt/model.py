@@ -176,6 +176,11 @@ class GPTModel(nn.Module):
             cache.length += n_tokens
         return self.final_norm(x)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's rows of real token ids (padded rows are never predicted)."""
+        return self.out_head.weight[: self.cfg.vocab_size]
+
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size) for token ids (batch, tokens); with `targets` (batch, tokens),
@@ -183,7 +188,7 @@ class GPTModel(nn.Module):
         logits tensor (through forward, so DDP and torch.compile wrappers see it)."""
         hidden = self.hidden_states(idx, cache)
         if targets is not None:
-            return head_cross_entropy(hidden, self.out_head.weight[: self.cfg.vocab_size], targets)
+            return head_cross_entropy(hidden, self.head_weight, targets)
         logits = self.out_head(hidden)
         if logits.shape[-1] == self.cfg.padded_vocab_size != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # padded ids are never predicted

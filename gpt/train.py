@@ -23,6 +23,7 @@ from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
 from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
+from gpt.loss import head_cross_entropy
 from gpt.model import GPTModel
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -168,11 +169,13 @@ def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 
 @torch.no_grad()
-def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None) -> list[float]:
-    """The mean loss of each context-length window of `tokens` (no overlap, fixed order), over the first
-    `max_batches` batches: their mean is evaluate_loss's, their spread gives its standard error."""
+def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None,
+                  stride: int | None = None, rank: int = 0, world_size: int = 1) -> list[float]:
+    """The mean loss of each context-length window of `tokens` (every `stride` tokens, default a context
+    apart; fixed order) over the first `max_batches` batches; with `world_size` > 1, of this rank's rows
+    rank::world_size of each batch. Each window's loss goes through gpt.loss: no batch's logits are made."""
     context = model.cfg.context_length
-    loader = create_dataloader(tokens, batch_size, context, context, shuffle=False, drop_last=False)
+    loader = create_dataloader(tokens, batch_size, context, stride or context, shuffle=False, drop_last=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -180,37 +183,23 @@ def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batc
     for i, (inputs, targets) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        logits = model(inputs.to(device))
-        per_token = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
-        losses += per_token.view(targets.shape).mean(dim=1).tolist()
+        inputs, targets = inputs[rank::world_size].to(device), targets[rank::world_size].to(device)
+        if len(inputs):
+            hidden = model.hidden_states(inputs)
+            losses += [head_cross_entropy(h, model.head_weight, t).item() for h, t in zip(hidden, targets)]
     model.train(was_training)
     return losses
 
 
-@torch.no_grad()
 def evaluate_loss(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None,
                   stride: int | None = None, rank: int = 0, world_size: int = 1) -> float:
-    """Mean loss over the first `max_batches` windows-batches of `tokens`, in fixed order.
+    """Mean loss over the windows of window_losses (same arguments).
 
-    With `world_size` > 1 every rank must call this: each evaluates rows rank::world_size of each
-    batch and the sums and counts are all-reduced, so every rank gets the one-process mean.
+    With `world_size` > 1 every rank must call this: the sums and counts of the ranks' windows are
+    all-reduced, so every rank gets the one-process mean.
     """
-    context = model.cfg.context_length
-    loader = create_dataloader(tokens, batch_size, context, stride or context, shuffle=False, drop_last=False)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i, (inputs, targets) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        if world_size > 1:
-            inputs, targets = inputs[rank::world_size], targets[rank::world_size]
-            if not len(inputs):
-                continue
-        total += batch_loss(model, inputs.to(device), targets.to(device)).item() * inputs.shape[0]
-        count += inputs.shape[0]
-    model.train(was_training)
+    losses = window_losses(model, tokens, batch_size, max_batches, stride, rank, world_size)
+    total, count = sum(losses), len(losses)
     if world_size > 1:
         total, count = distributed.all_reduce_sum([total, count])
     return total / count

@@ -15,7 +15,7 @@ from typing import Mapping
 import yaml
 
 from pipeline.errors import DataError
-from pipeline.layout import DATA, RAW
+from pipeline.layout import DATA, raw_file
 from pipeline.params import List, Section, Str
 
 SECTION = "datasets"
@@ -84,10 +84,7 @@ def resolve(dataset: str, entries: list[str], downloads: Mapping) -> list[Path]:
     for entry in entries:
         where = f"{SECTION}.{dataset}.sources: {entry!r}"
         if entry in downloads:
-            path = RAW / downloads[entry]["filename"]
-            if not path.is_file():
-                raise DataError(f"{path}: missing; run the download stage first")
-            files.append(path)
+            files.append(raw_file(downloads[entry]["filename"]))
             continue
         check_local(entry)
         expanded = os.path.expanduser(entry)

@@ -9,6 +9,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from pipeline.policy import SPLITS, Verdict, measure, metric_label, metric_tag, policy_text
 from pipeline.stages import RegisteredModel
+from pipeline.tracking import differing_params
 
 SHORT = 12  # hex digits shown of a sha256
 PLOT_SUFFIXES = (".png", ".svg")
@@ -74,29 +75,17 @@ def _data_rows(new: ModelVersion, champion: ModelVersion | None) -> list[list[st
     return rows
 
 
-def differing_params(mine: Mapping[str, str], theirs: Mapping[str, str]) -> list[tuple[str, str, str]]:
-    """(param, this run's value, the other's) for each param whose values differ, sorted; "-" where absent."""
-    return [(name, mine.get(name, "-"), theirs.get(name, "-")) for name in sorted({*mine, *theirs})
-            if mine.get(name) != theirs.get(name)]
-
-
-def _run_params(client: mlflow.MlflowClient, version: ModelVersion | None) -> dict[str, str] | None:
-    if version is None or not version.run_id:
-        return None
-    return client.get_run(version.run_id).data.params
-
-
 def write_card(client: mlflow.MlflowClient, model: RegisteredModel, new: ModelVersion, champion: ModelVersion | None,
                decision: str, verdict: Verdict | None, policy: Mapping[str, Any],
                samples: Sequence[tuple[str, str]] = ()) -> str:
     """The card of version `new`, judged against `champion` (None: the first version) under `policy`:
     what it is, its key metric beside the champion's, the data it saw, the params that differ from the
     champion's, up to three `samples` (prompt, output) and the plots its run carries. Set as the
-    version's description and returned."""
+    version's description and returned. `decision` is promoted or kept."""
+    run = client.get_run(new.run_id) if new.run_id else None
     lines = [f"**{model.name}, version {new.version}.** {model.summary}", ""]
     champion_name = f"champion (version {champion.version})" if champion else "champion (none yet)"
-    outcome = {"promoted": "now the champion", "kept": f"the champion stays version {champion.version}"
-               if champion else "", "already_champion": "already the champion"}.get(decision, "")
+    outcome = "now the champion" if decision == "promoted" else f"the champion stays version {champion.version}"
     lines += [f"### Decision: {decision}, {outcome}", ""]
     if verdict is not None:
         lines += [verdict.reason, ""]
@@ -119,11 +108,12 @@ def write_card(client: mlflow.MlflowClient, model: RegisteredModel, new: ModelVe
     lines += _table(["input", "size", "sha256", "champion's"], data) if data else ["No data hashes tagged."]
 
     lines += ["", "### Params that differ from the champion's", ""]
-    mine, theirs = _run_params(client, new), _run_params(client, champion)
-    if champion is None or mine is None or theirs is None:
-        lines.append("No champion to compare with." if champion is None else "A run's params are not available.")
+    if champion is None:
+        lines.append("No champion to compare with.")
+    elif run is None or not champion.run_id:
+        lines.append("A run's params are not available.")
     else:
-        changed = differing_params(mine, theirs)
+        changed = differing_params(run.data.params, client.get_run(champion.run_id).data.params)
         lines += _table(["param", "this version", "champion"], changed) if changed else ["None: the same params."]
 
     if samples:
@@ -131,9 +121,8 @@ def write_card(client: mlflow.MlflowClient, model: RegisteredModel, new: ModelVe
         for prompt, output in samples[:3]:
             lines += ["", f"**Prompt:** {_cell(prompt)}", "", f"> {_cell(output) or '(empty)'}"]
 
-    if new.run_id:
+    if run is not None:
         plots = [a.path for a in client.list_artifacts(new.run_id) if a.path.endswith(PLOT_SUFFIXES)]
-        run = client.get_run(new.run_id)
         link = f"#/experiments/{run.info.experiment_id}/runs/{new.run_id}"
         lines += ["", "### Plots", "", f"In the artifacts of the [source run]({link}): "
                   + (", ".join(f"`{p}`" for p in plots) or "none") + "."]

@@ -72,7 +72,6 @@ class Verdict:
 
     won: bool
     gain: float | None   # how much better in the metric's direction (negative: worse); None: nothing to compare
-    noise: float         # noise_z standard errors of the difference
     needed: float        # the gain required: the larger of the margin and the noise
     reason: str
 
@@ -89,7 +88,7 @@ def judge(model: RegisteredModel, new: Measure, champion: Measure, margin: float
     """
     label = metric_label(new.tag)
     if champion.value is None:
-        return Verdict(True, None, 0.0, margin,
+        return Verdict(True, None, margin,
                        f"champion version {champion_version} has no {label} (registered before it was measured)")
     gain = new.value - champion.value if model.higher_is_better else champion.value - new.value
     se_new = new.se if new.se is not None else champion.se
@@ -99,9 +98,9 @@ def judge(model: RegisteredModel, new: Measure, champion: Measure, margin: float
     won = gain > needed
     versus = f"{label} {new.text()} vs {champion.text()} of version {champion_version}"
     if gain <= 0:
-        return Verdict(False, gain, noise, needed, f"{versus}: " + (f"worse by {-gain:.4g}" if gain else "no better"))
+        return Verdict(False, gain, needed, f"{versus}: " + (f"worse by {-gain:.4g}" if gain else "no better"))
     bar = f"margin {margin:g}" if margin >= noise else f"noise {noise:.4g} ({noise_z:g} × the difference's standard error)"
-    return Verdict(won, gain, noise, needed,
+    return Verdict(won, gain, needed,
                    f"{versus}: better by {gain:.4g}, {'more than' if won else 'not more than'} the {bar}")
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gpt.files import atomic_write_json, atomic_write_text
+from pipeline.commands.cli import signal_group, stop_group
 from pipeline.errors import reporting_errors
 
 STATE_DIR = Path(".services")  # in the project: logs, the artifact store, what is running (git-ignored)
@@ -150,36 +150,12 @@ def _wait(what: str, ready: Callable[[], bool], pid: int, project: Path, name: s
     while time.monotonic() < deadline:
         if ready():
             return
-        if not _alive(pid):
+        if not signal_group(pid, 0):
             log = (project / STATE_DIR / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()
             raise ServiceError(f"{what} exited at start: {log[-1] if log else 'no output'} "
                                f"(log: {STATE_DIR / 'logs' / f'{name}.log'})")
         time.sleep(0.5)
     raise ServiceError(f"{what} did not answer within {START_TIMEOUT_S:.0f} s (log: {STATE_DIR / 'logs'})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + STOP_GRACE_S
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def urls(ports: dict[str, int]) -> dict[str, str]:
@@ -200,7 +176,7 @@ def up(project: Path, ports: dict[str, int], deploy: bool = True) -> dict[str, A
     state_file = project / STATE_FILE
     if state_file.is_file():
         before = json.loads(state_file.read_text())
-        running = [name for name, pid in before["pids"].items() if _alive(pid)]
+        running = [name for name, pid in before["pids"].items() if signal_group(pid, 0)]
         if running:
             raise ServiceError(f"services are already up ({', '.join(running)}); `llm-pipeline services down` first")
         _stop(before)  # left by a reboot or a killed session: PostgreSQL may still run
@@ -252,7 +228,7 @@ def up(project: Path, ports: dict[str, int], deploy: bool = True) -> dict[str, A
 def _stop(state: dict[str, Any]) -> None:
     for name in SERVERS:
         if name in state["pids"]:
-            _stop_group(state["pids"][name])
+            stop_group(state["pids"][name], STOP_GRACE_S)
     if "postgres" in state:
         stop_postgres(state["postgres"])
 
@@ -300,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                 return
             state = json.loads(state_file.read_text())
             for name in reversed(SERVERS):
-                print(f"{name}: {'running' if _alive(state['pids'][name]) else 'stopped'} (pid {state['pids'][name]})")
+                print(f"{name}: {'running' if signal_group(state['pids'][name], 0) else 'stopped'} (pid {state['pids'][name]})")
 
 
 if __name__ == "__main__":

@@ -121,10 +121,16 @@ def changed_params(baseline: str, params_path: Path = Path("params.yaml")) -> st
         return ""
     old = flatten_params(yaml.safe_load(before) or {})
     new = flatten_params(yaml.safe_load(params_path.read_text(encoding="utf-8")) or {})
-    changed = "; ".join(f"{key}={new.get(key, '(removed)')}" for key in sorted(old.keys() | new.keys())
-                        if old.get(key) != new.get(key))
+    changed = "; ".join(f"{key}={value if key in new else '(removed)'}"
+                        for key, value, _ in differing_params(new, old))
     return changed if len(changed) <= MAX_TAG_VAL_LENGTH else (
         changed[: MAX_TAG_VAL_LENGTH - len(_CUT)] + _CUT)
+
+
+def differing_params(mine: Mapping[str, str], theirs: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(param, mine, theirs) for each param whose values differ, sorted by name; "-" where absent."""
+    return [(name, mine.get(name, "-"), theirs.get(name, "-")) for name in sorted({*mine, *theirs})
+            if mine.get(name) != theirs.get(name)]
 
 
 def experiment_tags() -> dict[str, str]:
@@ -279,8 +285,7 @@ def log_pyfunc(model_code: ModuleType, artifacts: Mapping[str, str | os.PathLike
         return None
     # Created with all its tags in one request: a tracking server that goes away mid-stage leaves either
     # no version or a complete one, never one without its lineage.
-    number = mlflow.register_model(info.model_uri, registered_name, tags=version_tags(tags, metrics)).version
-    return mlflow.MlflowClient().get_model_version(registered_name, str(number))
+    return mlflow.register_model(info.model_uri, registered_name, tags=version_tags(tags, metrics))
 
 
 def version_tags(tags: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     metrics = json.loads((project / "data/reports/finetune_instruct.json").read_text())
     assert {key: metrics[key] for key in lean} == lean
     assert metrics["val_loss"] < metrics["val_loss_before"]
-    assert 0.0 <= metrics["val_rouge_l_f1"] <= 1.0 and metrics["val_rouge_l_f1_se"] >= 0.0
+    assert 0.0 <= metrics["val_rouge_l_f1"] <= 1.0 and "val_rouge_l_f1_se" in metrics
     assert metrics["max_length"] == 64  # min(max_length 1024, the base's context 64)
     assert metrics["steps"] == 2 * CUT["train"] // 8
     assert metrics["responses_scored"] == 3 and metrics["test_examples"] == CUT["test"]
@@ -77,6 +78,9 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     responses = json.loads((project / "data/samples/instruct_responses.json").read_text())
     test = json.loads((project / "data/tokens/instructions/test.json").read_text())
     assert len(responses) == 3
+    scores = [item["rouge_l_f1"] for item in responses]  # the mean and its standard error are of these
+    assert metrics["rouge_l_f1"] == pytest.approx(sum(scores) / 3)
+    assert metrics["rouge_l_f1_se"] == pytest.approx(statistics.stdev(scores) / 3 ** 0.5)
     for item, record in zip(responses, test):
         assert {"instruction", "input", "reference", "response"} <= item.keys()
         assert (item["instruction"], item["input"], item["reference"]) == (

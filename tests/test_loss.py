@@ -7,14 +7,14 @@ import torch.nn.functional as F
 
 from gpt.loss import IGNORE_INDEX, head_cross_entropy
 from gpt.model import GPTConfig, GPTModel
-from gpt.train import batch_loss
+from gpt.train import batch_loss, evaluate_loss, window_losses
 
 
-def plain_and_fused(hidden, weight, targets, chunk_rows):
+def plain_and_fused(hidden, weight, targets, chunk_rows, grads=(True, True)):
     results = []
     for loss_fn in (lambda h, w: F.cross_entropy((h @ w.t()).flatten(0, 1), targets.flatten()),
                     lambda h, w: head_cross_entropy(h, w, targets, chunk_rows)):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h, w = hidden.clone().requires_grad_(grads[0]), weight.clone().requires_grad_(grads[1])
         loss = loss_fn(h, w)
         (loss * 3).backward()  # a non-unit upstream gradient: backward must scale by it
         results.append((loss.detach(), h.grad, w.grad))
@@ -52,10 +52,45 @@ def test_the_model_with_targets_equals_its_logits_loss_tied_and_padded():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("grads", [(True, False), (False, True)])
+def test_one_side_frozen_gets_no_gradient_and_the_other_the_plain_one(grads):
+    """A frozen head (LoRA, last blocks) or a frozen trunk: only the trainable side gets a gradient."""
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(1, 9, 8, dtype=torch.float64), torch.randn(13, 8, dtype=torch.float64)
+    targets = torch.randint(0, 13, (1, 9))
+    (loss, *plain), (fused, *mine) = plain_and_fused(hidden, weight, targets, 4, grads)
+    torch.testing.assert_close(fused, loss)
+    for wanted, expected, got in zip(grads, plain, mine):
+        assert (got is None) == (not wanted)
+        if wanted:
+            torch.testing.assert_close(got, expected)
+
+
 def test_no_gradients_wanted_computes_the_value_only():
-    hidden, weight, targets = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight, targets = torch.randn(11, 8, requires_grad=True), torch.randint(0, 11, (5,))
     with torch.no_grad():
         fused = head_cross_entropy(hidden, weight, targets, chunk_rows=2)
-    torch.testing.assert_close(fused, F.cross_entropy(hidden @ weight.t(), targets))
+    assert fused.grad_fn is None  # evaluation builds no graph (and makes no gradient)
+    torch.testing.assert_close(fused, F.cross_entropy(hidden @ weight.t(), targets).detach())
     with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
         head_cross_entropy(hidden, weight, targets, chunk_rows=0)
+
+
+def test_evaluation_losses_equal_the_logits_loss_of_each_window():
+    """gpt.train.window_losses / evaluate_loss (through gpt.loss, no whole logits) against each window's
+    plain cross-entropy; evaluate_loss is their mean, also when two ranks split the batches' rows."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("micro", context_length=16, pad_vocab_to=64, drop_rate=0.0)
+    model = GPTModel(cfg).double()
+    tokens = torch.randint(0, cfg.vocab_size, (16 * 7 + 1,)).numpy()
+    windows = torch.as_tensor(tokens[:-1].reshape(7, 16)), torch.as_tensor(tokens[1:].reshape(7, 16))
+    with torch.no_grad():
+        expected = [F.cross_entropy(model(x[None])[0], y).item() for x, y in zip(*windows)]
+    losses = window_losses(model, tokens, batch_size=3)
+    assert losses == pytest.approx(expected, rel=1e-12)
+    assert evaluate_loss(model, tokens, batch_size=3) == pytest.approx(sum(expected) / 7, rel=1e-12)
+    assert window_losses(model, tokens, batch_size=3, max_batches=2) == pytest.approx(expected[:6], rel=1e-12)
+    shards = [window_losses(model, tokens, 3, rank=rank, world_size=2) for rank in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == pytest.approx(sorted(expected), rel=1e-12)
+    assert len(shards[0]) == 5 and len(shards[1]) == 2  # rows 0 and 2 of each batch of 3 (the last has one)

@@ -79,27 +79,34 @@ def run_server(command: list[str], env: dict[str, str], grace_s: float = 30.0) -
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
-        _signal_group(server.pid, signal.SIGTERM)
+        signal_group(server.pid, signal.SIGTERM)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
     status = server.wait()
-    _signal_group(server.pid, signal.SIGTERM)  # whatever mlflow left behind when it exited
-    deadline = time.monotonic() + grace_s
-    # Bounded: a member already dead but not yet reaped by init still counts as in the group.
-    while _signal_group(server.pid, 0) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    _signal_group(server.pid, signal.SIGKILL)
+    stop_group(server.pid, grace_s)  # whatever mlflow left behind when it exited
     return 128 + received[0] if received else status
 
 
-def _signal_group(pgid: int, signum: int) -> bool:
-    """Send signum to process group pgid; whether the group still had a process."""
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send signum to process group pgid (0: none, a probe); whether the group still had a process."""
     try:
         os.killpg(pgid, signum)
     except ProcessLookupError:
         return False
+    except PermissionError:  # a process of another user joined the group: it is there
+        return True
     return True
+
+
+def stop_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM process group pgid, wait up to grace_s for it to empty, then SIGKILL what is left."""
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    # Bounded: a member already dead but not yet reaped by init still counts as in the group.
+    while signal_group(pgid, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_group(pgid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.errors import DataError, reporting_errors
 from pipeline.policy import SPLITS, measure, metric_label, metric_tag
 from pipeline.stages import TRAINERS, RegisteredModel as ModelSpec
-from pipeline.tracking import PARAMS_DIGEST_TAG, configure, project_tracking, tracking_uri
+from pipeline.tracking import PARAMS_DIGEST_TAG, configure, differing_params, project_tracking, tracking_uri
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")
@@ -139,7 +139,7 @@ def _param_rows(client: mlflow.MlflowClient, a: ModelVersion, b: ModelVersion,
                 show_all: bool) -> list[tuple[str, ...]]:
     params = [client.get_run(version.run_id).data.params if version.run_id else {} for version in (a, b)]
     names = sorted({*params[0], *params[1]})
-    differing = [name for name in names if params[0].get(name) != params[1].get(name)]
+    differing = [name for name, _, _ in differing_params(*params)]
     equal = len(names) - len(differing)
     rows = [(f"params ({equal} equal{'' if show_all else ', not shown; --all shows them'})", "", "", ""),
             _hash_row(PARAMS_DIGEST_TAG, *(version.tags.get(PARAMS_DIGEST_TAG, "-") for version in (a, b)))]

@@ -15,8 +15,9 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable, Mapping
 
+from gpt.files import atomic_write_json
 from pipeline.errors import reporting_errors
 from pipeline.layout import METRICS, REPORTS
 
@@ -31,7 +32,6 @@ class RegisteredModel:
 
     name: str
     summary: str               # the registered model's description in MLflow
-    metric: str                # the key metric, as people name it
     higher_is_better: bool
     val_tag: str               # the key metric on the validation split: what promote decides on
     test_tag: str              # on the test split: reported (the same as val_tag where there is no test split)
@@ -47,6 +47,7 @@ class Stage:
     metrics: Path | None = None  # the handful of numbers people compare (dvc metrics show, dvc exp show)
     report: Path | None = None   # an output, not a metric: statistics, input hashes; a training stage's
                                  # also holds the version it registered, as registered_version
+    compared: tuple[str, ...] = ()  # the metrics file's keys
     model: RegisteredModel | None = None
     # An environment variable that may replace `python` in the command (pretrain: torchrun).
     launcher_env: str | None = None
@@ -55,6 +56,13 @@ class Stage:
     def command(self) -> str:
         python = f"\\${{{self.launcher_env}:-python}}" if self.launcher_env else "python"
         return f"{python} -m {self.module}"
+
+    def write_results(self, report: Mapping[str, Any], numbers: Mapping[str, Any] | None = None) -> None:
+        """Write the report, then the metrics file: the `compared` keys of `numbers` (default: the report)
+        that have a value."""
+        atomic_write_json(self.report, report)
+        source = report if numbers is None else numbers
+        atomic_write_json(self.metrics, {key: source[key] for key in self.compared if source.get(key) is not None})
 
     def load(self) -> ModuleType:
         """The stage's module, checked to define PARAMS and main."""
@@ -70,25 +78,29 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("download", "pipeline.stages.download", report=REPORTS / "download.json"),
     Stage("validate", "pipeline.stages.validate", report=REPORTS / "validate.json"),
     Stage("tokenize", "pipeline.stages.tokenize_data", report=REPORTS / "tokenize.json"),
+    # pretrain's own val_loss covers eval_batches only: evaluate's, over the whole split, is the one compared.
     Stage("pretrain", "pipeline.stages.pretrain", METRICS / "pretrain.json", REPORTS / "pretrain.json",
-          launcher_env=PRETRAIN_LAUNCH_ENV, model=RegisteredModel(
+          compared=("train_loss",), launcher_env=PRETRAIN_LAUNCH_ENV, model=RegisteredModel(
               # evaluate tags the version with the loss over the whole val split; the corpus has no test split.
               "gpt-base", "The pretrained GPT: a text generator, and the base the finetuning stages start from.",
-              "val_loss", higher_is_better=False, val_tag="eval.val_loss", test_tag="eval.val_loss",
+              higher_is_better=False, val_tag="eval.val_loss", test_tag="eval.val_loss",
               others=("eval.val_perplexity", "metric.train_loss", "metric.steps", "metric.tokens_per_s"))),
-    Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json", REPORTS / "evaluate.json"),
+    Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json", REPORTS / "evaluate.json",
+          compared=("val_loss",)),
     Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json",
-          REPORTS / "finetune_classifier.json", model=RegisteredModel(
+          REPORTS / "finetune_classifier.json", ("val_accuracy", "test_accuracy", "test_macro_f1"),
+          model=RegisteredModel(
               "gpt-spam-classifier", "The GPT base finetuned to classify texts (by default SMS messages as ham or "
               "spam); returns each text's label and class probabilities.",
-              "accuracy", higher_is_better=True, val_tag="metric.val_accuracy", test_tag="metric.test_accuracy",
+              higher_is_better=True, val_tag="metric.val_accuracy", test_tag="metric.test_accuracy",
               others=("metric.test_macro_f1", "metric.train_accuracy"))),
     Stage("finetune_instruct", "pipeline.stages.finetune_instruct", METRICS / "finetune_instruct.json",
-          REPORTS / "finetune_instruct.json", model=RegisteredModel(
+          REPORTS / "finetune_instruct.json", ("val_rouge_l_f1", "rouge_l_f1", "test_loss", "judge_score"),
+          model=RegisteredModel(
               # The instruction score: mean ROUGE-L F1 of greedy responses against the references.
               "gpt-instruct", "The GPT base finetuned to follow instructions (Alpaca-style prompt); returns "
               "a greedy or sampled response.",
-              "rouge_l_f1", higher_is_better=True, val_tag="metric.val_rouge_l_f1", test_tag="metric.rouge_l_f1",
+              higher_is_better=True, val_tag="metric.val_rouge_l_f1", test_tag="metric.rouge_l_f1",
               others=("metric.token_f1", "metric.test_loss", "metric.judge_score"))),
     # Last, so `models:/<name>@champion` is settled once `dvc repro` ends.
     Stage("promote", "pipeline.stages.promote", report=REPORTS / "promote.json"),

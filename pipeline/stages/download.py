@@ -108,7 +108,8 @@ def fetch_all(plan: list[tuple[str, Source]], dest: Path, mirror: Path | None, o
             reason = f" (last error: {exc.reason})" if exc.reason else ""
             missing.append(f"{folder}/{exc.filename} <{exc.url}>{reason}".lstrip("/"))
             continue
-        rows.append({"file": str(path.relative_to(dest)), "sha256": sha256_file(path),
+        # A pinned file was just checked against its sha256; only a tracked one is hashed here.
+        rows.append({"file": str(path.relative_to(dest)), "sha256": source.sha256 or sha256_file(path),
                      "bytes": path.stat().st_size, "origin": came_from, "verified": bool(source.sha256), "tracked": source.track})
         print(f"download: {rows[-1]['file']} <- {came_from}")
     if missing:

@@ -1,7 +1,6 @@
 """Stage `evaluate`: validation loss and perplexity of the pretrained model, plus generations for fixed prompts."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from gpt.train import evaluate_loss, pick_device, window_losses
 from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, PRETRAIN_TOKENS, SAMPLES
 from pipeline.params import DEVICE, Float, Int, List, Section, Str, load_params
 from pipeline.policy import standard_error
+from pipeline.registry import registered_version
 from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
@@ -38,10 +38,6 @@ PARAMS = {
 }
 
 
-# The metrics file's numbers (dvc metrics show); the report has them all (perplexity is exp(val_loss)).
-COMPARED = ("val_loss",)
-
-
 def val_scores(model, tokens, batch_size: int, max_batches: int | None) -> dict[str, float]:
     """The mean loss over the windows of `tokens`, its standard error (promote's noise) and the tokens/s."""
     start = time.perf_counter()
@@ -56,7 +52,7 @@ def main(params_path: Path) -> None:
     device = pick_device(cfg["device"])
     model = load_model(BASE_MODEL_DIR, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
-    version = json.loads(PRETRAIN.report.read_text())["registered_version"]
+    version = int(registered_version(PRETRAIN.report))
     # The run opens before any output is written: an unreachable tracking server leaves the old ones.
     with stage_run("evaluate", cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
         val = val_scores(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
@@ -86,8 +82,7 @@ def main(params_path: Path) -> None:
         log_path(SAMPLES_FILE)
         # The registry entry of the evaluated model carries its evaluation, for review.
         tag_model_version(PRETRAIN.model.name, version, {f"eval.{k}": v for k, v in metrics.items()})
-    atomic_write_json(STAGES["evaluate"].report, {**metrics, "registered_version": version})
-    atomic_write_json(STAGES["evaluate"].metrics, {key: metrics[key] for key in COMPARED})
+    STAGES["evaluate"].write_results({**metrics, "registered_version": version})
 
 
 if __name__ == "__main__":

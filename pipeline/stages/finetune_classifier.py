@@ -56,8 +56,6 @@ CURVE_PNG = PLOTS / "classifier_loss.png"
 CONFUSION_JSON = PLOTS / "classifier_confusion.json"
 CONFUSION_PNG = PLOTS / "classifier_confusion.png"
 SCALARS = ("accuracy", "accuracy_se", "macro_precision", "macro_recall", "macro_f1")
-# The metrics file's numbers (dvc metrics show); the report has them all.
-COMPARED = ("val_accuracy", "test_accuracy", "test_macro_f1")
 # A label fit for an MLflow metric key as it is; others get no per-class metric rather than a mangled,
 # possibly colliding, name.
 METRIC_SAFE_LABEL = re.compile(r"[\w.-]+")
@@ -279,12 +277,11 @@ def main(params_path: Path) -> None:
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, flat, signature=spam_classifier.signature(labels))
-        atomic_write_json(STAGE.report, {
+        STAGE.write_results({
             **reports, "max_length": data.spec.max_length,
             "steps": history[-1]["step"], "trainable_parameters": trainable, "parameters": count_parameters(model),
             "train_time_s": round(history[-1]["elapsed_s"], 2), "wall_time_s": round(time.perf_counter() - started, 2),
-            "device": device.type, "registered_version": int(version.version)})
-        atomic_write_json(STAGE.metrics, {key: flat[key] for key in COMPARED})
+            "device": device.type, "registered_version": int(version.version)}, flat)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc,
 STAGE = STAGES["finetune_instruct"]
 RESPONSES_FILE = SAMPLES / "instruct_responses.json"
 FIELDS = ("instruction", "input", "output")
-# The metrics file's numbers (dvc metrics show), judge_score when a judge scored; the report has them all.
-COMPARED = ("val_rouge_l_f1", "rouge_l_f1", "test_loss", "judge_score")
 PARAMS = {
     "finetune_instruct": Section(
         **COMMON_PARAMS,
@@ -177,8 +175,7 @@ def main(params_path: Path) -> None:
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
         version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
                              {"base": cfg["base"]}, metrics)
-        atomic_write_json(STAGE.report, {**metrics, "registered_version": int(version.version)})
-        atomic_write_json(STAGE.metrics, {key: metrics[key] for key in COMPARED if metrics.get(key) is not None})
+        STAGE.write_results({**metrics, "registered_version": int(version.version)})
 
 
 if __name__ == "__main__":

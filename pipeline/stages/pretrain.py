@@ -95,11 +95,6 @@ class Progress:
             bar.write(f"step {record['step']}: train loss {record['train_loss']:.3f}, val loss {record['val_loss']:.3f}")
 
 
-# The metrics file's numbers (dvc metrics show); the report has them all. Its val_loss covers
-# eval_batches only: the evaluate stage's, over the whole split, is the one to compare.
-COMPARED = ("train_loss",)
-
-
 def run_metrics(trainer: Trainer, state: TrainState) -> dict:
     """The numbers of a finished run, for the stage's report and the registered version."""
     final = state.history[-1]
@@ -159,8 +154,7 @@ def main(params_path: Path) -> None:
         for path in (PLOTS / "pretrain_loss.png", PLOTS / "pretrain_loss.csv", SAMPLES_FILE):
             log_path(path)
         version = log_gpt_model(BASE_MODEL_DIR, BPE_DIR, STAGE.model.name, metrics=metrics)
-        atomic_write_json(STAGE.report, {**metrics, "registered_version": int(version.version)})
-        atomic_write_json(STAGE.metrics, {key: metrics[key] for key in COMPARED})
+        STAGE.write_results({**metrics, "registered_version": int(version.version)})
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
     # a failed run with new params keeps the resume point of the old ones.
     for stale in CHECKPOINTS.glob("*"):

@@ -15,7 +15,7 @@ from pipeline.errors import DataError
 from pipeline.layout import SAMPLES
 from pipeline.model_card import write_card
 from pipeline.params import load_params
-from pipeline.registry import CHALLENGER, CHAMPION
+from pipeline.registry import CHALLENGER, CHAMPION, registered_version
 from pipeline.stages import STAGES, TRAINERS, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
@@ -28,19 +28,6 @@ SAMPLE_FILES = {"gpt-base": (SAMPLES / "evaluate.json", ("prompt",), "greedy"),
                 "gpt-instruct": (SAMPLES / "instruct_responses.json", ("instruction", "input"), "response")}
 PARAMS = {"promote": policy.PARAMS, "mlflow": MLFLOW_SECTION}
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
-
-
-def registered_version(report: Path) -> str:
-    """The `registered_version` a training stage wrote to its report."""
-    if not report.is_file():
-        raise DataError(f"{report}: missing; run the {report.stem} stage first")
-    try:
-        version = json.loads(report.read_text(encoding="utf-8"))["registered_version"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise DataError(f"{report}: no registered_version; rerun the {report.stem} stage") from None
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise DataError(f"{report}: registered_version must be a version number, got {version!r}")
-    return str(version)
 
 
 def samples(name: str) -> list[tuple[str, str]]:
@@ -63,8 +50,7 @@ def _version(client: mlflow.MlflowClient, name: str, version: str) -> ModelVersi
         raise DataError(f"{name} version {version} is not in the model registry at {client.tracking_uri}") from None
 
 
-def _champion(client: mlflow.MlflowClient, name: str) -> ModelVersion | None:
-    aliases = client.get_registered_model(name).aliases
+def _champion(client: mlflow.MlflowClient, aliases: Mapping[str, Any], name: str) -> ModelVersion | None:
     return client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
 
 
@@ -79,14 +65,15 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: M
     """
     spec, version = TRAINERS[name].model, str(version)
     candidate = _version(client, name, version)
-    champion = _champion(client, name)
+    registered = client.get_registered_model(name)
+    champion = _champion(client, registered.aliases, name)
     split = rules["decide_on"]
     mine = policy.measure(spec, candidate.tags, split, f"{name} version {version}")
     reported = policy.measure(spec, candidate.tags, "test", f"{name} version {version}")
     if mine.value is None and champion is not None and str(champion.version) != version:
         raise DataError(f"{name}: version {version} has no {mine.tag} tag to decide on")
     client.set_registered_model_alias(name, CHALLENGER, version)
-    if client.get_registered_model(name).description != spec.summary:
+    if registered.description != spec.summary:
         client.update_registered_model(name, description=spec.summary)
     record: dict[str, Any] = {
         "version": int(version), "decide_on": split, "metric": policy.metric_label(mine.tag), "value": mine.value,
@@ -110,7 +97,7 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: M
         compared = "none" if champion is None else f"version {champion.version}"
         tag_model_version(name, version, {"promotion.decision": decision, "promotion.compared_with": compared,
                                           "promotion.reason": reason}, client)
-        write_card(client, spec, _version(client, name, version), champion, decision, verdict, rules, sample_outputs)
+        write_card(client, spec, candidate, champion, decision, verdict, rules, sample_outputs)
     return {"model": name, **record, "decision": decision, "reason": reason,
             "champion": int(version) if decision != KEPT else int(champion.version)}
 
