@@ -116,11 +116,12 @@ def render(text: str, params_path: Path) -> str:
     return re.sub(r"\n+(  [A-Za-z_][\w-]*:\n)", r"\n\n\1", out.getvalue())
 
 
-def refresh(dvc_yaml: Path) -> bool:
-    """Rewrite dvc_yaml's generated parts from the code and the params.yaml beside it; return whether it changed."""
+def refresh(dvc_yaml: Path, write: bool = True) -> bool:
+    """Whether dvc_yaml's generated parts differ from what the code and the params.yaml beside it say;
+    if so and `write`, rewrite them."""
     current = dvc_yaml.read_text(encoding="utf-8")
     wanted = render(current, dvc_yaml.parent / "params.yaml")
-    if wanted != current:
+    if write and wanted != current:
         atomic_write_text(dvc_yaml, wanted)
     return wanted != current
 
@@ -138,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             if refresh(args.file):
                 print(f"dvc-yaml: rewrote {args.file}")
             return
-        current = args.file.read_text(encoding="utf-8")
-        if render(current, args.file.parent / "params.yaml") != current:
+        if refresh(args.file, write=False):
             print(f"dvc-yaml: error: {args.file} is stale; run `llm-pipeline dvc-yaml`", file=sys.stderr)
             sys.exit(1)
 

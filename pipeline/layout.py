@@ -12,6 +12,7 @@ TRACKED = DATA / "tracked"  # download's memory of tracked sources: last copy + 
 TOKENS = DATA / "tokens"  # tokenize's output, one folder per consumer:
 PRETRAIN_TOKENS = TOKENS / "pretrain"  # train.bin / val.bin
 CLASSIFICATION_TOKENS = TOKENS / "classification"  # train/val/test.csv + classes.json
+CLASSES_JSON = CLASSIFICATION_TOKENS / "classes.json"  # labels in class-index order, and the loss weights
 INSTRUCTION_TOKENS = TOKENS / "instructions"  # train/val/test.json
 MODELS = DATA / "models"
 BASE_MODEL_DIR = MODELS / "base"  # pretrain's model

@@ -7,9 +7,9 @@ from urllib.parse import urlencode
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 
-from pipeline.policy import SPLITS, Verdict, measure, metric_label, metric_tag, policy_text
+from pipeline.policy import Verdict, key_tags, measure, metric_label, policy_text
 from pipeline.stages import RegisteredModel
-from pipeline.tracking import differing_params
+from pipeline.tracking import data_digests, differing_params
 
 SHORT = 12  # hex digits shown of a sha256
 PLOT_SUFFIXES = (".png", ".svg")
@@ -40,12 +40,8 @@ def _number(value: str | None) -> str:
 
 def _metric_rows(model: RegisteredModel, new: ModelVersion, champion: ModelVersion | None,
                  decide_on: str) -> list[list[str]]:
-    rows, seen = [], set()
-    for split in (decide_on, *(s for s in SPLITS if s != decide_on)):
-        tag = metric_tag(model, split)
-        if tag in seen:
-            continue
-        seen.add(tag)
+    rows = []
+    for tag, split in key_tags(model, decide_on).items():
         mine = measure(model, new.tags, split, f"{model.name} version {new.version}")
         theirs = measure(model, champion.tags, split, f"version {champion.version}") if champion else None
         difference = "-"
@@ -66,10 +62,9 @@ def _metric_rows(model: RegisteredModel, new: ModelVersion, champion: ModelVersi
 
 def _data_rows(new: ModelVersion, champion: ModelVersion | None) -> list[list[str]]:
     rows = []
-    for tag in sorted(t for t in new.tags if t.startswith("data.") and t.endswith(".sha256")):
-        name = tag.removeprefix("data.").removesuffix(".sha256")
-        digest = new.tags[tag]
-        theirs = champion.tags.get(tag) if champion else None
+    champions = data_digests(champion.tags) if champion else {}
+    for name, digest in data_digests(new.tags).items():
+        theirs = champions.get(name)
         same = "-" if champion is None else "same" if theirs == digest else f"`{(theirs or 'none')[:SHORT]}`"
         rows.append([name, new.tags.get(f"data.{name}.size", "-"), f"`{digest[:SHORT]}`", same])
     return rows

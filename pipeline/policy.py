@@ -32,6 +32,15 @@ def metric_tag(model: RegisteredModel, split: str) -> str:
     return model.val_tag if split == "val" else model.test_tag
 
 
+def key_tags(model: RegisteredModel, first: str = "val") -> dict[str, str]:
+    """{tag: split} of `model`'s key metric, the `first` split first, each tag once (gpt-base's val and test
+    are one tag, which keeps `first`)."""
+    tags: dict[str, str] = {}
+    for split in (first, *(s for s in SPLITS if s != first)):
+        tags.setdefault(metric_tag(model, split), split)
+    return tags
+
+
 def metric_label(tag: str) -> str:
     """A metric tag as shown: metric.<name> is the training stage's own; other prefixes (eval.) say who measured it."""
     return tag.removeprefix("metric.")

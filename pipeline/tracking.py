@@ -127,6 +127,12 @@ def changed_params(baseline: str, params_path: Path = Path("params.yaml")) -> st
         changed[: MAX_TAG_VAL_LENGTH - len(_CUT)] + _CUT)
 
 
+def data_digests(tags: Mapping[str, str]) -> dict[str, str]:
+    """{input name: sha256} of the `data.<name>.sha256` tags of a run or version, sorted by name."""
+    return {tag.removeprefix("data.").removesuffix(".sha256"): value for tag, value in sorted(tags.items())
+            if tag.startswith("data.") and tag.endswith(".sha256")}
+
+
 def differing_params(mine: Mapping[str, str], theirs: Mapping[str, str]) -> list[tuple[str, str, str]]:
     """(param, mine, theirs) for each param whose values differ, sorted by name; "-" where absent."""
     return [(name, mine.get(name, "-"), theirs.get(name, "-")) for name in sorted({*mine, *theirs})

@@ -10,9 +10,9 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import DataError, reporting_errors
-from pipeline.policy import SPLITS, measure, metric_label, metric_tag
+from pipeline.policy import key_tags, measure, metric_label
 from pipeline.stages import TRAINERS, RegisteredModel as ModelSpec
-from pipeline.tracking import PARAMS_DIGEST_TAG, configure, differing_params, project_tracking, tracking_uri
+from pipeline.tracking import PARAMS_DIGEST_TAG, configure, data_digests, differing_params, project_tracking, tracking_uri
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")
@@ -59,11 +59,10 @@ def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...
     spec = trainer.model if trainer else None
     key, others = "-", []
     if spec is not None:
-        keys = dict.fromkeys(metric_tag(spec, split) for split in SPLITS)  # val first: it decides
+        keys = key_tags(spec)  # val first: it decides
         key = " ".join(f"{metric_label(tag)}={_number(tags[tag]) if tag in tags else '?'}" for tag in keys)
         others = [f"{metric_label(tag)}={_number(tags[tag])}" for tag in spec.others if tag in tags]
-    data = [f"{tag.removeprefix('data.').removesuffix('.sha256')}={value[:SHORT]}"
-            for tag, value in sorted(tags.items()) if tag.startswith("data.") and tag.endswith(".sha256")]
+    data = [f"{name}={digest[:SHORT]}" for name, digest in data_digests(tags).items()]
     return (model.name, str(version.version), _aliases(model, version), key, " ".join(others) or "-",
             tags.get("promotion.decision", "-"), _created(version), _commit(tags),
             tags.get("run_group", "-"), tags.get(PARAMS_DIGEST_TAG, "-")[:SHORT], " ".join(data) or "-",
@@ -97,8 +96,7 @@ def _difference(a: str | None, b: str | None) -> str:
 def _key_rows(spec: ModelSpec, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
     """The key metric on each split, of both sides, with B - A and which side is better."""
     rows = []
-    for tag in dict.fromkeys(metric_tag(spec, split) for split in SPLITS):
-        split = next(s for s in SPLITS if metric_tag(spec, s) == tag)
+    for tag, split in key_tags(spec).items():
         try:
             values = [measure(spec, v.tags, split, f"version {v.version}").value for v in (a, b)]
         except ValueError:  # not a number: the row says "?" rather than hiding the other side
@@ -120,7 +118,7 @@ def _metric_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> li
     rows, in_key_row = [("metrics", "", "", "")], set()
     if spec is not None:
         rows += _key_rows(spec, a, b)
-        in_key_row = {metric_tag(spec, split) for split in SPLITS}
+        in_key_row = set(key_tags(spec))
     tags = {tag for tag in {*a.tags, *b.tags} if tag.startswith(("metric.", "eval.")) and tag not in in_key_row}
     first = [tag for tag in (spec.others if spec else ()) if tag in tags]
     for tag in first + sorted(tags - set(first)):
@@ -151,9 +149,9 @@ def _param_rows(client: mlflow.MlflowClient, a: ModelVersion, b: ModelVersion,
 
 def _data_rows(a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
     rows = [("data (sha256)", "", "", "")]
-    for tag in sorted(tag for tag in {*a.tags, *b.tags} if tag.startswith("data.") and tag.endswith(".sha256")):
-        rows.append(_hash_row(tag.removeprefix("data.").removesuffix(".sha256"),
-                              *(version.tags.get(tag, "-") for version in (a, b))))
+    digests = [data_digests(version.tags) for version in (a, b)]
+    for name in sorted({*digests[0], *digests[1]}):
+        rows.append(_hash_row(name, *(side.get(name, "-") for side in digests)))
     return rows
 
 

@@ -33,7 +33,8 @@ from gpt.train import pick_device
 from pipeline.errors import DataError
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.mlflow_models import spam_classifier
-from pipeline.layout import BPE_DIR, CLASSIFICATION_TOKENS as SPLITS_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR, PLOTS
+from pipeline.layout import (BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS as SPLITS_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR,
+                             PLOTS)
 from pipeline.params import Float, Int, Section, Str, load_params
 from pipeline.plots import plot_confusion, plot_curves, write_rows
 from pipeline.policy import standard_error
@@ -49,7 +50,6 @@ from pipeline.tracking import (
 
 STAGE = STAGES["finetune_classifier"]
 SPLITS = ("train", "val", "test")
-CLASSES_JSON = SPLITS_DIR / "classes.json"
 CURVE_CSV = PLOTS / "classifier_loss.csv"
 EVAL_CSV = PLOTS / "classifier_eval.csv"
 CURVE_PNG = PLOTS / "classifier_loss.png"
@@ -212,8 +212,8 @@ def finetune(model: GPTModel, data: ClassSplits, cfg: dict, device: torch.device
 
     def loss_fn(net: GPTModel, batch) -> torch.Tensor:
         ids, lengths, labels = batch
-        # Class weights and smoothing shape the training loss only; every reported loss (the train/val
-        # evaluations, the curves) is plain, unweighted cross-entropy, comparable across runs.
+        # Class weights and smoothing shape the training loss (the per-step loss curve) only; the train/val
+        # evaluations are plain, unweighted cross-entropy, comparable across runs.
         return F.cross_entropy(classification_logits(net, ids, lengths, spec.position), labels, weight=weight,
                                label_smoothing=cfg["label_smoothing"])
 

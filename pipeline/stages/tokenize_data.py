@@ -14,14 +14,13 @@ from gpt.tokenizer import BPE_FILES, END_OF_TEXT_ID, load_tokenizer
 from pipeline import datasets
 from pipeline.corpus import write_corpus_tokens
 from pipeline.errors import DataError
-from pipeline.layout import BPE_DIR, CLASSIFICATION_TOKENS, INSTRUCTION_TOKENS, PRETRAIN_TOKENS, TOKENS
+from pipeline.layout import BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS, INSTRUCTION_TOKENS, PRETRAIN_TOKENS, TOKENS
 from pipeline.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Bool, Float, Int, ParamsError, Section, Str, load_params
 from pipeline.schemas import class_counts, read_instructions, read_tables, require_valid, table_failures
 from pipeline.stages import STAGES, command_line
 
 VALIDATE_REPORT = STAGES["validate"].report
 REPORT = STAGES["tokenize"].report
-CLASSES_FILE = "classes.json"  # labels in class-index order, and the loss weights if balance is class_weight
 BALANCES = ("none", "undersample", "class_weight")
 FRACTION = Float(0, 1, bounds="()")
 PARAMS = {
@@ -128,7 +127,7 @@ def write_classification(out: Path, enc: tiktoken.Encoding, files: list[Path], r
     # Inverse frequency, scaled so that a balanced train split gets weight 1 for every class.
     weights = ([len(splits["train"]) / (len(labels) * train_counts[label]) for label in labels]
                if cfg["balance"] == "class_weight" else None)
-    atomic_write_json(out / CLASSES_FILE, {"labels": labels, "balance": cfg["balance"], "class_weights": weights})
+    atomic_write_json(out / CLASSES_JSON.name, {"labels": labels, "balance": cfg["balance"], "class_weights": weights})
     return metrics
 
 
