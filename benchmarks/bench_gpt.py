@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench_gpt.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from gpt.generate import generate  # noqa: E402
+from gpt.generate import generate, generate_batch  # noqa: E402
 from gpt.fast_decode import use_fast_decode  # noqa: E402
 from gpt.model import GPTConfig, GPTModel  # noqa: E402
 from gpt.train import PRECISIONS, Trainer, TrainConfig, autocast_dtype, pick_device, tune_malloc  # noqa: E402
@@ -159,6 +159,20 @@ def decode_tokens_per_s(model: GPTModel, prompt_len: int, new_tokens: int, use_c
     return (new_tokens - 1) / max(full - one, 1e-9)
 
 
+def batch_decode_tokens_per_s(model: GPTModel, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
+                              repeats: int) -> float:
+    """Steady-state greedy tokens/s (all rows together) of gpt.generate.generate_batch on `batch` prompts
+    whose lengths spread from half to one and a half times `prompt_len` (so rows are left-padded), prefill
+    cancelled out as in decode_tokens_per_s. No eos: every row decodes every step."""
+    gen = torch.Generator().manual_seed(2)
+    lengths = np.linspace(prompt_len // 2, prompt_len * 3 // 2, batch).astype(int) if batch > 1 else [prompt_len]
+    prompts = [torch.randint(0, model.cfg.vocab_size, (int(n),), generator=gen).tolist() for n in lengths]
+    generate_batch(model, prompts, 3, batch_size=batch)  # warm-up
+    one = best_seconds(lambda: generate_batch(model, prompts, 1, batch_size=batch), device, repeats)
+    full = best_seconds(lambda: generate_batch(model, prompts, new_tokens, batch_size=batch), device, repeats)
+    return batch * (new_tokens - 1) / max(full - one, 1e-9)
+
+
 def decode_against_bound(model: GPTModel, prompt_len: int, new_tokens: int, device: torch.device, rounds: int,
                          per_token: int, seen: list[dict[str, float]]) -> tuple[float, float, float, list[float]]:
     """Cached decoding against the bandwidth it ran under: each round measures the bandwidths, times
@@ -240,6 +254,8 @@ def main() -> None:
     parser.add_argument("--pad-vocab", action="store_true", help="as pretrain.pad_vocab: true")
     parser.add_argument("--decode-preset", default="gpt2-small")
     parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--decode-batches", type=lambda text: [int(v) for v in text.split(",")], default=[1, 8, 32],
+                        help="batch sizes of the batched-decoding rows, comma-separated (default 1,8,32)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 64 on CPU, 256 on GPU)")
     parser.add_argument("--mirror", type=Path, default=Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "datasets"),
                         help="dataset mirror with tinyshakespeare.txt and gpt2_bpe/ (default $LLM_PIPELINE_MIRROR)")
@@ -317,6 +333,17 @@ def main() -> None:
         uncached = decode_tokens_per_s(model, args.prompt_tokens, new_tokens, False, device, max(1, repeats - 1))
         rows.append((f"decoding {args.decode_preset}, no cache", setting + ", PyTorch eager", fmt(uncached, "tokens/s", 1),
                      "KV cache, PyTorch eager", f"{uncached / rates[False]:.2f}x"))
+        for name, path, fast in variants:
+            use_fast_decode(model, fast)
+            batch_rates = {size: batch_decode_tokens_per_s(model, size, args.prompt_tokens, new_tokens, device,
+                                                           max(1, repeats - 1)) for size in args.decode_batches}
+            smallest = min(batch_rates)
+            for size, rate in batch_rates.items():
+                lengths = f"{args.prompt_tokens // 2}-{args.prompt_tokens * 3 // 2}" if size > 1 else args.prompt_tokens
+                rows.append((f"decoding {args.decode_preset}, batch {size}, {name}",
+                             f"generate_batch, greedy, {size} prompt(s) of {lengths} tokens (left-padded) + "
+                             f"{new_tokens} tokens, fp32, {path}", fmt(rate, "tokens/s", 1),
+                             f"batch {smallest}: {batch_rates[smallest]:,.1f} tokens/s", f"{rate / batch_rates[smallest]:.1f}x"))
         kv_bytes = 2 * model.cfg.n_layers * model.cfg.emb_dim * 4 * (args.prompt_tokens + new_tokens)
         notes.append(f"KV-cache reads are not in the bound: at most {kv_bytes / 1e6:.1f} MB/token here "
                      f"({kv_bytes / per_token:.1%} of the weights).")

@@ -7,18 +7,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt.dropout import Dropout
+
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to the context length."""
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 pad: torch.Tensor | None = None):
         shape = (batch_size, n_heads, max_length, head_dim)
         # Uninitialised: only the first `length` positions, already written, are ever read.
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_length = max_length
         self.length = 0  # tokens already stored; advanced by the model after all layers ran
+        # Left padding (batch,), for prompts of different lengths decoded together: row b's first pad[b]
+        # slots hold no token of it, no query of it attends to them, and its positions start after them.
+        self.pad = None if pad is None else pad.to(device)
+
+    def visible(self, n_queries: int) -> torch.Tensor | None:
+        """For padded rows, which cached slots each of the next `n_queries` queries may attend to
+        (batch, 1, queries, keys), causal and past the row's padding; None without padding."""
+        if self.pad is None:
+            return None
+        end = self.length + n_queries
+        slot = torch.arange(end, device=self.pad.device)
+        query = slot[self.length :, None]
+        # A padding slot's own query sees itself, so its (unused) softmax has one term, not a 0/0 nan.
+        allowed = (slot <= query) & ((slot >= self.pad[:, None, None]) | (slot == query))
+        return allowed.unsqueeze(1)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for `layer`; return all keys/values so far."""
@@ -45,7 +63,7 @@ class MultiHeadAttention(nn.Module):
         self.use_sdpa = use_sdpa
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1),
             persistent=False,
@@ -56,14 +74,17 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.qkv(x).split(self.d_out, dim=2)
         # (batch, tokens, d_out) -> (batch, heads, tokens, head_dim)
         q, k, v = (t.view(batch, n_tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        past = 0
+        past, visible = 0, None
         if cache is not None:
-            past = cache.length
+            past, visible = cache.length, cache.visible(n_tokens)
             k, v = cache.append(layer, k, v)
-        if self.use_sdpa:
-            context = self._sdpa(q, k, v, past)
+        # SDPA's CPU kernels drop attention weights only on its unfused path, with torch's costly
+        # per-element Bernoulli draws; the explicit path with gpt.dropout is ~30% faster there.
+        cpu_dropout = self.training and self.dropout > 0 and x.device.type == "cpu"
+        if self.use_sdpa and not cpu_dropout:
+            context = self._sdpa(q, k, v, past, visible)
         else:
-            context = self._explicit(q, k, v, past)
+            context = self._explicit(q, k, v, past, visible)
         context = context.transpose(1, 2).reshape(batch, n_tokens, self.d_out)
         return self.out_proj(context)
 
@@ -71,14 +92,19 @@ class MultiHeadAttention(nn.Module):
         # Query i sits at absolute position past + i and may see keys 0..past + i.
         return self.mask[past : past + n_queries, : past + n_queries]
 
-    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(self._causal_mask(past, q.shape[2]), float("-inf"))
+        hidden = self._causal_mask(past, q.shape[2]) if visible is None else ~visible
+        scores = scores.masked_fill(hidden, float("-inf"))
         weights = self.attn_dropout(torch.softmax(scores, dim=-1))
         return weights @ v
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+              visible: torch.Tensor | None = None) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
+        if visible is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout)
         if past == 0:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         if q.shape[2] == 1:  # one new token sees every cached key: no mask needed

@@ -1,4 +1,4 @@
-"""Fused batch-1 decoding steps on CPU: a whole GPTModel token step in one C++ call (gpt/csrc/decode.cpp)."""
+"""Fused decoding steps on CPU: a whole GPTModel token step, for a batch of rows, in one C++ call (gpt/csrc/decode.cpp)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +17,7 @@ from gpt.model import GPTModel
 KERNEL_SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 _kernel = None  # the built extension module; None: not built yet, False: building failed here
 
-# A step: (token ids (1, 1), cache) -> logits (1, 1, vocab); advances the cache by one token.
+# A step: (token ids (batch, 1), cache) -> logits (batch, 1, vocab); advances the cache by one token.
 Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
 
 
@@ -42,12 +42,12 @@ def _load_kernel():
 
 
 def use_fast_decode(model: GPTModel, enabled: bool = True) -> bool:
-    """Let gpt.generate.generate decode `model` batch-1 on CPU with the fused step (or stop it);
+    """Let gpt.generate.generate take `model`'s one-token steps on CPU in the fused kernel (or stop it);
     return whether it is on.
 
-    Decoding one token reads every weight once, so its limit is memory bandwidth; PyTorch's eager
-    step falls well short of it (one-row matmuls on one thread, 330 dispatched ops per gpt2-small
-    step). The kernel is built on first use; if that fails (no C++ compiler), warn once and keep
+    A decoding step reads every weight once, so at batch 1 its limit is memory bandwidth; PyTorch's
+    eager step falls well short of it (one-row matmuls on one thread, 330 dispatched ops per gpt2-small
+    step), and at batch 8 its few-row matmuls stream the weights at a third of the bandwidth. The kernel is built on first use; if that fails (no C++ compiler), warn once and keep
     PyTorch's path. Logits match the model's to float rounding (sums run in another order), so greedy
     decoding can differ only on near-ties.
     """
@@ -84,10 +84,10 @@ def _weights(model: GPTModel) -> list[torch.Tensor] | None:
     return [t.detach() for t in tensors]
 
 
-def fused_step(model: GPTModel, batch_size: int) -> Step | None:
-    """A fused one-token step for `model` when use_fast_decode turned it on and it applies (batch
-    1, CPU, fp32, a plain GPT layout); otherwise None: call the model itself."""
-    if not (getattr(model, "fast_decode", False) and _kernel and batch_size == 1 and not model.training):
+def fused_step(model: GPTModel) -> Step | None:
+    """A fused one-token step for `model` when use_fast_decode turned it on and it applies (CPU,
+    fp32, a plain GPT layout; any batch, left-padded rows included); otherwise None: call the model."""
+    if not (getattr(model, "fast_decode", False) and _kernel and not model.training):
         return None
     tensors = _weights(model)
     if tensors is None:
@@ -97,8 +97,11 @@ def fused_step(model: GPTModel, batch_size: int) -> Step | None:
     head_rows = cfg.vocab_size if model.out_head.out_features == cfg.padded_vocab_size else model.out_head.out_features
     decoder = _kernel.Decoder(tensors, cfg.n_heads, head_rows, model.final_norm.eps)
 
+    no_pad = torch.empty(0, dtype=torch.int64)
+
     def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        logits = decoder.step(int(ids), cache.length, cache.keys, cache.values)
+        pad = no_pad if cache.pad is None else cache.pad
+        logits = decoder.step(ids.reshape(-1), cache.length, pad, cache.keys, cache.values)
         cache.length += 1
         return logits
     return step

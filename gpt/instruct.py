@@ -8,7 +8,7 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 
 from gpt.data import EpochBatchSampler
-from gpt.generate import generate_text
+from gpt.generate import generate_texts
 from gpt.loss import IGNORE_INDEX  # targets gpt.train.batch_loss skips
 from gpt.model import GPTModel
 from gpt.tokenizer import END_OF_TEXT_ID
@@ -95,7 +95,14 @@ def mean_loss(model: GPTModel, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 def respond(model: GPTModel, tokenizer, instruction: str, input_text: str = "", max_new_tokens: int = 256,
             **sampling) -> str:
     """The model's response to an instruction (greedy unless `sampling` says otherwise), stopped at end-of-text."""
-    return generate_text(model, tokenizer, format_prompt(instruction, input_text), max_new_tokens, **sampling).strip()
+    return respond_all(model, tokenizer, [(instruction, input_text)], max_new_tokens, **sampling)[0]
+
+
+def respond_all(model: GPTModel, tokenizer, requests: Sequence[tuple[str, str]], max_new_tokens: int = 256,
+                **sampling) -> list[str]:
+    """respond() to each (instruction, input) pair, decoded in batches (gpt.generate.generate_batch)."""
+    prompts = [format_prompt(instruction, input_text) for instruction, input_text in requests]
+    return [text.strip() for text in generate_texts(model, tokenizer, prompts, max_new_tokens, **sampling)]
 
 
 def words(text: str) -> list[str]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gpt.attention import KVCache, MultiHeadAttention
+from gpt.dropout import Dropout
 from gpt.fields import bounded, check_fields
 from gpt.loss import head_cross_entropy
 
@@ -91,7 +92,7 @@ class FeedForward(nn.Module):
         self.fc = nn.Linear(emb_dim, 4 * emb_dim)
         self.gelu = nn.GELU(approximate="tanh")
         self.proj = nn.Linear(4 * emb_dim, emb_dim)
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.gelu(self.fc(x))))
@@ -107,7 +108,7 @@ class TransformerBlock(nn.Module):
                                        cfg.drop_rate, cfg.qkv_bias, cfg.use_sdpa)
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.ff = FeedForward(cfg.emb_dim, cfg.drop_rate)
-        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.drop_shortcut = Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.drop_shortcut(self.attn(self.norm1(x), cache, layer))
@@ -124,7 +125,7 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.drop_emb = Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
@@ -154,11 +155,12 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        """An empty KV cache sized for this model and batch."""
+    def new_cache(self, batch_size: int, max_length: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for this model and batch, of `max_length` tokens (default the context
+        length), with left padding `pad` (batch,) when its rows' prompts differ in length."""
         param = self.tok_emb.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, self.cfg.context_length,
-                       self.cfg.emb_dim // self.cfg.n_heads, device=param.device, dtype=param.dtype)
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_length or self.cfg.context_length,
+                       self.cfg.emb_dim // self.cfg.n_heads, device=param.device, dtype=param.dtype, pad=pad)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (batch, tokens, emb_dim); extends `cache` when given."""
@@ -168,8 +170,12 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"sequence of {start + n_tokens} tokens exceeds the context length {self.cfg.context_length}"
             )
-        # Positions start..start+n-1 are a slice of the table: a view, no index tensor or gather.
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb.weight[start : start + n_tokens])
+        if cache is not None and cache.pad is not None:  # a padded row's positions start after its padding
+            slots = torch.arange(start, start + n_tokens, device=idx.device)
+            positions = self.pos_emb((slots - cache.pad[:, None]).clamp_min(0))
+        else:  # positions start..start+n-1 are a slice of the table: a view, no index tensor or gather
+            positions = self.pos_emb.weight[start : start + n_tokens]
+        x = self.drop_emb(self.tok_emb(idx) + positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:

@@ -23,7 +23,7 @@ from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
 from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
-from gpt.loss import head_cross_entropy
+from gpt.loss import IGNORE_INDEX, token_losses
 from gpt.model import GPTModel
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -173,7 +173,7 @@ def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batc
                   stride: int | None = None, rank: int = 0, world_size: int = 1) -> list[float]:
     """The mean loss of each context-length window of `tokens` (every `stride` tokens, default a context
     apart; fixed order) over the first `max_batches` batches; with `world_size` > 1, of this rank's rows
-    rank::world_size of each batch. Each window's loss goes through gpt.loss: no batch's logits are made."""
+    rank::world_size of each batch. The losses come from gpt.loss.token_losses: no batch's logits are made."""
     context = model.cfg.context_length
     loader = create_dataloader(tokens, batch_size, context, stride or context, shuffle=False, drop_last=False)
     device = next(model.parameters()).device
@@ -185,8 +185,8 @@ def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batc
             break
         inputs, targets = inputs[rank::world_size].to(device), targets[rank::world_size].to(device)
         if len(inputs):
-            hidden = model.hidden_states(inputs)
-            losses += [head_cross_entropy(h, model.head_weight, t).item() for h, t in zip(hidden, targets)]
+            per_target = token_losses(model.hidden_states(inputs), model.head_weight, targets)
+            losses += (per_target.sum(1) / (targets != IGNORE_INDEX).sum(1)).tolist()
     model.train(was_training)
     return losses
 

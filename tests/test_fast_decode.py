@@ -5,7 +5,7 @@ import torch
 from gpt import fast_decode
 from gpt.attention import KVCache
 from gpt.fast_decode import fused_step, use_fast_decode
-from gpt.generate import generate
+from gpt.generate import generate, generate_batch
 from gpt.lora import apply_lora
 from gpt.model import GPTConfig, GPTModel
 
@@ -34,7 +34,7 @@ def kernel_on():
 def test_step_matches_the_model_token_by_token(overrides):
     model = model_of(**overrides)
     assert use_fast_decode(model)
-    step = fused_step(model, 1)
+    step = fused_step(model)
     assert step is not None
     prompt = torch.randint(0, ODD["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -50,8 +50,37 @@ def test_step_matches_the_model_token_by_token(overrides):
             for ref, fused in zip(ref_cache.keys + ref_cache.values, fused_cache.keys + fused_cache.values):
                 torch.testing.assert_close(fused[:, :, : ref_cache.length], ref[:, :, : ref_cache.length])
             token = expected[:, -1:].argmax(-1)
-        with pytest.raises(RuntimeError, match="position 24 outside the context of 24"):
+        with pytest.raises(RuntimeError, match="slot 24 outside the context of 24"):
             step(token, fused_cache)
+
+
+def test_a_batch_of_left_padded_rows_matches_the_model_step_by_step():
+    model = model_of(qkv_bias=True)
+    assert use_fast_decode(model)
+    step = fused_step(model)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13], [14, 15, 16, 17, 18]]  # 5 rows: dot4's group and a rest
+    pad = torch.tensor([0, 4, 5, 1])
+    ids = torch.tensor([[0] * int(n) + p for n, p in zip(pad, prompts)])
+    with torch.inference_mode():
+        ref_cache, fused_cache = model.new_cache(4, pad=pad), model.new_cache(4, pad=pad)
+        model(ids, ref_cache), model(ids, fused_cache)
+        token = torch.tensor([[20], [21], [22], [23]])
+        for _ in range(6):
+            expected = model(token, ref_cache)
+            got = step(token, fused_cache)
+            assert got.shape == (4, 1, ODD["vocab_size"])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            token = expected[:, -1:].argmax(-1)
+
+
+def test_batched_generation_with_the_kernel_gives_the_eager_tokens():
+    model = model_of(seed=4)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, ODD["vocab_size"], (n,), generator=gen).tolist() for n in (2, 7, 1, 5, 3, 6)]
+    use_fast_decode(model, False)
+    eager = generate_batch(model, prompts, 12, batch_size=6)
+    assert use_fast_decode(model)
+    assert generate_batch(model, prompts, 12, batch_size=6) == eager
 
 
 def test_generate_takes_the_fused_step_and_decodes_the_same_tokens(monkeypatch):
@@ -79,16 +108,15 @@ def test_generate_takes_the_fused_step_and_decodes_the_same_tokens(monkeypatch):
 def test_layouts_the_kernel_does_not_compute_fall_back():
     model = model_of()
     assert use_fast_decode(model)
-    assert fused_step(model, 2) is None  # batches go through the model
     model.train()
-    assert fused_step(model, 1) is None  # dropout would be skipped
+    assert fused_step(model) is None  # dropout would be skipped
     model.eval()
     apply_lora(model, rank=2, alpha=4.0)
-    assert fused_step(model, 1) is None  # adapters are not in the kernel
+    assert fused_step(model) is None  # adapters are not in the kernel
     assert not use_fast_decode(model_of(), False)
     doubled = model_of().double()
     use_fast_decode(doubled)
-    assert fused_step(doubled, 1) is None
+    assert fused_step(doubled) is None
     prompt = torch.zeros(1, 3, dtype=torch.long)
     assert generate(doubled, prompt, 2).shape == (1, 5)
 
@@ -96,7 +124,7 @@ def test_layouts_the_kernel_does_not_compute_fall_back():
 def test_kernel_refuses_bad_input():
     model = model_of()
     use_fast_decode(model)
-    step = fused_step(model, 1)
+    step = fused_step(model)
     cache = model.new_cache(1)
     with pytest.raises(RuntimeError, match="token id 101 out of range"):
         step(torch.tensor([[101]]), cache)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.loss import IGNORE_INDEX, head_cross_entropy
+from gpt.loss import IGNORE_INDEX, head_cross_entropy, token_losses
 from gpt.model import GPTConfig, GPTModel
 from gpt.train import batch_loss, evaluate_loss, window_losses
 
@@ -34,6 +34,32 @@ def test_values_and_gradients_equal_the_plain_loss(chunk_rows, dtype):
     torch.testing.assert_close(fused_h, grad_h, **tol)
     torch.testing.assert_close(fused_w, grad_w, **tol)
     assert fused_h[0, :4].abs().max() == 0  # ignored targets get no gradient
+
+
+def test_a_target_far_below_the_top_logit_gets_its_exact_loss():
+    # Target probabilities of e^-200 and e^-90 underflow fp32 (below its smallest normal, 1.2e-38):
+    # the softmax path cannot take their log, so those rows must come from the exact log-softmax.
+    hidden = torch.eye(4, 8).unsqueeze(0)
+    weight = torch.zeros(5, 8)
+    weight[0, :4] = 200.0  # token 0 scores 200 for every row
+    weight[1, 2] = 110.0  # row 2 also gives token 1 a score of 110
+    targets = torch.tensor([[1, 2, 1, 0]])
+    (loss, grad_h, grad_w), (fused, fused_h, fused_w) = plain_and_fused(hidden, weight, targets, 2)
+    torch.testing.assert_close(loss, torch.tensor((200 + 200 + 90 + 0) / 4))  # the rest of each softmax is ~e^-90
+    torch.testing.assert_close(fused, loss)
+    torch.testing.assert_close(fused_h, grad_h)
+    torch.testing.assert_close(fused_w, grad_w)
+
+
+def test_token_losses_are_the_unreduced_cross_entropy():
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(4, 9, 16), torch.randn(97, 16)
+    targets = torch.randint(0, 97, (4, 9))
+    targets[1, 3:] = IGNORE_INDEX
+    expected = F.cross_entropy((hidden @ weight.t()).transpose(1, 2), targets, reduction="none")  # 0 where ignored
+    got = token_losses(hidden, weight, targets, chunk_rows=5)
+    assert got.shape == targets.shape and not got.requires_grad
+    torch.testing.assert_close(got, expected)
 
 
 def test_the_model_with_targets_equals_its_logits_loss_tied_and_padded():

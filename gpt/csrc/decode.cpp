@@ -1,11 +1,12 @@
-// One batch-1 decoding step of gpt.model.GPTModel on CPU in fp32, in a single call: embedding,
-// every block (LayerNorm, q/k/v, attention over the KV cache, output projection, MLP) and the
-// head. Decoding one token reads every weight once, so its speed limit is memory bandwidth.
-// PyTorch's eager path falls short of it twice: a one-row matmul runs MKL's sgemv on one thread
-// (~17 GB/s on the project's CPU), and the 330 ops of a gpt2-small step cost ~1.3-1.5 ms of dispatch.
+// One decoding step of gpt.model.GPTModel on CPU in fp32, in a single call, for a batch of rows (one new
+// token each): embedding, every block (LayerNorm, q/k/v, attention over the KV cache, output projection,
+// MLP) and the head. A step reads every weight once whatever the batch, so at batch 1 its speed limit
+// is memory bandwidth. PyTorch's eager path falls short of it: a one-row matmul runs MKL's sgemv on one
+// thread (~17 GB/s on the project's CPU), a few-row one streams weights at ~10 GB/s, and the 330 ops of
+// a gpt2-small step cost ~1.3-1.5 ms of dispatch.
 // Here the step runs inside one OpenMP parallel region (PyTorch's own thread pool): weight rows and
-// attention heads are split across threads, one thread does the small vector work (norms) while the
-// others wait at the barrier, and the GELU and softmax use a vectorizable exp.
+// (row, head) pairs are split across threads, each weight row is read once for every batch row, the
+// small vector work (norms) is split by batch row, and the GELU and softmax use a vectorizable exp.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -37,25 +38,85 @@ inline Vec load(const float* p) {
   return v;
 }
 
-// y[r] = add[r] + (W[r] . x + b[r]) for rows [begin, end); b and add may be null. add may be y
-// itself (a residual update in place): row r reads add[r] only. Measured on the project's CPU,
-// four accumulator chains read at the speed of torch's sum(); one chain reached ~90% of it.
-void matvec_rows(const float* w, const float* x, const float* b, const float* add, float* y,
-                 int64_t cols, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    const float* row = w + r * cols;
-    Vec acc[kChains] = {};
-    int64_t c = 0;
-    for (; c + kChains * kLanes <= cols; c += kChains * kLanes)
-      for (int k = 0; k < kChains; ++k) acc[k] += load(row + c + k * kLanes) * load(x + c + k * kLanes);
-    for (; c + kLanes <= cols; c += kLanes) acc[0] += load(row + c) * load(x + c);
-    for (int k = 1; k < kChains; ++k) acc[0] += acc[k];
-    float sum = 0.f;
-    for (int j = 0; j < kLanes; ++j) sum += acc[0][j];
-    for (; c < cols; ++c) sum += row[c] * x[c];
-    if (b) sum += b[r];
-    y[r] = add ? add[r] + sum : sum;
+// W[r] . x with four accumulator chains, so loads never wait on an add. Measured on the project's
+// CPU, four chains read at the speed of torch's sum(); one chain reached ~90% of it.
+inline float dot(const float* row, const float* x, int64_t cols) {
+  Vec acc[kChains] = {};
+  int64_t c = 0;
+  for (; c + kChains * kLanes <= cols; c += kChains * kLanes)
+    for (int k = 0; k < kChains; ++k) acc[k] += load(row + c + k * kLanes) * load(x + c + k * kLanes);
+  for (; c + kLanes <= cols; c += kLanes) acc[0] += load(row + c) * load(x + c);
+  for (int k = 1; k < kChains; ++k) acc[0] += acc[k];
+  float sum = 0.f;
+  for (int j = 0; j < kLanes; ++j) sum += acc[0][j];
+  for (; c < cols; ++c) sum += row[c] * x[c];
+  return sum;
+}
+
+// The sum of a vector's lanes, halving it twice with vector adds before the last four scalar ones (16
+// dependent scalar adds per sum would take as long as the multiply-adds of a 768-wide dot4x4).
+inline float lane_sum(Vec v) {
+  typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
+  typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const Half half = lo + hi;
+  Quarter a, b;
+  std::memcpy(&a, &half, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&half) + sizeof a, sizeof b);
+  const Quarter quarter = a + b;
+  return (quarter[0] + quarter[1]) + (quarter[2] + quarter[3]);
+}
+
+// W[r + j] . x[i] for four weight rows and four inputs (each `cols` floats apart) at once: 16
+// accumulators, and every chunk loaded from a row or an input is used four times, so the step does
+// half a load per multiply-add instead of two.
+inline void dot4x4(const float* w, const float* x, int64_t cols, float out[4][4]) {
+  Vec acc[4][4] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= cols; c += kLanes) {
+    Vec xs[4];
+    for (int i = 0; i < 4; ++i) xs[i] = load(x + i * cols + c);
+    for (int j = 0; j < 4; ++j) {
+      __builtin_prefetch(w + j * cols + c + 4 * cols);  // the next four rows' chunk (hardware prefetch stops at pages)
+      const Vec row = load(w + j * cols + c);
+      for (int i = 0; i < 4; ++i) acc[j][i] += row * xs[i];
+    }
   }
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 4; ++i) {
+      float sum = lane_sum(acc[j][i]);
+      for (int64_t k = c; k < cols; ++k) sum += w[j * cols + k] * x[i * cols + k];
+      out[j][i] = sum;
+    }
+}
+
+// y[i][r] = add[i][r] + (W[r] . x[i] + b[r]) for the n inputs x[i] (rows of `cols` floats) and the weight
+// rows [begin, end); y and add hold `rows` floats per input; b and add may be null, and add may be y
+// itself (a residual update in place): y[i][r] reads add[i][r] only. Weight rows are read from memory
+// once for all inputs, four rows by four inputs at a time; the rest, and batch 1, take the four-chain dot.
+void matvec_rows(const float* w, const float* x, int64_t n, const float* b, const float* add, float* y,
+                 int64_t cols, int64_t rows, int64_t begin, int64_t end) {
+  auto store = [&](int64_t r, int64_t i, float sum) {
+    y[i * rows + r] = (add ? add[i * rows + r] : 0.f) + (sum + (b ? b[r] : 0.f));
+  };
+  int64_t r = begin;
+  if (n >= 4) {
+    float sums[4][4];
+    for (; r + 4 <= end; r += 4) {
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {
+        dot4x4(w + r * cols, x + i * cols, cols, sums);
+        for (int j = 0; j < 4; ++j)
+          for (int k = 0; k < 4; ++k) store(r + j, i + k, sums[j][k]);
+      }
+      for (; i < n; ++i)
+        for (int j = 0; j < 4; ++j) store(r + j, i, dot(w + (r + j) * cols, x + i * cols, cols));
+    }
+  }
+  for (; r < end; ++r)
+    for (int64_t i = 0; i < n; ++i) store(r, i, dot(w + r * cols, x + i * cols, cols));
 }
 
 // Sum of n floats with kLanes partial sums (vector adds, not one serial chain).
@@ -146,87 +207,114 @@ class Decoder {
     check_linear(head_w_, head_b_, head_w_.size(0), emb_, "head");
   }
 
-  // Logits (1, 1, head_rows) for `token` at position `pos`, whose keys and values are written into
-  // position `pos` of each layer's cache (1, n_heads, context, head_dim); positions < pos are read.
-  torch::Tensor step(int64_t token, int64_t pos, const std::vector<torch::Tensor>& keys,
-                     const std::vector<torch::Tensor>& values) {
+  // Logits (batch, 1, head_rows) for one token per batch row, `tokens` (batch,) int64, at cache slot
+  // `slot`: each row's keys and values are written into that slot of each layer's cache (batch, n_heads,
+  // context, head_dim), and slots pad[b]..slot are read (pad (batch,) int64, row b's left padding, or
+  // empty for none); row b's token is at position slot - pad[b].
+  torch::Tensor step(const torch::Tensor& tokens, int64_t slot, const torch::Tensor& pad,
+                     const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values) {
     const int64_t head_dim = emb_ / n_heads_, context = pos_emb_.size(0);
-    TORCH_CHECK(token >= 0 && token < tok_emb_.size(0), "Decoder.step: token id ", token, " out of range");
-    TORCH_CHECK(pos >= 0 && pos < context, "Decoder.step: position ", pos, " outside the context of ", context);
+    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == torch::kInt64 && tokens.device().is_cpu(),
+                "Decoder.step: tokens must be a 1-d int64 CPU tensor");
+    const int64_t batch = tokens.size(0);
+    TORCH_CHECK(batch > 0, "Decoder.step: no tokens");
+    TORCH_CHECK(pad.numel() == 0 || (pad.dim() == 1 && pad.size(0) == batch && pad.scalar_type() == torch::kInt64 &&
+                                     pad.device().is_cpu()),
+                "Decoder.step: pad must be empty or a (batch,) int64 CPU tensor");
+    TORCH_CHECK(slot >= 0 && slot < context, "Decoder.step: slot ", slot, " outside the context of ", context);
     TORCH_CHECK(keys.size() == blocks_.size() && values.size() == blocks_.size(), "Decoder.step: one cache per block");
     for (const auto* caches : {&keys, &values})
       for (const auto& c : *caches)
         TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == torch::kFloat32 && c.is_contiguous() &&
-                        c.dim() == 4 && c.size(0) == 1 && c.size(1) == n_heads_ && c.size(2) >= context &&
+                        c.dim() == 4 && c.size(0) == batch && c.size(1) == n_heads_ && c.size(2) > slot &&
                         c.size(3) == head_dim,
-                    "Decoder.step: caches must be contiguous float32 CPU tensors (1, n_heads, context, head_dim)");
+                    "Decoder.step: caches must be contiguous float32 CPU tensors (batch, n_heads, > slot, head_dim)");
+    const auto ids = tokens.contiguous();
+    std::vector<int64_t> first(batch, 0);  // each row's first real slot
+    for (int64_t r = 0; r < batch; ++r) {
+      const int64_t token = ids.data_ptr<int64_t>()[r];
+      TORCH_CHECK(token >= 0 && token < tok_emb_.size(0), "Decoder.step: token id ", token, " out of range");
+      if (pad.numel()) first[r] = pad.contiguous().data_ptr<int64_t>()[r];
+      TORCH_CHECK(first[r] >= 0 && first[r] <= slot, "Decoder.step: row ", r, " has padding ", first[r],
+                  " beyond slot ", slot);
+    }
     c10::InferenceMode guard;
-    auto logits = torch::empty({1, 1, head_rows_}, tok_emb_.options());
-    std::vector<float> x(emb_), normed(emb_), qkv(3 * emb_), attended(emb_), hidden(hidden_);
-    std::vector<float> scores(n_heads_ * (pos + 1));
+    auto logits = torch::empty({batch, 1, head_rows_}, tok_emb_.options());
+    std::vector<float> x(batch * emb_), normed(batch * emb_), qkv(batch * 3 * emb_), attended(batch * emb_),
+        hidden(batch * hidden_), scores(batch * n_heads_ * (slot + 1));
     const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+    const int64_t cache_len = keys.empty() ? 0 : keys[0].size(2);
 
 #pragma omp parallel num_threads(at::get_num_threads())
     {
       int64_t begin, end;
-#pragma omp single
-      {
-        const float* tok = tok_emb_.data_ptr<float>() + token * emb_;
-        const float* where = pos_emb_.data_ptr<float>() + pos * emb_;
-        for (int64_t i = 0; i < emb_; ++i) x[i] = tok[i] + where[i];
+#pragma omp for
+      for (int64_t r = 0; r < batch; ++r) {
+        const float* tok = tok_emb_.data_ptr<float>() + ids.data_ptr<int64_t>()[r] * emb_;
+        const float* where = pos_emb_.data_ptr<float>() + (slot - first[r]) * emb_;
+        for (int64_t i = 0; i < emb_; ++i) x[r * emb_ + i] = tok[i] + where[i];
       }
       for (size_t layer = 0; layer < blocks_.size(); ++layer) {
         const Block& b = blocks_[layer];
-#pragma omp single
-        layer_norm(x.data(), b.norm1_w.data_ptr<float>(), b.norm1_b.data_ptr<float>(), normed.data(), emb_, eps_);
+#pragma omp for
+        for (int64_t r = 0; r < batch; ++r)
+          layer_norm(x.data() + r * emb_, b.norm1_w.data_ptr<float>(), b.norm1_b.data_ptr<float>(),
+                     normed.data() + r * emb_, emb_, eps_);
         my_share(3 * emb_, &begin, &end);
-        matvec_rows(b.qkv_w.data_ptr<float>(), normed.data(), data_or_null(b.qkv_b), nullptr, qkv.data(), emb_,
-                    begin, end);
+        matvec_rows(b.qkv_w.data_ptr<float>(), normed.data(), batch, data_or_null(b.qkv_b), nullptr, qkv.data(),
+                    emb_, 3 * emb_, begin, end);
 #pragma omp barrier
-        my_share(n_heads_, &begin, &end);
-        for (int64_t h = begin; h < end; ++h) {
-          const float* q = qkv.data() + h * head_dim;
-          // Head h's keys (values): rows of head_dim floats, one per position, size(2) positions.
-          float* k_cache = keys[layer].data_ptr<float>() + h * keys[layer].size(2) * head_dim;
-          float* v_cache = values[layer].data_ptr<float>() + h * values[layer].size(2) * head_dim;
-          std::copy_n(qkv.data() + emb_ + h * head_dim, head_dim, k_cache + pos * head_dim);
-          std::copy_n(qkv.data() + 2 * emb_ + h * head_dim, head_dim, v_cache + pos * head_dim);
-          float* s = scores.data() + h * (pos + 1);
-          matvec_rows(k_cache, q, nullptr, nullptr, s, head_dim, 0, pos + 1);  // the keys so far times q
+        my_share(batch * n_heads_, &begin, &end);
+        for (int64_t pair = begin; pair < end; ++pair) {
+          const int64_t r = pair / n_heads_, h = pair % n_heads_;
+          const float* row_qkv = qkv.data() + r * 3 * emb_;
+          const float* q = row_qkv + h * head_dim;
+          // Row r's head h: keys (values) are rows of head_dim floats, one per slot, cache_len slots.
+          float* k_cache = keys[layer].data_ptr<float>() + pair * cache_len * head_dim;
+          float* v_cache = values[layer].data_ptr<float>() + pair * cache_len * head_dim;
+          std::copy_n(row_qkv + emb_ + h * head_dim, head_dim, k_cache + slot * head_dim);
+          std::copy_n(row_qkv + 2 * emb_ + h * head_dim, head_dim, v_cache + slot * head_dim);
+          const int64_t from = first[r], n = slot + 1 - from;  // the row's slots, padding skipped
+          float* s = scores.data() + pair * (slot + 1);
+          matvec_rows(k_cache + from * head_dim, q, 1, nullptr, nullptr, s, head_dim, n, 0, n);  // keys times q
           float top = -INFINITY;
-          for (int64_t t = 0; t <= pos; ++t) top = std::max(top, s[t] *= scale);
+          for (int64_t t = 0; t < n; ++t) top = std::max(top, s[t] *= scale);
           float total = 0.f;
-          for (int64_t t = 0; t <= pos; ++t) total += (s[t] = exp_approx(s[t] - top));
-          float* out = attended.data() + h * head_dim;
+          for (int64_t t = 0; t < n; ++t) total += (s[t] = exp_approx(s[t] - top));
+          float* out = attended.data() + r * emb_ + h * head_dim;
           std::fill_n(out, head_dim, 0.f);
-          for (int64_t t = 0; t <= pos; ++t) {
+          for (int64_t t = 0; t < n; ++t) {
             const float p = s[t] / total;
-            const float* v = v_cache + t * head_dim;
+            const float* v = v_cache + (from + t) * head_dim;
             for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
           }
         }
 #pragma omp barrier
         my_share(emb_, &begin, &end);
-        matvec_rows(b.out_w.data_ptr<float>(), attended.data(), data_or_null(b.out_b), x.data(), x.data(), emb_,
-                    begin, end);
+        matvec_rows(b.out_w.data_ptr<float>(), attended.data(), batch, data_or_null(b.out_b), x.data(), x.data(),
+                    emb_, emb_, begin, end);
 #pragma omp barrier
-#pragma omp single
-        layer_norm(x.data(), b.norm2_w.data_ptr<float>(), b.norm2_b.data_ptr<float>(), normed.data(), emb_, eps_);
+#pragma omp for
+        for (int64_t r = 0; r < batch; ++r)
+          layer_norm(x.data() + r * emb_, b.norm2_w.data_ptr<float>(), b.norm2_b.data_ptr<float>(),
+                     normed.data() + r * emb_, emb_, eps_);
         my_share(hidden_, &begin, &end);
-        matvec_rows(b.fc_w.data_ptr<float>(), normed.data(), data_or_null(b.fc_b), nullptr, hidden.data(), emb_,
-                    begin, end);
-        gelu_tanh(hidden.data() + begin, end - begin);
+        matvec_rows(b.fc_w.data_ptr<float>(), normed.data(), batch, data_or_null(b.fc_b), nullptr, hidden.data(),
+                    emb_, hidden_, begin, end);
+        for (int64_t r = 0; r < batch; ++r) gelu_tanh(hidden.data() + r * hidden_ + begin, end - begin);
 #pragma omp barrier
         my_share(emb_, &begin, &end);
-        matvec_rows(b.proj_w.data_ptr<float>(), hidden.data(), data_or_null(b.proj_b), x.data(), x.data(),
-                    hidden_, begin, end);
+        matvec_rows(b.proj_w.data_ptr<float>(), hidden.data(), batch, data_or_null(b.proj_b), x.data(), x.data(),
+                    hidden_, emb_, begin, end);
 #pragma omp barrier
       }
-#pragma omp single
-      layer_norm(x.data(), final_w_.data_ptr<float>(), final_b_.data_ptr<float>(), normed.data(), emb_, eps_);
+#pragma omp for
+      for (int64_t r = 0; r < batch; ++r)
+        layer_norm(x.data() + r * emb_, final_w_.data_ptr<float>(), final_b_.data_ptr<float>(),
+                   normed.data() + r * emb_, emb_, eps_);
       my_share(head_rows_, &begin, &end);
-      matvec_rows(head_w_.data_ptr<float>(), normed.data(), data_or_null(head_b_), nullptr,
-                  logits.data_ptr<float>(), emb_, begin, end);
+      matvec_rows(head_w_.data_ptr<float>(), normed.data(), batch, data_or_null(head_b_), nullptr,
+                  logits.data_ptr<float>(), emb_, head_rows_, begin, end);
     }
     return logits;
   }
@@ -249,5 +337,5 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<const std::vector<torch::Tensor>&, int64_t, int64_t, double>())
-      .def("step", &Decoder::step, "logits (1, 1, head_rows) of one token; writes its keys/values into the caches");
+      .def("step", &Decoder::step, "logits (batch, 1, head_rows) of one token per row; writes their keys/values into the caches");
 }

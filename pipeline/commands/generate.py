@@ -10,18 +10,19 @@ from pipeline.errors import reporting_errors
 from pipeline.layout import BASE_MODEL_DIR as MODEL_DIR
 from pipeline.registry import champion_uri
 
-Generator = Callable[[str], str]
+Generator = Callable[[list[str]], list[str]]  # prompts to their continuations
 
 
 def local_generator(path: str, settings: dict, seed: int, fast_decode: bool = False) -> Generator:
     """Continuations from a checkpoint folder, with the project's BPE files; sampling follows `seed`."""
     import torch
 
-    from gpt.generate import generate_text
+    from gpt.generate import generate_texts
 
     model, tokenizer = load_local_model(path, fast_decode)
     rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    return lambda prompt: generate_text(model, tokenizer, prompt, generator=rng, **settings)
+    # One prompt runs batch-1, where the fast decode kernel applies; more are decoded in batches.
+    return lambda prompts: generate_texts(model, tokenizer, prompts, generator=rng, **settings)
 
 
 def mlflow_generator(uri: str, settings: dict, seed: int) -> Generator:
@@ -32,7 +33,7 @@ def mlflow_generator(uri: str, settings: dict, seed: int) -> Generator:
     model = load_mlflow_model(uri)
     torch.manual_seed(seed)  # the pyfunc model samples from torch's global generator
     params = {name: value for name, value in settings.items() if value is not None}
-    return lambda prompt: str(model.predict(pd.DataFrame({"prompt": [prompt]}), params=params)["text"].iloc[0])
+    return lambda prompts: [str(text) for text in model.predict(pd.DataFrame({"prompt": prompts}), params=params)["text"]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             continue_text = mlflow_generator(args.model, settings, args.seed)
         else:
             continue_text = local_generator(args.model, settings, args.seed, args.fast_decode)
-        for prompt in prompts:
-            print(prompt + continue_text(prompt), flush=True)
+        for prompt, text in zip(prompts, continue_text(prompts)):
+            print(prompt + text, flush=True)
 
 
 if __name__ == "__main__":

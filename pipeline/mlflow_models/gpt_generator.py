@@ -7,7 +7,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from gpt.checkpoint import load_model
-from gpt.generate import generate_text
+from gpt.generate import generate_texts
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline.mlflow_models.inputs import check_texts
@@ -40,13 +40,11 @@ class GPTGenerator(PythonModel):
                 params: dict | None = None) -> pd.DataFrame:
         model_input = check_texts(model_input, ["prompt"])
         settings = {**DEFAULTS, **(params or {})}
-        texts = [
-            generate_text(self.model, self.tokenizer, str(prompt),
-                          max_new_tokens=int(settings["max_new_tokens"]),
-                          temperature=float(settings["temperature"]),
-                          top_k=int(settings["top_k"]), top_p=float(settings["top_p"]))
-            for prompt in model_input["prompt"]
-        ]
+        # One request's prompts are decoded together, in batches (gpt.generate.generate_batch).
+        texts = generate_texts(self.model, self.tokenizer, [str(prompt) for prompt in model_input["prompt"]],
+                               max_new_tokens=int(settings["max_new_tokens"]),
+                               temperature=float(settings["temperature"]),
+                               top_k=int(settings["top_k"]), top_p=float(settings["top_p"]))
         return pd.DataFrame({"text": texts})
 
 

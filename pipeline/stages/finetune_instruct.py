@@ -11,7 +11,8 @@ from tqdm import tqdm
 from gpt.checkpoint import save_model
 from gpt.files import atomic_write_json, sha256_file
 from gpt.finetune import select_trainable
-from gpt.instruct import Example, device_loss, encode_example, make_batches, mean_loss, respond, rouge_l_f1, token_f1
+from gpt.generate import BATCH_SIZE
+from gpt.instruct import Example, device_loss, encode_example, make_batches, mean_loss, respond_all, rouge_l_f1, token_f1
 from gpt.model import count_parameters
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
@@ -66,13 +67,15 @@ def encode(tokenizer, records: list[dict]) -> list[Example]:
 
 def generate_responses(model, tokenizer, records: list[dict], max_new_tokens: int) -> list[dict]:
     """Greedy responses to `records`, each with its ROUGE-L and token F1 against the reference output."""
-    out = []
-    for record in tqdm(records, desc="responses", unit="example"):
-        response = respond(model, tokenizer, record["instruction"], record["input"], max_new_tokens)
-        out.append({"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
-                    "response": response, "rouge_l_f1": rouge_l_f1(record["output"], response),
-                    "token_f1": token_f1(record["output"], response)})
-    return out
+    responses: list[str] = []
+    with tqdm(total=len(records), desc="responses", unit="example") as progress:
+        for first in range(0, len(records), BATCH_SIZE):
+            batch = records[first : first + BATCH_SIZE]
+            responses += respond_all(model, tokenizer, [(r["instruction"], r["input"]) for r in batch], max_new_tokens)
+            progress.update(len(batch))
+    return [{"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
+             "response": response, "rouge_l_f1": rouge_l_f1(record["output"], response),
+             "token_f1": token_f1(record["output"], response)} for record, response in zip(records, responses)]
 
 
 def judge_responses(cfg: dict, responses: list[dict]) -> dict:

@@ -1,0 +1,45 @@
+"""Dropout with a mask that costs a fraction of torch's on CPU: 16 random bits per element, four per draw."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVELS = 1 << 16  # an element is dropped when its 16 random bits fall in the lowest round(p * LEVELS) values
+_LOWEST = -(1 << 15)
+
+
+def keep_scale(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A tensor shaped and typed like `like`: 0 where an element is dropped (probability p, rounded to a
+    multiple of 1/65,536), else 1 / (1 - that probability), so the expected output equals the input.
+
+    torch's CPU dropout draws one Bernoulli sample per element (~6 ns each here); this draws 64 bits at a
+    time from the same generator (torch.manual_seed makes it repeat) and reads them as four int16 lanes,
+    ~4x cheaper for the whole forward and backward pass (README, Benchmarks)."""
+    dropped = round(p * LEVELS)
+    n = like.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    bits.random_(-(1 << 63), None)  # from the lowest int64 and no upper bound: all 64 bits uniform
+    keep = bits.view(torch.int16)[:n].view(like.shape) >= _LOWEST + dropped
+    return torch.where(keep, LEVELS / (LEVELS - dropped), 0.0).to(like.dtype)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's behaviour (zero each element with probability p in training, scale the rest up; the
+    identity in eval); on CPU its mask comes from keep_scale, elsewhere from torch's fused kernel."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x * keep_scale(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
