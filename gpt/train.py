@@ -41,6 +41,7 @@ class TrainConfig:
     beta1: float = bounded(0.9, low=0, high=1, bounds="[)")  # AdamW's betas
     beta2: float = bounded(0.95, low=0, high=1, bounds="[)")
     weight_decay: float = bounded(0.1, low=0, high=1)
+    weight_decay_all: bool = False  # decay biases and norm weights too, as the book's AdamW(model.parameters()) does
     warmup_steps: int = bounded(0, low=0)
     epochs: int = bounded(1, low=1)
     max_steps: int | None = bounded(None, low=1)  # overrides epochs when set
@@ -148,11 +149,12 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only, not on biases and norms."""
+    """AdamW with weight decay on matrices and embeddings only, not on biases and norms (on every
+    parameter with cfg.weight_decay_all)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2 or cfg.weight_decay_all], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2 and not cfg.weight_decay_all], "weight_decay": 0.0},
     ]
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else next(model.parameters()).device.type == "cuda"
     # Unfused: the multi-tensor (foreach) path, which computes exactly what the per-tensor default does, faster.

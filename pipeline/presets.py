@@ -39,10 +39,15 @@ def load_preset(name: str) -> dict:
     return presets[name]
 
 
+def preset_params(name: str, params_path: Path) -> tuple[dict, list[str]]:
+    """The params file with preset `name` laid over it, as `apply` would write it, and the keys it changed."""
+    params = read_yaml(params_path)
+    return params, overlay(params, load_preset(name))
+
+
 def apply_preset(name: str, params_path: Path) -> list[str]:
     """Write preset `name` into the params file; return the keys it changed."""
-    params = read_yaml(params_path)
-    changed = overlay(params, load_preset(name))
+    params, changed = preset_params(name, params_path)
     # safe_dump drops comments, so presets are applied to a copy the user can diff with git.
     atomic_write_text(params_path, yaml.safe_dump(params, sort_keys=False, width=100))
     return changed

@@ -134,6 +134,7 @@ def test_book_preset_sets_chapter_5(tmp_path: Path):
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert params["pretrain"]["model"] == "gpt2-small" and params["pretrain"]["batch_size"] == 2
     assert params["pretrain"]["epochs"] == 10 and params["pretrain"]["lr"] == 0.0004
+    assert params["pretrain"]["weight_decay_all"] is True  # the book's AdamW decays every parameter
     assert params["datasets"]["corpus"]["sources"] == ["the-verdict"]
     from pipeline.stages import pretrain
     from pipeline.params import load_params

@@ -203,6 +203,20 @@ def test_default_optimizer_computes_what_plain_adamw_does():
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+def test_weight_decay_all_decays_biases_and_norms_as_the_book_does():
+    from dataclasses import replace
+
+    from gpt.train import make_optimizer
+
+    model = new_model()
+    vectors = {id(p) for p in model.parameters() if p.dim() < 2}  # biases and norm weights
+    for decay_all in (False, True):
+        optimizer = make_optimizer(model, replace(SHORT, weight_decay=0.1, weight_decay_all=decay_all))
+        decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        assert len(decayed) + len(vectors) * (not decay_all) == len(list(model.parameters()))
+        assert bool(decayed & vectors) == decay_all
+
+
 def test_tune_malloc_applies_on_glibc():
     import platform
     import subprocess

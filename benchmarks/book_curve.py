@@ -1,0 +1,137 @@
+"""The `book` preset's chapter 5 curve over several seeds, beside the book's published run (README, Presets).
+
+    python benchmarks/book_curve.py --seeds 123,1,2                # the preset as it is
+    python benchmarks/book_curve.py --seeds 123,1,2 --set weight_decay_all=false
+
+Trains what `python -m pipeline.presets apply book && dvc repro pretrain` trains: params.yaml's
+pretrain section with the book preset laid over it (then any --set), on the-verdict from the mirror,
+cut 90/10 as the tokenize stage cuts it, once per seed. At the book's evaluation points it records
+the loss of every train window and of the val windows (evaluation draws no random numbers, so the
+runs train exactly as the stage does), and prints per step, over the seeds (mean, min-max):
+  train, first 5 batches - the preset's own estimate (gpt.train.Trainer.evaluate: the first
+                           eval_batches batches, in order)
+  train, 5 shuffled      - the book's estimate (the first 5 batches of a freshly shuffled loader;
+                           here 5 batches drawn from a generator of their own)
+  train, all windows     - the loss the estimates estimate
+  val                    - the val windows (2)
+and the book's published figures (Raschka, "Build a Large Language Model (From Scratch)", ch. 5,
+the chapter's notebook output, 10 epochs). The book counts its first update as step 0 and
+evaluates every 5 steps from there, so step s is after s + 1 updates; this script evaluates after
+the same updates and labels the rows with the book's step numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from gpt.data import load_tokens  # noqa: E402
+from gpt.model import GPTModel  # noqa: E402
+from gpt.tokenizer import load_tokenizer  # noqa: E402
+from gpt.train import Trainer, tune_malloc, window_losses  # noqa: E402
+from pipeline.corpus import write_corpus_tokens  # noqa: E402
+from pipeline.fetch import MIRROR_ENV  # noqa: E402
+from pipeline.presets import overlay, preset_params  # noqa: E402
+from pipeline.stages.pretrain import model_config, train_config  # noqa: E402
+
+# The book's published run, train / val loss at its steps 20, 40, 60, 75, 85: the chapter 5 notebook's output.
+BOOK = {20: (5.52, 6.51), 40: (3.88, 6.13), 60: (2.10, 6.13), 75: (1.06, 6.25), 85: (0.57, 6.37)}
+EVERY = 5
+
+
+def book_config(changes: list[str]) -> dict:
+    """params.yaml with the book preset and `changes` (pretrain KEY=YAML) over it."""
+    params = preset_params("book", REPO / "params.yaml")[0]
+    for change in changes:
+        key, _, value = change.partition("=")
+        overlay(params["pretrain"], {key: yaml.safe_load(value)})
+    return params
+
+
+def corpus_tokens(params: dict, mirror: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """the-verdict cut as the tokenize stage cuts it (the preset's train_ratio and split)."""
+    corpus = params["tokenize"]["corpus"]
+    write_corpus_tokens([mirror / "the-verdict.txt"], "text", load_tokenizer(mirror / "gpt2_bpe"),
+                        corpus["train_ratio"], corpus["split"], out / "train.bin", out / "val.bin")
+    return load_tokens(out / "train.bin"), load_tokens(out / "val.bin")
+
+
+def run(cfg: dict, seed: int, train: np.ndarray, val: np.ndarray) -> tuple[dict[int, dict[str, float]], list[float]]:
+    """One training run of the preset with `seed`: the four losses at the book's steps (after 1, 6, 11, ...
+    updates), and every step's batch loss."""
+    cfg = {**cfg, "seed": seed, "eval_every": 0, "sample_every": 0, "checkpoint_every": 0}
+    torch.manual_seed(seed)
+    model = GPTModel(model_config(cfg))
+    trainer = Trainer(model, train, val, train_config(cfg))
+    batch, batches = cfg["batch_size"], cfg["eval_batches"]
+    shuffler = torch.Generator().manual_seed(seed)  # the book-style estimate's own draws
+    curve: dict[int, dict[str, float]] = {}
+
+    def on_event(kind: str, record: dict) -> None:
+        step = record["step"] - 1  # the book's numbering
+        if kind != "step" or step % EVERY:
+            return
+        windows = window_losses(model, train, batch)  # every train window, in order
+        drawn = torch.randperm(len(windows), generator=shuffler)[: batch * batches].tolist()
+        curve[step] = {
+            "train_first": mean(windows[: batch * batches]),
+            "train_shuffled": mean(windows[i] for i in drawn),
+            "train_all": mean(windows),
+            "val": mean(window_losses(model, val, batch)),
+        }
+        print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[step].items()), flush=True)
+    trainer.on_event = on_event
+    return curve, [record["loss"] for record in trainer.run().history]
+
+
+def table(curves: dict[int, dict[int, dict[str, float]]]) -> str:
+    keys = ("train_first", "train_shuffled", "train_all", "val")
+    lines = ["| step | " + " | ".join(f"{k} mean (min-max)" for k in keys) + " | book train / val |",
+             "|---:|" + "---|" * (len(keys) + 1)]
+    steps = sorted(next(iter(curves.values())))
+    for step in steps:
+        cells = []
+        for key in keys:
+            values = [curve[step][key] for curve in curves.values()]
+            cells.append(f"{mean(values):.2f} ({min(values):.2f}-{max(values):.2f})")
+        book = BOOK.get(step)
+        lines.append(f"| {step} | " + " | ".join(cells) + f" | {'%.2f / %.2f' % book if book else ''} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="123,1,2", help="comma-separated seeds (default 123,1,2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a pretrain param over the preset, e.g. weight_decay_all=false (repeatable)")
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "datasets"),
+                        help="the dataset mirror with the-verdict.txt and gpt2_bpe/ (default $LLM_PIPELINE_MIRROR)")
+    parser.add_argument("--json", type=Path, help="also write the curves here")
+    args = parser.parse_args()
+    tune_malloc()
+    params = book_config(args.set)
+    with tempfile.TemporaryDirectory() as tmp:
+        train, val = corpus_tokens(params, args.mirror, Path(tmp))
+        runs = {seed: run(params["pretrain"], seed, train, val) for seed in map(int, args.seeds.split(","))}
+    curves = {seed: curve for seed, (curve, _) in runs.items()}
+    print(f"\nbook preset{' with ' + ', '.join(args.set) if args.set else ''}; seeds {args.seeds}\n")
+    print(table(curves))
+    if args.json:
+        args.json.write_text(json.dumps({"set": args.set, "curves": curves,
+                                         "batch_losses": {seed: losses for seed, (_, losses) in runs.items()}}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
