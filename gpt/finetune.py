@@ -37,6 +37,7 @@ class FinetuneConfig:
     beta1: float = bounded(0.9, low=0, high=1, bounds="[)")  # AdamW's defaults, as the book uses
     beta2: float = bounded(0.999, low=0, high=1, bounds="[)")
     fused_adamw: bool | None = None  # see gpt.train.TrainConfig
+    weight_decay_all: bool = False  # see gpt.train.TrainConfig
 
     def __post_init__(self):
         check_fields(self)
