@@ -46,8 +46,10 @@ from pipeline.fetch import MIRROR_ENV  # noqa: E402
 from pipeline.presets import overlay, preset_params  # noqa: E402
 from pipeline.stages.pretrain import model_config, train_config  # noqa: E402
 
-# The book's published run, train / val loss at its steps 20, 40, 60, 75, 85: the chapter 5 notebook's output.
+# The book's published runs of this setting, train / val loss by its step numbers: the chapter 5 notebook's
+# run as issue 20 quotes it, and the run the printed chapter quotes (steps 0, 10 and 85 of those it prints).
 BOOK = {20: (5.52, 6.51), 40: (3.88, 6.13), 60: (2.10, 6.13), 75: (1.06, 6.25), 85: (0.57, 6.37)}
+PRINTED = {0: (9.781, 9.933), 10: (6.661, 7.048), 85: (0.391, 6.452)}
 STEPS = (0, 10, *BOOK)  # the book's step numbers evaluated (an evaluation of every window costs ~1/3 of a step's time)
 
 
@@ -97,18 +99,30 @@ def run(cfg: dict, seed: int, train: np.ndarray, val: np.ndarray) -> tuple[dict[
 
 
 def table(curves: dict[int, dict[int, dict[str, float]]]) -> str:
-    keys = ("train_first", "train_shuffled", "train_all", "val")
-    lines = ["| step | " + " | ".join(f"{k} mean (min-max)" for k in keys) + " | book train / val |",
-             "|---:|" + "---|" * (len(keys) + 1)]
-    steps = sorted(next(iter(curves.values())))
-    for step in steps:
-        cells = []
-        for key in keys:
-            values = [curve[step][key] for curve in curves.values()]
-            cells.append(f"{mean(values):.2f} ({min(values):.2f}-{max(values):.2f})")
-        book = BOOK.get(step)
-        lines.append(f"| {step} | " + " | ".join(cells) + f" | {'%.2f / %.2f' % book if book else ''} |")
+    """Per step: the preset's train estimate and the val loss of every seed, their range, and the book's runs."""
+    seeds = list(curves)
+    lines = []
+    for key, column, name in (("train_first", 0, "train loss (the preset's estimate)"), ("val", 1, "val loss")):
+        lines += [f"| book step | {name}, seeds {' / '.join(map(str, seeds))} | min-max | book, notebook run | "
+                  "book, printed run |", "|---:|---|---|---:|---:|"]
+        for step in sorted(next(iter(curves.values()))):
+            values = [curves[seed][step][key] for seed in seeds]
+            low, high = min(values), max(values)
+            notebook, printed = (run[step][column] if step in run else None for run in (BOOK, PRINTED))
+            inside = "" if notebook is None else (" (brackets the notebook run)" if low <= notebook <= high else " (**not**)")
+            lines.append(f"| {step} | {' / '.join(f'{v:.2f}' for v in values)} | {low:.2f}-{high:.2f}{inside} | "
+                         f"{'' if notebook is None else notebook} | {'' if printed is None else printed} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def merged(paths: list[Path]) -> dict[int, dict[int, dict[str, float]]]:
+    """The curves of earlier runs' --json files, by seed (one run per seed, e.g. run in parallel)."""
+    curves: dict[int, dict[int, dict[str, float]]] = {}
+    for path in paths:
+        for seed, curve in json.loads(path.read_text())["curves"].items():
+            curves[int(seed)] = {int(step): losses for step, losses in curve.items()}
+    return curves
 
 
 def main() -> None:
@@ -119,7 +133,12 @@ def main() -> None:
     parser.add_argument("--mirror", type=Path, default=Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "datasets"),
                         help="the dataset mirror with the-verdict.txt and gpt2_bpe/ (default $LLM_PIPELINE_MIRROR)")
     parser.add_argument("--json", type=Path, help="also write the curves here")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="print the tables of earlier "
+                        "runs' --json files together (one per seed) instead of training")
     args = parser.parse_args()
+    if args.merge:
+        print(table(merged(args.merge)))
+        return
     tune_malloc()
     params = book_config(args.set)
     with tempfile.TemporaryDirectory() as tmp:
