@@ -11,7 +11,7 @@ from gpt.dropout import Dropout
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to the context length."""
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_length` tokens."""
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_length: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
