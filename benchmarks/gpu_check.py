@@ -37,7 +37,7 @@ def row(check: str, result: str, ok: bool) -> bool:
 def fused_loss_matches() -> bool:
     """gpt.loss on CUDA equals the plain logits loss in fp32 (values and gradients)."""
     torch.manual_seed(0)
-    hidden = torch.randn(4, 300, 256, device=CUDA, dtype=torch.float64).float()
+    hidden = torch.randn(4, 300, 256, device=CUDA)
     weight = torch.randn(50257, 256, device=CUDA) * 0.05
     targets = torch.randint(0, 50257, (4, 300), device=CUDA)
     grads = []

@@ -25,24 +25,28 @@ class KVCache:
         # Left padding (batch,), for prompts of different lengths decoded together: row b's first pad[b]
         # slots hold no token of it, no query of it attends to them, and its positions start after them.
         self.pad = None if pad is None else pad.to(device)
+        self._visible: tuple[int, int, torch.Tensor] | None = None  # (length, queries, mask): one per step, not per layer
 
     def visible(self, n_queries: int) -> torch.Tensor | None:
         """For padded rows, which cached slots each of the next `n_queries` queries may attend to
         (batch, 1, queries, keys), causal and past the row's padding; None without padding."""
         if self.pad is None:
             return None
+        if self._visible is not None and self._visible[:2] == (self.length, n_queries):
+            return self._visible[2]  # every layer of this step asks for the same mask
         end = self.length + n_queries
         slot = torch.arange(end, device=self.pad.device)
         query = slot[self.length :, None]
         # A padding slot's own query sees itself, so its (unused) softmax has one term, not a 0/0 nan.
         allowed = (slot <= query) & ((slot >= self.pad[:, None, None]) | (slot == query))
-        return allowed.unsqueeze(1)
+        self._visible = (self.length, n_queries, allowed.unsqueeze(1))
+        return self._visible[2]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values for `layer`; return all keys/values so far."""
         end = self.length + k.shape[2]
         if end > self.max_length:
-            raise ValueError(f"KV cache overflow: {end} tokens > context length {self.max_length}")
+            raise ValueError(f"KV cache overflow: {end} tokens > its length {self.max_length}")
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

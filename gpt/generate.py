@@ -67,7 +67,8 @@ def generate(
             for _ in range(max_new_tokens):
                 if use_cache and idx.shape[1] <= context:
                     if cache is None:
-                        cache = model.new_cache(idx.shape[0], pad=pad)
+                        # Only as long as this call can fill: batch x context slots would be GBs for gpt2-small.
+                        cache = model.new_cache(idx.shape[0], min(context, idx.shape[1] + max_new_tokens), pad)
                         logits = model(idx, cache)
                     else:
                         logits = (step or model)(idx[:, -1:], cache)

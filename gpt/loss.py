@@ -77,13 +77,12 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     """F.cross_entropy(hidden @ weight.T, targets) (mean over the targets that are not IGNORE_INDEX; hidden
     [..., d], weight [vocab, d], targets [...] of class ids) to float rounding, values and gradients,
     without the whole logits tensor. Under torch.no_grad (evaluation) no gradient is made."""
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    args = (hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows)
     # An autograd function sees requires_grad even under no_grad, so evaluation must bypass it.
     if not torch.is_grad_enabled():
-        return _mean(_chunked(*args, want_hidden=False, want_weight=False)[0], args[2])
-    return _ChunkedHeadCrossEntropy.apply(*args)
+        return _mean(token_losses(hidden, weight, targets, chunk_rows), targets)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _ChunkedHeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows)
 
 
 @torch.no_grad()

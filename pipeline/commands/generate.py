@@ -21,7 +21,6 @@ def local_generator(path: str, settings: dict, seed: int, fast_decode: bool = Fa
 
     model, tokenizer = load_local_model(path, fast_decode)
     rng = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    # One prompt runs batch-1, where the fast decode kernel applies; more are decoded in batches.
     return lambda prompts: generate_texts(model, tokenizer, prompts, generator=rng, **settings)
 
 
