@@ -158,16 +158,21 @@ def save_classifier(model: GPTModel, spec: ClassifierSpec, path: str | os.PathLi
     return save_model(model, path, extra={**(extra or {}), "classifier": spec.to_dict()})
 
 
-def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPTModel, ClassifierSpec]:
-    """Load a folder written by save_classifier, checking its weights' sha256; the model comes in eval mode."""
-    config = read_config(path)
-    saved = config.get("extra", {}).get("classifier")
+def read_spec(path: str | os.PathLike, config: dict | None = None) -> ClassifierSpec:
+    """The classifier spec in the config.json of a folder written by save_classifier (`config`: already read)."""
+    saved = (config or read_config(path)).get("extra", {}).get("classifier")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: a language-model checkpoint, not a classifier")
     try:
-        spec = ClassifierSpec(tuple(saved["labels"]), saved["position"], saved["max_length"])
+        return ClassifierSpec(tuple(saved["labels"]), saved["position"], saved["max_length"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad classifier settings in config.json ({exc})") from None
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPTModel, ClassifierSpec]:
+    """Load a folder written by save_classifier, checking its weights' sha256; the model comes in eval mode."""
+    config = read_config(path)
+    spec = read_spec(path, config)
     model = add_class_head(GPTModel(GPTConfig.from_dict(config["model"])), len(spec.labels))
     load_state(path, model)
     return model.to(device).eval(), spec

@@ -24,7 +24,7 @@ from pipeline import datasets
 from pipeline.errors import reporting_errors
 from pipeline.layout import DATA
 from pipeline.params import DOWNLOAD_SOURCES, load_params
-from pipeline.stages import STAGES, Stage
+from pipeline.stages import STAGES, Stage, registered_by
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gpt", "pipeline")
@@ -63,8 +63,10 @@ def code_deps(stage: Stage) -> list[str]:
     assert start is not None, stage.module
     # The packages above the module run first too (pipeline/__init__.py, pipeline/stages/__init__.py).
     packages = [module_file(".".join(stage.module.split(".")[:i])) for i in range(1, stage.module.count(".") + 1)]
+    # A registered model's pyfunc module is loaded by name (RegisteredModel.flavour), not imported.
+    flavours = [module_file(model.flavour) for model in registered_by(stage)]
     seen: set[Path] = set()
-    todo = [start, *(p for p in packages if p is not None)]
+    todo = [start, *(p for p in [*packages, *flavours] if p is not None)]
     while todo:
         path = todo.pop()
         if path in seen:

@@ -16,13 +16,16 @@ class DataError(ValueError):
 # (pipeline.fetch.FetchError) and the tracking server; GPTError the gpt package's own (tokenizer,
 # checkpoints, training). Anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (GPTError, ValueError, OSError)
+# The exit status of an error whose exception says `exit_status = TEMPORARY_FAILURE` (sysexits' EX_TEMPFAIL):
+# a network failure, which a later try may not meet. The flows retry a stage only for it.
+TEMPORARY_FAILURE = 75
 
 
 @contextmanager
 def reporting_errors(prog: str, *also: type[BaseException]) -> Iterator[None]:
     """Turn an expected error from the block (EXPECTED_ERRORS, MLflow's, or `also`) into one line
-    `<prog>: error: <message>` on stderr and exit status 1, without a traceback; anything else is a
-    bug and keeps its traceback."""
+    `<prog>: error: <message>` on stderr and exit status 1 (or the exception's `exit_status`), without a
+    traceback; anything else is a bug and keeps its traceback."""
     try:
         yield
     except Exception as exc:
@@ -33,4 +36,4 @@ def reporting_errors(prog: str, *also: type[BaseException]) -> Iterator[None]:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_status", 1))

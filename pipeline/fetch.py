@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Sequence
 
 from gpt.files import atomic_file, atomic_write_json, sha256_file, temp_beside
+from pipeline.errors import TEMPORARY_FAILURE
 
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"  # a folder holding copies of the files (see resolve_mirror)
 OFFLINE_ENV = "LLM_PIPELINE_OFFLINE"  # 1: never touch the network
@@ -24,6 +25,13 @@ DEFAULT_MAX_MEMBER_BYTES = 1 << 30
 
 class FetchError(OSError):
     """A file could not be obtained or did not match its checksum (an I/O failure, reported in one line)."""
+
+
+class NetworkError(FetchError):
+    """Files could not be downloaded, though the network was allowed: a stage that meets it exits with
+    TEMPORARY_FAILURE, so that a flow tries again later."""
+
+    exit_status = TEMPORARY_FAILURE
 
 
 class BadContentError(FetchError):

@@ -21,6 +21,7 @@ for _name, _value in _PREFECT_DEFAULTS.items():
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -39,13 +40,17 @@ from pipeline.dvcyaml import refresh  # noqa: E402
 from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
 from pipeline.presets import load_preset, overlay  # noqa: E402
 from pipeline.errors import reporting_errors  # noqa: E402
-from pipeline.repro import RUN_GROUP_ENV, dvc_env  # noqa: E402
+from pipeline.errors import TEMPORARY_FAILURE  # noqa: E402
+from pipeline.repro import (DVC_LOCK_ADVICE, RUN_GROUP_ENV, RepositoryBusy, dvc_env, lock_error,  # noqa: E402
+                            wait_for_lock)
 from pipeline.stages import STAGES  # noqa: E402
 
 PROG = "llm-pipeline flow"
 PIPELINE_FLOW = "pipeline"
 DEFAULT_DEPLOYMENT = "nightly"
 DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
+# A scheduled run that meets someone's `dvc repro` waits for it, up to an hour, rather than fail the night.
+DEFAULT_SERVE_LOCK_WAIT_S = 3600.0
 # Only the download stage touches the network, where a retry can help; a failed training run
 # must stop and be looked at, not silently start again.
 RETRIES = {"download": 3}
@@ -58,7 +63,26 @@ class FlowError(RuntimeError):
 
 
 class StageFailed(FlowError):
-    """`dvc repro` of one stage exited non-zero (names the stage and its last stderr line)."""
+    """`dvc repro` of one stage exited non-zero (names the stage and its last stderr line); `temporary` when the
+    stage exited with TEMPORARY_FAILURE (a network failure), the one failure a retry is for."""
+
+    def __init__(self, message: str, temporary: bool = False):
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class _NoTracebackForExpected(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; an expected failure (a stage that failed, a
+    locked repository) says all in its one line, so its records keep the line and lose the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (FlowError, RepositoryBusy)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_logger).addFilter(_NoTracebackForExpected())
 
 
 def project_dir(project: str | os.PathLike | None) -> Path:
@@ -176,7 +200,8 @@ def apply_params(project: Path, preset: str | None = None, overrides: Mapping[st
 def _pump(stream: IO[str], log: Callable[[str], None], lines: list[str]) -> None:
     for line in stream:
         lines.append(line.rstrip("\n"))
-        log(lines[-1])
+        if not DVC_LOCK_ADVICE.search(line + "\n"):  # wrong while the holder lives: never passed on
+            log(lines[-1])
 
 
 def _last_error(err: list[str], returncode: int) -> str:
@@ -187,10 +212,12 @@ def _last_error(err: list[str], returncode: int) -> str:
 
 
 @task(name="dvc repro", cache_policy=NO_CACHE)  # skipping an up-to-date stage is DVC's decision
-def repro(stage: str, project: str, run_group: str) -> bool:
-    """`dvc repro --single-item <stage>` in project, its output streamed line by line to the task
-    log; return whether the stage ran (False: DVC found it up to date or restored it from cache)."""
+def repro(stage: str, project: str, run_group: str, lock_wait_s: float = 0.0) -> bool:
+    """`dvc repro --single-item <stage>` in project once its lock is free (waiting up to lock_wait_s, else
+    RepositoryBusy naming the holder), its output streamed line by line to the task log; return whether
+    the stage ran (False: DVC found it up to date or restored it from cache)."""
     logger = get_run_logger()
+    wait_for_lock(Path(project), lock_wait_s, logger.info)
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with subprocess.Popen(command, cwd=project, env=dvc_env(run_group), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
@@ -202,7 +229,11 @@ def repro(stage: str, project: str, run_group: str) -> bool:
         _pump(proc.stdout, logger.info, out)
         reader.join()
     if proc.returncode:
-        raise StageFailed(f"stage {stage} failed: {_last_error(err, proc.returncode)}")
+        busy = lock_error(Path(project), "\n".join(err))  # taken by another process after the check
+        if busy is not None:
+            raise busy
+        raise StageFailed(f"stage {stage} failed: {_last_error(err, proc.returncode)}",
+                          temporary=f"exited with {TEMPORARY_FAILURE}" in "\n".join(err))
     return any(line.startswith(f"Running stage '{stage}'") for line in out + err)
 
 
@@ -217,20 +248,29 @@ def all_up_to_date(project: Path, names: Sequence[str], run_group: str) -> bool:
         return False
 
 
+def temporary_failure(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry only a stage that failed with a network error (StageFailed.temporary);
+    never a locked repository, bad data or a failed training run."""
+    failure = state.result(raise_on_failure=False)
+    return isinstance(failure, StageFailed) and failure.temporary
+
+
 def task_for(stage: str) -> Task:
-    """The `dvc repro` task of one stage: retried with exponential backoff for download only."""
+    """The `dvc repro` task of one stage: retried with exponential backoff for download's network errors only."""
     retries = RETRIES.get(stage, 0)
     return repro.with_options(name=f"dvc repro {stage}", retries=retries,
-                              retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S) if retries else 0)
+                              retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S) if retries else 0,
+                              retry_condition_fn=temporary_failure if retries else None)
 
 
 def run_stages(targets: Sequence[str] | None, preset: str | None, overrides: Mapping[str, Any] | None,
-               project: str | None) -> dict[str, str]:
+               project: str | None, lock_wait_s: float = 0.0) -> dict[str, str]:
     """The body of every flow: apply params, then one task per planned stage; {stage: ran | up to date}."""
     root = project_dir(project)
     stages = dvc_stages(root)
     names = plan(stages, targets)
     logger = get_run_logger()
+    wait_for_lock(root, lock_wait_s, logger.info)  # before params.yaml changes under a running pipeline
     changed = apply_params(root, preset, overrides)
     if changed:
         logger.info("params.yaml: changed %s", ", ".join(changed))
@@ -240,31 +280,35 @@ def run_stages(targets: Sequence[str] | None, preset: str | None, overrides: Map
         # A night with nothing new costs one DVC process, not one per stage.
         logger.info("dvc status: all %d stages up to date (%s)", len(names), ", ".join(names))
         return dict.fromkeys(names, "up to date")
-    return {name: "ran" if task_for(name)(name, str(root), group) else "up to date" for name in names}
+    return {name: "ran" if task_for(name)(name, str(root), group, lock_wait_s) else "up to date" for name in names}
 
 
 @flow(name=PIPELINE_FLOW)
 def pipeline_flow(stages: list[str] | None = None, preset: str | None = None,
-                  overrides: dict[str, Any] | None = None, project: str | None = None) -> dict[str, str]:
+                  overrides: dict[str, Any] | None = None, project: str | None = None,
+                  lock_wait_s: float = 0.0) -> dict[str, str]:
     """Run dvc.yaml end to end (or only `stages` and what they depend on), one `dvc repro` task per
-    stage; `preset` and `overrides` ({"pretrain.epochs": 1}) are written into params.yaml first."""
-    return run_stages(stages, preset, overrides, project)
+    stage; `preset` and `overrides` ({"pretrain.epochs": 1}) are written into params.yaml first. A repository
+    locked by another process is waited for up to `lock_wait_s` seconds (0: the flow fails at once)."""
+    return run_stages(stages, preset, overrides, project, lock_wait_s)
 
 
 def stage_flow(stage: str) -> Flow:
     """The flow of one dvc.yaml stage, named `stage-<stage>`: its upstream stages, then it."""
     def upstream_then_stage(preset: str | None = None, overrides: dict[str, Any] | None = None,
-                            project: str | None = None) -> dict[str, str]:
-        return run_stages([stage], preset, overrides, project)
+                            project: str | None = None, lock_wait_s: float = 0.0) -> dict[str, str]:
+        return run_stages([stage], preset, overrides, project, lock_wait_s)
 
     return flow(upstream_then_stage, name=f"stage-{stage}", description=f"dvc.yaml stage {stage} after its upstream stages")
 
 
-def serve(cron: str = DEFAULT_CRON, name: str = DEFAULT_DEPLOYMENT) -> None:
-    """Serve the end-to-end flow as deployment `pipeline/<name>` on `cron` (UTC) until interrupted."""
+def serve(cron: str = DEFAULT_CRON, name: str = DEFAULT_DEPLOYMENT, lock_wait_s: float = DEFAULT_SERVE_LOCK_WAIT_S) -> None:
+    """Serve the end-to-end flow as deployment `pipeline/<name>` on `cron` (UTC) until interrupted; its runs
+    wait up to lock_wait_s for a repository another process holds."""
     # By module path: the flow-run process imports pipeline.flows as the package module it is.
     # limit=1: DVC locks the repository, so a second concurrent run could only fail.
-    pipeline_flow.serve(name=name, cron=cron, limit=1, entrypoint_type=EntrypointType.MODULE_PATH)
+    pipeline_flow.serve(name=name, cron=cron, limit=1, entrypoint_type=EntrypointType.MODULE_PATH,
+                        parameters={"lock_wait_s": lock_wait_s})
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -279,7 +323,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if args.stage != "all":
         plan(dvc_stages(project), [args.stage])  # an unknown stage fails here, before Prefect starts
     chosen = pipeline_flow if args.stage == "all" else stage_flow(args.stage)
-    results = chosen(preset=args.preset, overrides=dict(args.overrides), project=str(project))
+    results = chosen(preset=args.preset, overrides=dict(args.overrides), project=str(project),
+                     lock_wait_s=args.lock_wait)
     for stage, outcome in results.items():
         print(f"{stage}: {outcome}")
 
@@ -289,7 +334,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if not PREFECT_API_URL.value():
         raise FlowError("serve needs a Prefect server: start one with `prefect server start --host 127.0.0.1 "
                         "--port 4200` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    serve(args.cron, args.name)
+    serve(args.cron, args.name, args.lock_wait)
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -312,6 +357,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=_override, action="append", default=[],
                      help="set a param, e.g. --set pretrain.epochs=1 (the value is read as YAML); repeatable")
     run.add_argument("--project", help="project folder (default: the current one)")
+    run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                     help="if another process holds the DVC repository's lock, wait up to this long for it, "
+                          "saying whom it waits for (default 0: fail at once, naming that process)")
     run.set_defaults(handler=_cmd_run)
     serve_cmd = commands.add_parser("serve", help="serve the end-to-end flow on a cron schedule", description=(
         f"Register deployment '{PIPELINE_FLOW}/NAME' of the end-to-end flow with the Prefect server at "
@@ -320,6 +368,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule, UTC (default: {DEFAULT_CRON!r})")
     serve_cmd.add_argument("--name", default=DEFAULT_DEPLOYMENT,
                            help=f"deployment name (default: {DEFAULT_DEPLOYMENT})")
+    serve_cmd.add_argument("--lock-wait", type=float, default=DEFAULT_SERVE_LOCK_WAIT_S, metavar="SECONDS",
+                           help="how long a scheduled run waits for a repository another process holds "
+                                f"(default {DEFAULT_SERVE_LOCK_WAIT_S:g})")
     serve_cmd.set_defaults(handler=_cmd_serve)
     list_cmd = commands.add_parser("list", help="list the flows and the stages each runs", description=(
         "List the end-to-end flow and one flow per dvc.yaml stage, each with the stages it runs, in order."))
@@ -331,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """`llm-pipeline flow run|serve|list`; an expected error is one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
-    with reporting_errors(PROG, FlowError):
+    with reporting_errors(PROG, FlowError, RepositoryBusy):
         args.handler(args)
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.error
@@ -46,6 +47,9 @@ _RUN_GROUP = re.compile(r"[\w.:@+-]{1,200}")  # also keeps the search filter fre
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")  # MLflow keys allow only these
 _CUT = "...[truncated]"
 _MODEL_REQUIREMENTS = ("torch", "tiktoken", "safetensors", "numpy", "pandas")
+# Where a stage run's process runs: kill -9 leaves its run RUNNING, so the next run of the stage on the
+# same host ends it (see end_killed_runs).
+HOST_TAG, PID_TAG, INTERRUPTED_TAG = "host", "pid", "interrupted"
 
 
 class TrackingError(OSError):
@@ -56,6 +60,12 @@ def tracking_uri(tracking: Mapping[str, Any] | None = None) -> str:
     """$MLFLOW_TRACKING_URI, else the `mlflow.tracking_uri` param, else <cwd>/mlflow.db (sqlite)."""
     return (os.environ.get("MLFLOW_TRACKING_URI") or (tracking or {}).get("tracking_uri")
             or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+
+
+def absent_store(uri: str) -> bool:
+    """Whether `uri` is a sqlite store whose file does not exist: nothing was logged there yet, and a command
+    that only reads should say so rather than create it."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
 
 
 def _check_reachable(uri: str) -> None:
@@ -200,6 +210,28 @@ def _group_parent(client: mlflow.MlflowClient, experiment_id: str, group: str, t
     return client.create_run(experiment_id, run_name=group, tags={**tags, key: value}).info.run_id
 
 
+def end_killed_runs(client: mlflow.MlflowClient, experiment_id: str, stage: str) -> None:
+    """End as KILLED, tagged `interrupted`, the runs of `stage` still RUNNING on this host whose process is
+    gone (a stage killed with SIGKILL cannot end its own run)."""
+    query = (f"tags.stage = '{stage}' AND attributes.status = 'RUNNING' "
+             f"AND tags.{HOST_TAG} = '{socket.gethostname()}'")
+    for run in client.search_runs([experiment_id], query):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdecimal() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, INTERRUPTED_TAG, f"process {pid} ended without ending the run")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, str] | None = None,
               tracking: Mapping[str, Any] | None = None,
@@ -217,13 +249,14 @@ def stage_run(stage: str, params: Mapping[str, Any], data_hashes: Mapping[str, s
     client = mlflow.MlflowClient()
     common = {"run_group": group, "git_commit": commit, "git_dirty": dirty, **experiment_tags()}
     parent_id = _group_parent(client, experiment_id, group, common)
+    end_killed_runs(client, experiment_id, stage)
     data_tags = {_key(f"data.{name}.sha256"): digest for name, digest in (data_hashes or {}).items()}
     data_tags.update({_key(f"data.{name}.size"): size for name, size in (data_sizes or {}).items()})
     status = "FAILED"
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                               tags={"stage": stage, **common, PARAMS_DIGEST_TAG: params_digest(params),
-                                    **data_tags}) as run:
+                                    HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **data_tags}) as run:
             mlflow.log_params(flatten_params(params))
             yield run
         status = "FINISHED"
@@ -327,15 +360,3 @@ def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any],
     client = client or mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), _key(key), str(value))
-
-
-def log_gpt_model(checkpoint_dir: str | os.PathLike, bpe_dir: str | os.PathLike, registered_name: str | None,
-                  tags: Mapping[str, Any] | None = None,
-                  metrics: Mapping[str, Any] | None = None) -> ModelVersion | None:
-    """Log our GPT (checkpoint folder + GPT-2 BPE folder) as pyfunc model "model" of the active
-    run and register it as a new version of `registered_name` (None: log only); see log_pyfunc."""
-    # Imported here: only stages that log a model should pay for torch and the model code.
-    from pipeline.mlflow_models import gpt_generator
-
-    return log_pyfunc(gpt_generator, {"checkpoint": checkpoint_dir, "bpe": bpe_dir},
-                      registered_name, tags, metrics)

@@ -175,6 +175,50 @@ def make_dvc_repo(root: Path, mirror: Path) -> tuple[Path, dict]:
     return repo, env
 
 
+# Params for a whole pipeline run of about a minute (a micro model, one epoch of finetuning).
+SMALL_TRAINING = {
+    "datasets.corpus.sources": ["the-verdict"],
+    "pretrain.model": "micro",
+    "pretrain.context_length": 32,
+    "pretrain.batch_size": 4,
+    "pretrain.max_steps": 6,
+    "pretrain.eval_every": 3,
+    "pretrain.eval_batches": 2,
+    "pretrain.sample_every": 3,
+    "pretrain.sample_tokens": 5,
+    "pretrain.checkpoint_every": 2,
+    "evaluate.max_batches": 2,
+    "evaluate.max_new_tokens": 5,
+    "finetune_classifier.epochs": 1,
+    "finetune_classifier.batch_size": 32,
+    "finetune_classifier.eval_batches": 1,
+    "finetune_instruct.epochs": 1,
+    "finetune_instruct.eval_batches": 1,
+    "finetune_instruct.max_new_tokens": 5,
+    "finetune_instruct.max_test_examples": 3,
+}
+SMALL_RUN_GROUP = "e2e-test"
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> tuple[Path, dict, str]:
+    """A scratch DVC repo after one full `dvc repro` with SMALL_TRAINING (committed, run group
+    SMALL_RUN_GROUP), its environment and the output of that repro. Tests change copies (copy_repo)."""
+    repo, env = make_dvc_repo(tmp_path_factory.mktemp("small-pipeline"), mirror)
+    for key, value in SMALL_TRAINING.items():
+        set_param(repo, key, value)
+    sh(repo, env, "git", "commit", "-qam", "small training")
+    output = sh(repo, {**env, "LLM_PIPELINE_RUN_GROUP": SMALL_RUN_GROUP}, str(BIN / "dvc"), "repro")
+    return repo, env, output
+
+
+def copy_repo(repo: Path, dest: Path) -> Path:
+    """A copy of a scratch repo (git, DVC cache, outputs, MLflow store) at dest/repo, to change freely."""
+    copy = dest / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    return copy
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A temp project as cwd with run group g1; yields a client on its sqlite store."""

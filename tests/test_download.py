@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import FileServer, copy_mirror, leftovers, point_at, run_stage, set_param
+from conftest import UNREACHABLE, FileServer, copy_mirror, leftovers, point_at, run_stage, set_param
 from gpt.files import sha256_file
+from pipeline.errors import TEMPORARY_FAILURE
 from pipeline.stages.download import BPE_SOURCES
 
 SOURCE_FILES = ["the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json"]
@@ -125,3 +126,15 @@ def test_a_source_is_pinned_or_tracked(project: Path, mirror: Path):
     assert result.returncode == 1
     assert result.stderr == ("download: error: params.yaml: download.sources.the-verdict needs either a sha256 "
                              "(pinned) or track: true (fetched again on every run), not both\n")
+
+
+def test_an_unreachable_source_fails_with_the_retry_status(project: Path, mirror: Path, tmp_path: Path):
+    """A network failure exits with TEMPORARY_FAILURE (75), the one failure a flow retries; offline it is 1."""
+    partial = copy_mirror(mirror, tmp_path / "partial", without=("the-verdict.txt",))
+    set_param(project, "download.sources.the-verdict.urls", [UNREACHABLE])
+    set_param(project, "download.retries", 1)
+    result = run_stage(project, "download", partial)
+    assert result.returncode == TEMPORARY_FAILURE, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("download: error: 1 file(s) not in mirror") and UNREACHABLE in lines[0]
+    assert not (project / "data" / "raw").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, leftovers, make_dvc_repo, set_param, sh
+from conftest import BIN, SMALL_RUN_GROUP, SMALL_TRAINING, copy_repo, leftovers, make_dvc_repo, set_param, sh
 
 DVC = BIN / "dvc"
 
@@ -39,29 +39,6 @@ def test_repro_then_noop_then_tokenize_only(dvc_repo):
     assert "Running stage 'tokenize'" in third
     assert "Running stage 'download'" not in third and "Running stage 'validate'" not in third
     assert not (repo / "data/metrics").exists()  # the data stages' statistics are reports, not metrics
-
-
-SMALL_TRAINING = {
-    "datasets.corpus.sources": ["the-verdict"],
-    "pretrain.model": "micro",
-    "pretrain.context_length": 32,
-    "pretrain.batch_size": 4,
-    "pretrain.max_steps": 6,
-    "pretrain.eval_every": 3,
-    "pretrain.eval_batches": 2,
-    "pretrain.sample_every": 3,
-    "pretrain.sample_tokens": 5,
-    "pretrain.checkpoint_every": 2,
-    "evaluate.max_batches": 2,
-    "evaluate.max_new_tokens": 5,
-    "finetune_classifier.epochs": 1,
-    "finetune_classifier.batch_size": 32,
-    "finetune_classifier.eval_batches": 1,
-    "finetune_instruct.epochs": 1,
-    "finetune_instruct.eval_batches": 1,
-    "finetune_instruct.max_new_tokens": 5,
-    "finetune_instruct.max_test_examples": 3,
-}
 
 
 def test_second_repro_fails_fast_on_the_lock_and_the_first_completes(dvc_repo):
@@ -96,14 +73,12 @@ def test_second_repro_fails_fast_on_the_lock_and_the_first_completes(dvc_repo):
     assert leftovers(repo) == []
 
 
-def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
+def test_full_pipeline_logs_runs_and_registers_gpt_base(small_pipeline, tmp_path, monkeypatch):
     import mlflow
 
-    repo, env = dvc_repo
-    for key, value in SMALL_TRAINING.items():
-        set_param(repo, key, value)
-    env["LLM_PIPELINE_RUN_GROUP"] = "e2e-test"
-    out = sh(repo, env, str(DVC), "repro")
+    template, env, out = small_pipeline
+    repo = copy_repo(template, tmp_path)
+    env = {**env, "LLM_PIPELINE_RUN_GROUP": SMALL_RUN_GROUP}
     for stage in ("download", "validate", "tokenize", "pretrain", "evaluate", "finetune_classifier",
                   "finetune_instruct", "promote"):
         assert f"Running stage '{stage}'" in out
@@ -114,7 +89,7 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(dvc_repo, monkeypatch):
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("llm-pipeline")
-    runs = client.search_runs([experiment.experiment_id], "tags.run_group = 'e2e-test'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.run_group = '{SMALL_RUN_GROUP}'")
     by_stage = {r.data.tags.get("stage"): r for r in runs if "stage" in r.data.tags}
     assert {"pretrain", "evaluate"} <= set(by_stage)
     parents = {r.data.tags["mlflow.parentRunId"] for r in by_stage.values()}

@@ -22,6 +22,7 @@ from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
 from pipeline.errors import DataError
 from pipeline.params import load_params
+from pipeline.registry import output_digest
 from pipeline.stages import finetune_classifier as stage
 from pipeline.stages.promote import promote
 
@@ -83,7 +84,7 @@ def test_short_run_learns_registers_a_champion_and_classifies(raw_project: Path)
     assert list(metrics) == ["val_accuracy", "test_accuracy", "test_macro_f1"]  # the numbers people compare
     assert metrics["test_accuracy"] > untrained_test_accuracy(project, 48, seed=123) + 0.1
     report = json.loads((project / "data/reports/finetune_classifier.json").read_text())
-    assert report["max_length"] == 48 and report["registered_version"] == 1
+    assert report["max_length"] == 48 and report["model_sha256"] == output_digest(project / "data/models/classifier")
     test = report["test"]
     assert test["accuracy"] == metrics["test_accuracy"] and test["macro_f1"] == metrics["test_macro_f1"]
     n = 300  # sqrt(p(1-p)/n), with the sample deviation's n-1
@@ -195,7 +196,7 @@ def test_three_classes_head_metrics_confusion_registry_and_pyfunc(three_class_pr
         assert report["accuracy"] == pytest.approx(sum(confusion[c][c] for c in CLASSES) / sum(ROWS[split].values()))
         assert report["macro_f1"] == pytest.approx(sum(c["f1"] for c in report["per_class"].values()) / 3)
     metrics = json.loads((project / "data/metrics/finetune_classifier.json").read_text())
-    assert metrics["test_accuracy"] == reports["test"]["accuracy"] and reports["registered_version"] == 1
+    assert metrics["test_accuracy"] == reports["test"]["accuracy"] and reports["model_sha256"]
 
     pairs = json.loads((project / "data/plots/classifier_confusion.json").read_text())
     assert len(pairs) == 12 and {p["actual"] for p in pairs} == set(CLASSES)

@@ -19,6 +19,7 @@ from pipeline.commands import chat
 from pipeline.stages import finetune_instruct, tokenize_data as tokenize
 from pipeline.stages.finetune_instruct import SPLITS
 from pipeline.params import load_params
+from pipeline.registry import output_digest
 from pipeline.presets import apply_preset
 from pipeline.stages.promote import promote
 from pipeline.stages.tokenize_data import write_instructions
@@ -73,7 +74,7 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     assert metrics["responses_scored"] == 3 and metrics["test_examples"] == CUT["test"]
     assert 0.0 <= metrics["rouge_l_f1"] <= 1.0 and 0.0 <= metrics["token_f1"] <= 1.0
     assert metrics["judge_score"] == 87 and metrics["judge_scored"] == 3 and len(fake_ollama.requests) == 3
-    assert metrics["registered_version"] == 1
+    assert metrics["model_sha256"] == output_digest(project / "data/models/instruct")
 
     responses = json.loads((project / "data/samples/instruct_responses.json").read_text())
     test = json.loads((project / "data/tokens/instructions/test.json").read_text())

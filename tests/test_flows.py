@@ -4,24 +4,27 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from uuid import UUID
 
+import psutil
 import pytest
 import yaml
 
-from conftest import (BIN, MIRROR_ENV, answers, free_port, make_dvc_repo, readme_examples, set_param, sh, stop,
-                      wait_until, write_own_data, write_topics)
+from conftest import (BIN, MIRROR_ENV, UNREACHABLE, answers, copy_mirror, free_port, make_dvc_repo, readme_examples,
+                      set_param, sh, stop, wait_until, write_own_data, write_topics)
 from pipeline import flows  # first: it points Prefect at a project-local home, offline
 from pipeline.params import ParamsError, read_yaml
 from pipeline.presets import overlay
+from pipeline.repro import RepositoryBusy
 from pipeline.stages import STAGES
 from pipeline.tracking import RUN_GROUP_ENV
 from mlflow import MlflowClient
-from prefect import get_client
+from prefect import flow, get_client, task
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
 from prefect.logging.handlers import APILogHandler
@@ -91,6 +94,7 @@ def test_plan_follows_dvc_yaml_and_only_download_retries(dvc_repo, capsys):
 
     download = flows.task_for("download")
     assert download.retries == 3 and download.retry_delay_seconds == [10, 20, 40]
+    assert download.retry_condition_fn is flows.temporary_failure  # network failures only
     assert all(flows.task_for(name).retries == 0 for name in stages if name != "download")
 
     flows.main(["list", "--project", str(repo)])
@@ -273,3 +277,102 @@ def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, 
     assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == []
     write_topics(repo / "my-data" / "topics" / "part-3.csv", mirror, {"art": 5, "drama": 5, "chat": 5}, 150)
     assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == RETRAINED
+
+
+def _line_with(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: float = 240) -> str:
+    """Read proc's output (text, merged) until a line containing `text`; every line read goes to `seen`."""
+    deadline = time.monotonic() + timeout_s
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return line
+        assert time.monotonic() < deadline, "".join(seen)
+    pytest.fail(f"no line with {text!r}:\n{''.join(seen)}")
+
+
+def test_a_locked_repository_names_its_holder_and_is_waited_for_not_retried(dvc_repo, prefect_api):
+    """Two real concurrent runs: while `llm-pipeline run` trains, a second run and a flow run fail at once
+    with one line naming the process that holds the lock; with --lock-wait a third waits, then runs."""
+    repo, env = dvc_repo
+    url, home = prefect_api
+    for key, value in {"datasets.corpus.sources": ["the-verdict"], "pretrain.model": "micro",
+                       "pretrain.context_length": 32, "pretrain.max_steps": 1_000_000, "pretrain.eval_every": 0,
+                       "pretrain.sample_every": 0, "pretrain.checkpoint_every": 0}.items():
+        set_param(repo, key, value)  # a pretrain that runs until it is stopped
+    holder = subprocess.Popen([str(BIN / "llm-pipeline"), "run", "pretrain"], cwd=repo, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: list[str] = []
+    try:
+        _line_with(holder, "Running stage 'pretrain'", seen)
+        dvc_pids = {child.pid for child in psutil.Process(holder.pid).children(recursive=True)}
+        holding = re.compile(rf"^(.+): error: {re.escape(str(repo))}: the DVC repository is locked by process "
+                             r"(\d+) \((.*dvc repro pretrain)\); run again when it has finished, or pass "
+                             r"--lock-wait SECONDS to wait for it$")
+
+        start = time.monotonic()
+        second = subprocess.run([str(BIN / "llm-pipeline"), "run", "evaluate"], cwd=repo, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and time.monotonic() - start < 30, second.stderr
+        found = holding.match(second.stderr.strip())
+        assert found and found.group(1) == "run" and int(found.group(2)) in dvc_pids, second.stderr
+
+        start = time.monotonic()
+        flow = subprocess.run([str(BIN / "llm-pipeline"), "flow", "run", "evaluate", "--project", str(repo)],
+                              cwd=repo, env={**env, "PREFECT_API_URL": url, "PREFECT_HOME": str(home)},
+                              capture_output=True, text=True, timeout=300)
+        output = flow.stdout + flow.stderr
+        assert flow.returncode == 1 and time.monotonic() - start < 60, output  # no 10/20/40 s retries
+        found = holding.match(flow.stderr.strip().splitlines()[-1])
+        assert found and found.group(1) == "llm-pipeline flow" and int(found.group(2)) in dvc_pids, output
+        for wrong in ("Traceback", "manually remove", "Retrying", "rwlock"):
+            assert wrong not in output, output
+
+        waiter = subprocess.Popen([str(BIN / "llm-pipeline"), "run", "validate", "--lock-wait", "300"], cwd=repo,
+                                  env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        waited: list[str] = []
+        line = _line_with(waiter, "waiting for process", waited, timeout_s=60)
+        assert re.search(r"waiting for process (\d+) \(.*dvc repro pretrain\) to release the DVC repository's "
+                         r"lock \(0 of 300 s\)", line), line
+    finally:
+        os.killpg(holder.pid, signal.SIGINT)  # Ctrl-C: DVC stops the stage and releases its locks
+        holder.wait(timeout=120)
+    waited.append(waiter.communicate(timeout=300)[0])
+    assert waiter.returncode == 0, "".join(waited)
+    assert "Stage 'validate' didn't change, skipping" in "".join(waited)
+
+
+def test_only_network_failures_are_retried(prefect_api):
+    """The retry condition of the download task, in real Prefect task runs: a stage that exited with the
+    network-failure status is retried; a locked repository or any other failure is not."""
+    attempts: list[str] = []
+
+    @flow
+    def failing(error: Exception) -> None:
+        @task(retries=2, retry_delay_seconds=0, retry_condition_fn=flows.temporary_failure)
+        def stage() -> None:
+            attempts.append(type(error).__name__)
+            raise error
+        stage()
+
+    for error, tries in ((flows.StageFailed("stage download failed: offline", temporary=True), 3),
+                         (flows.StageFailed("stage download failed: sha256 mismatch"), 1),
+                         (RepositoryBusy("locked by process 1 (dvc repro)"), 1)):
+        attempts.clear()
+        assert failing(error, return_state=True).is_failed()
+        assert len(attempts) == tries, (error, attempts)
+
+
+def test_a_network_failure_of_download_is_retried(dvc_repo, prefect_api, tmp_path, mirror, monkeypatch):
+    """End to end: the download stage exits with the network-failure status under `dvc repro`, and the flow's
+    download task tries it 1 + 3 times (the backoff made 0 s here), then fails in one line."""
+    repo, env = dvc_repo
+    monkeypatch.setenv(MIRROR_ENV, str(copy_mirror(mirror, tmp_path / "partial", without=("the-verdict.txt",))))
+    monkeypatch.setattr(flows, "RETRY_BACKOFF_S", 0)
+    set_param(repo, "download.sources.the-verdict.urls", [UNREACHABLE])
+    set_param(repo, "download.retries", 1)
+    state, run_id = run_flow(flows.stage_flow("download"), project=str(repo))
+    assert state.is_failed()
+    logs = flow_logs(run_id)
+    assert logs.count("Running stage 'download'") == 4, logs
+    assert "Retry 3/3 will start immediately" in logs and "Traceback" not in logs
+    assert "stage download failed: download: error: 1 file(s) not in mirror" in state.message

@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from conftest import BIN, REPO, answers, free_port, run_stage, set_param, stage_env, stop, wait_until
 from pipeline.commands import review
-from pipeline.registry import CHALLENGER, CHAMPION
+from gpt.checkpoint import FORMAT
+from pipeline.registry import CHALLENGER, CHAMPION, DIGEST_TAG, missing_model_hint, output_digest
 from pipeline.stages import STAGES, TRAINERS, promote
 from pipeline.stages.promote import INPUTS, PROMOTED
 from pipeline.tracking import log_path, params_digest, stage_run, version_tags
@@ -134,10 +135,18 @@ def test_val_loss_is_lower_is_better_and_comes_from_the_evaluate_stage(store: Ml
 
 
 def write_stage_reports(versions: dict[str, str], samples: bool = True) -> None:
+    """What the training stages leave for promote: each model's output folder (a config.json standing for the
+    version's model), its report naming the folder's digest, and the version tagged with that digest."""
+    client = MlflowClient()
     for name, stage in TRAINERS.items():
+        folder = stage.model.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"format": FORMAT, "weights_sha256": f"{name} {versions[name]}"}))
+        digest = output_digest(folder)
+        client.set_model_version_tag(name, versions[name], DIGEST_TAG, digest)
         stage.report.parent.mkdir(parents=True, exist_ok=True)
-        stage.report.write_text(json.dumps({"registered_version": int(versions[name])}))
-    Path(INPUTS[-1]).write_text(json.dumps({"registered_version": int(versions["gpt-base"])}))
+        stage.report.write_text(json.dumps({DIGEST_TAG: digest}))
+    Path(INPUTS[-1]).write_text(json.dumps({DIGEST_TAG: output_digest(TRAINERS["gpt-base"].model.folder)}))
     if samples:
         for path, records in (
                 ("data/samples/evaluate.json", [{"prompt": f"p{i}", "greedy": f"g{i}", "sampled": "s"} for i in range(4)]),
@@ -277,7 +286,7 @@ def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):
     absent = subprocess.run([sys.executable, "-m", "pipeline.commands.review"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert absent.returncode == 0, absent.stderr
-    assert absent.stdout.startswith("no MLflow store at sqlite:///") and "run the pipeline first" in absent.stdout
+    assert absent.stdout.startswith("no MLflow store at sqlite:///") and "`llm-pipeline register`" in absent.stdout
     assert not (tmp_path / "mlflow.db").exists()  # reading created no store
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # creates an empty store
     empty = subprocess.run([sys.executable, "-m", "pipeline.commands.review"], cwd=tmp_path, env=env, capture_output=True,
@@ -296,7 +305,7 @@ def test_review_compares_two_versions_side_by_side(store: MlflowClient, tmp_path
     with monkeypatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent.db'}")
         absent = review.review(name, versions=("1", "2"))
-    assert absent.startswith("no MLflow store at sqlite:///") and "run the pipeline first" in absent
+    assert absent.startswith("no MLflow store at sqlite:///") and "`llm-pipeline register`" in absent
     first = register(name, {"test_accuracy": 0.80, "test_macro_f1": 0.75, "val_accuracy": 0.7, "train_accuracy": 0.9})
     promote.promote(store, name, first, rules())
     second = register(name, {"test_accuracy": 0.90, "val_accuracy": 0.75, "train_accuracy": 0.9},
@@ -346,7 +355,8 @@ def test_lower_is_better_and_a_missing_key_metric_shows_as_unknown(store: Mlflow
      "gpt-base has no version 9 (versions: 1, 2; aliases: challenger=2, champion=1)"),
     (["--model", "gpt-base", "--compare", "1", "best"],
      "gpt-base has no alias best (versions: 1, 2; aliases: challenger=2, champion=1)"),
-    (["--model", "gpt-nope", "--compare", "1", "2"], "no registered model named gpt-nope in sqlite:///{db} (models: gpt-base)"),
+    (["--model", "gpt-nope", "--compare", "1", "2"],
+     "no registered model named gpt-nope in sqlite:///{db} (models: gpt-base); " + missing_model_hint()),
     (["--compare", "1", "2"], "--compare needs --model NAME"),
     (["--model", "gpt-base", "--all"], "--all applies to --compare only"),
 ])

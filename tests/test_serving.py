@@ -25,9 +25,9 @@ from gpt.instruct import format_prompt
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
 from pipeline.stages import promote
-from pipeline.mlflow_models import instruct_generator, spam_classifier
+from pipeline.mlflow_models import gpt_generator, instruct_generator, spam_classifier
 from pipeline.mlflow_models.spam_classifier import predict_frame, signature
-from pipeline.tracking import log_gpt_model, log_pyfunc, stage_run
+from pipeline.tracking import log_pyfunc, stage_run
 
 MLFLOW = BIN / "mlflow"
 TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now"]
@@ -107,8 +107,8 @@ def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, 
                                                            bpe_dir: Path):
     torch.manual_seed(0)
     checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
-    uri = register_champion("gpt-base", lambda: log_gpt_model(checkpoint, bpe_dir, "gpt-base",
-                                                               metrics={"val_loss": 6.0}))
+    artifacts = {"checkpoint": checkpoint, "bpe": bpe_dir}
+    uri = register_champion("gpt-base", lambda: log_pyfunc(gpt_generator, artifacts, "gpt-base", None, {"val_loss": 6.0}))
     direct, tokenizer = load_model(checkpoint), load_tokenizer(bpe_dir)
     # One short prompt and one longer than the model's context, in one request: nothing fixes the length.
     prompts = ["Hello", "the cat sat on the mat " * 20]

@@ -20,10 +20,10 @@ from conftest import BIN, answers, free_port, stage_env, stop, wait_until
 from gpt.checkpoint import save_model
 from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
 from gpt.model import GPTConfig, GPTModel
-from pipeline.mlflow_models import spam_classifier
+from pipeline.mlflow_models import gpt_generator, spam_classifier
 from pipeline.mlflow_models.inputs import MAX_ROWS, MAX_TEXT_CHARS, InvalidInput, check_texts
 from pipeline.mlflow_models.spam_classifier import signature
-from pipeline.tracking import log_gpt_model, log_pyfunc
+from pipeline.tracking import log_pyfunc
 from test_serving import register_champion, served
 
 LEAKS = ("Traceback", 'File "', "/work", "site-packages", "/tmp")
@@ -78,8 +78,8 @@ def test_served_classifier_rejects_bad_input_with_400(store: MlflowClient, tmp_p
 def test_served_generator_rejects_an_empty_prompt(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     torch.manual_seed(0)
     checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
-    uri = register_champion("gpt-base", lambda: log_gpt_model(checkpoint, bpe_dir, "gpt-base",
-                                                                               metrics={"val_loss": 6.0}))
+    artifacts = {"checkpoint": checkpoint, "bpe": bpe_dir}
+    uri = register_champion("gpt-base", lambda: log_pyfunc(gpt_generator, artifacts, "gpt-base", None, {"val_loss": 6.0}))
     with served(uri, tmp_path) as (base, _):
         assert_rejected(base, {"inputs": {"prompt": ["Hello", ""]}, "params": {"max_new_tokens": 1}},
                         "row 2", "prompt", "empty")

@@ -19,10 +19,11 @@ from gpt.generate import generate_text
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
 from pipeline.errors import EXPECTED_ERRORS
+from pipeline.mlflow_models import gpt_generator
 from pipeline.params import check
 from pipeline.tracking import (
-    MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_gpt_model,
-    log_path, log_step_metrics, params_digest, run_group, stage_run, tracking_uri,
+    MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_path, log_pyfunc,
+    log_step_metrics, params_digest, run_group, stage_run, tracking_uri,
 )
 
 
@@ -135,10 +136,11 @@ def test_unreachable_server_fails_fast_with_one_clear_error(tmp_path: Path, monk
 def test_gpt_model_is_registered_as_code_and_generates(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     torch.manual_seed(0)
     checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
+    artifacts = {"checkpoint": checkpoint, "bpe": bpe_dir}
     with stage_run("pretrain", {"lr": 0.001}, {"train.bin": "cd" * 32}):
-        first = log_gpt_model(checkpoint, bpe_dir, "gpt-base")
-        second = log_gpt_model(checkpoint, bpe_dir, "gpt-base", tags={"corpus": "tiny"},
-                               metrics={"val_loss": 2.5, "device": "cpu", "champion": True})
+        first = log_pyfunc(gpt_generator, artifacts, "gpt-base", None, None)
+        second = log_pyfunc(gpt_generator, artifacts, "gpt-base", tags={"corpus": "tiny"},
+                            metrics={"val_loss": 2.5, "device": "cpu", "champion": True})
     assert (first.version, second.version) == (1, 2)
     assert second.tags["corpus"] == "tiny" and second.tags["metric.val_loss"] == "2.5"
     assert "metric.device" not in second.tags and "metric.champion" not in second.tags  # numbers only

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from pathlib import Path
 
 # name -> ("module:function" taking argv, one-line help). Targets are imported only when used,
 # so `llm-pipeline --help` does not wait for torch or MLflow to load.
 COMMANDS = {
     "run": ("pipeline.commands.cli:run", "run the DVC pipeline (dvc repro) as one MLflow run group"),
+    "register": ("pipeline.commands.cli:register", "register the trained models of data/models in MLflow (no retraining)"),
     "flow": ("pipeline.flows:main", "run Prefect flows, or serve the scheduled deployment"),
     "generate": ("pipeline.commands.generate:main", "continue prompts with the pretrained GPT"),
     "chat": ("pipeline.commands.chat:main", "ask the instruction-finetuned model"),
@@ -24,6 +27,27 @@ COMMANDS = {
 }
 
 
+LOCK_WAIT_HELP = ("if another process holds the DVC repository's lock, wait up to this long for it, "
+                  "saying whom it waits for (default 0: fail at once, naming that process)")
+
+
+def _repro(prog: str, arguments: list[str], lock_wait_s: float, env: dict[str, str]) -> None:
+    """`dvc repro ARGUMENTS` in the current folder once its lock is free (pipeline.repro.run_dvc); exits with
+    DVC's status, or 1 with one line naming the process that holds the lock."""
+    from pipeline.errors import reporting_errors
+    from pipeline.repro import RepositoryBusy, run_dvc
+
+    with reporting_errors(prog, RepositoryBusy):
+        code = run_dvc([sys.executable, "-m", "dvc", "repro", *arguments], Path.cwd(), env, lock_wait_s)
+    sys.exit(code)
+
+
+def _run_group_env() -> dict[str, str]:
+    from pipeline.repro import RUN_GROUP_ENV, dvc_env
+
+    return dvc_env(os.environ.get(RUN_GROUP_ENV) or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+
+
 def run(argv: list[str]) -> None:
     """Run `dvc repro [TARGET...]` in the current folder; every stage it runs logs under one MLflow
     parent run (run group: $LLM_PIPELINE_RUN_GROUP, else the UTC start time)."""
@@ -32,19 +56,42 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--force", action="store_true", help="rerun stages even when DVC finds them up to date")
     parser.add_argument("--nproc", type=int, default=1,
                         help="pretrain with this many data-parallel processes (torchrun, DDP); default 1")
+    parser.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS", help=LOCK_WAIT_HELP)
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
-    from pipeline.repro import RUN_GROUP_ENV, dvc_env
     from pipeline.stages import PRETRAIN_LAUNCH_ENV
 
-    env = dvc_env(os.environ.get(RUN_GROUP_ENV) or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    env = _run_group_env()
     if args.nproc > 1:  # read by dvc.yaml's pretrain cmd
         env[PRETRAIN_LAUNCH_ENV] = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node={args.nproc}"
-    command = [sys.executable, "-m", "dvc", "repro", *args.targets]
-    if args.force:
-        command.append("--force")
-    sys.exit(subprocess.call(command, env=env))
+    _repro("run", [*args.targets, *(["--force"] if args.force else [])], args.lock_wait, env)
+
+
+def register(argv: list[str]) -> None:
+    """Bring the MLflow registry in line with the trained models in data/models, without retraining: rerun the
+    promote stage (`dvc repro --force --single-item promote`), which registers every training stage's output
+    the registry lacks, found by its content hash (tag model_sha256), so running it again, or after `dvc pull`
+    on another machine, adds no duplicate; then it moves the aliases under the promotion policy."""
+    parser = ArgumentParser(prog="llm-pipeline register", description=register.__doc__)
+    parser.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS", help=LOCK_WAIT_HELP)
+    args = parser.parse_args(argv)
+    from pipeline.errors import reporting_errors
+    from pipeline.stages import STAGES, TRAINERS
+
+    env = _run_group_env()
+    upstream = [*(stage.name for stage in TRAINERS.values()), "evaluate"]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *upstream], env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    with reporting_errors("register"):
+        try:
+            changed = [name for name in json.loads(status.stdout or "null") if name in STAGES]
+        except (ValueError, TypeError):
+            raise ValueError(f"dvc status failed: {(status.stderr.strip().splitlines() or ['?'])[-1]}") from None
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: outputs differ from dvc.lock (dvc status); `dvc pull` fetches "
+                             "pushed outputs, `dvc repro` retrains (and registers) what changed")
+    _repro("register", ["--force", "--single-item", "promote"], args.lock_wait, env)
 
 
 def serve(argv: list[str]) -> None:

@@ -50,10 +50,15 @@ def load_mlflow_model(uri: str, params_path: Path | None = Path("params.yaml")) 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import use_project_store
+    from pipeline.registry import missing_model_hint
+    from pipeline.tracking import absent_store, project_tracking, tracking_uri, use_project_store
 
+    store = tracking_uri(project_tracking(params_path))
+    if absent_store(store):  # reading must not create one
+        raise ValueError(f"{uri}: no MLflow store at {store}; {missing_model_hint()}")
     use_project_store(params_path)
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as exc:
-        raise ValueError(f"{uri}: {exc.message}") from None
+        hint = f"; {missing_model_hint()}" if uri.startswith("models:/") else ""
+        raise ValueError(f"{uri}: {exc.message}{hint}") from None

@@ -11,8 +11,9 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.errors import DataError, reporting_errors
 from pipeline.policy import key_tags, measure, metric_label
+from pipeline.registry import missing_model_hint
 from pipeline.stages import TRAINERS, RegisteredModel as ModelSpec
-from pipeline.tracking import PARAMS_DIGEST_TAG, configure, data_digests, differing_params, project_tracking, tracking_uri
+from pipeline.tracking import PARAMS_DIGEST_TAG, absent_store, configure, data_digests, differing_params, project_tracking, tracking_uri
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")
@@ -192,7 +193,8 @@ def compare(client: mlflow.MlflowClient, name: str, ref_a: str, ref_b: str, show
         model = client.get_registered_model(name)
     except MlflowException:
         models = ", ".join(sorted(m.name for m in _pages(client.search_registered_models))) or "none"
-        raise DataError(f"no registered model named {name} in {client.tracking_uri} (models: {models})") from None
+        raise DataError(f"no registered model named {name} in {client.tracking_uri} (models: {models}); "
+                        f"{missing_model_hint()}") from None
     versions = _pages(client.search_model_versions, f"name = '{name}'")
     a, b = _resolve(model, versions, ref_a), _resolve(model, versions, ref_b)
     rows = (_metric_rows(model, a, b) + _param_rows(client, a, b, show_all) + _data_rows(a, b)
@@ -207,9 +209,8 @@ def review(model: str | None = None, params_path: Path | None = Path("params.yam
     with `versions` (A, B), those two versions of `model` compared (see compare)."""
     tracking = project_tracking(params_path)
     uri = tracking_uri(tracking)
-    # Reading must not create a store: an absent sqlite file means nothing was logged yet.
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return f"no MLflow store at {uri}; run the pipeline first (dvc repro)"
+    if absent_store(uri):  # reading must not create one
+        return f"no MLflow store at {uri}; {missing_model_hint()}"
     configure(tracking)
     client = mlflow.MlflowClient()
     if versions is not None:
@@ -218,11 +219,11 @@ def review(model: str | None = None, params_path: Path | None = Path("params.yam
         try:
             models = [client.get_registered_model(model)]
         except MlflowException:
-            return f"no registered model named {model} in {uri}"
+            return f"no registered model named {model} in {uri}; {missing_model_hint()}"
     else:
         models = sorted(_pages(client.search_registered_models), key=lambda m: m.name)
         if not models:
-            return f"no registered models in {uri}"
+            return f"no registered models in {uri}; {missing_model_hint()}"
     rows, empty = [], []
     for registered in models:
         versions = _pages(client.search_model_versions, f"name = '{registered.name}'")

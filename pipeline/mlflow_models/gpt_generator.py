@@ -1,6 +1,8 @@
 """MLflow pyfunc model (logged as code): prompts in column `prompt` to generated text in `text`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
@@ -26,6 +28,12 @@ SIGNATURE = ModelSignature(
 DEFAULTS = {spec.name: spec.default for spec in SIGNATURE.params.params}
 # Logged with the model (serving_input_example.json) and predicted once before registering it.
 INPUT_EXAMPLE = (pd.DataFrame({"prompt": ["Hello"]}), {"max_new_tokens": 1})
+ARTIFACT = "checkpoint"  # the artifact holding the checkpoint folder
+
+
+def folder_signature(folder: Path) -> ModelSignature:
+    """The signature of a model logged from checkpoint `folder`: SIGNATURE, whatever the folder."""
+    return SIGNATURE
 
 
 class GPTGenerator(PythonModel):
@@ -33,7 +41,7 @@ class GPTGenerator(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         device = pick_device("auto")
-        self.model = load_model(context.artifacts["checkpoint"], device=device).eval()
+        self.model = load_model(context.artifacts[ARTIFACT], device=device).eval()
         self.tokenizer = load_tokenizer(context.artifacts["bpe"])
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,

@@ -1,12 +1,15 @@
 """MLflow pyfunc model (logged as code): columns `instruction` and optional `input` to the response in `text`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModelContext
 from mlflow.types.schema import ColSpec, Schema
 
 from gpt.instruct import format_prompt
+from pipeline.mlflow_models.gpt_generator import ARTIFACT as GPT_ARTIFACT
 from pipeline.mlflow_models.gpt_generator import SIGNATURE as GPT_SIGNATURE
 from pipeline.mlflow_models.gpt_generator import GPTGenerator
 from pipeline.mlflow_models.inputs import check_texts
@@ -18,6 +21,12 @@ SIGNATURE = ModelSignature(
 )
 # Logged with the model (serving_input_example.json) and predicted once before registering it.
 INPUT_EXAMPLE = (pd.DataFrame({"instruction": ["Name a primary color."], "input": [""]}), {"max_new_tokens": 1})
+ARTIFACT = GPT_ARTIFACT  # a checkpoint folder, as GPTGenerator loads it
+
+
+def folder_signature(folder: Path) -> ModelSignature:
+    """The signature of a model logged from checkpoint `folder`: SIGNATURE, whatever the folder."""
+    return SIGNATURE
 
 
 class InstructGenerator(GPTGenerator):

@@ -1,6 +1,7 @@
 """MLflow pyfunc classifier (logged as code): texts in column `text` to `label` and a `p_<label>` column per class."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -9,7 +10,7 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from gpt.classifier import ClassifierSpec, classify_texts, load_classifier
+from gpt.classifier import ClassifierSpec, classify_texts, load_classifier, read_spec
 from gpt.model import GPTModel
 from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
@@ -25,6 +26,7 @@ SIGNATURE = ModelSignature(
 )
 # Logged with the model (serving_input_example.json) and predicted once before registering it.
 INPUT_EXAMPLE = (pd.DataFrame({"text": ["You won a free prize! Text WIN to claim it now."]}), {"batch_size": 1})
+ARTIFACT = "classifier"  # the artifact holding the classifier folder
 
 
 def probability_column(label: str) -> str:
@@ -37,6 +39,11 @@ def signature(labels: Sequence[str]) -> ModelSignature:
     columns = [ColSpec("double", probability_column(label)) for label in labels]
     return ModelSignature(inputs=SIGNATURE.inputs, outputs=Schema([*SIGNATURE.outputs.inputs, *columns]),
                           params=SIGNATURE.params)
+
+
+def folder_signature(folder: Path) -> ModelSignature:
+    """The signature of a model logged from classifier `folder`: its labels' probability columns."""
+    return signature(read_spec(folder).labels)
 
 
 def predict_frame(model: GPTModel, spec: ClassifierSpec, tokenizer: tiktoken.Encoding, texts: list[str],
@@ -53,7 +60,7 @@ class Classifier(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         device = pick_device("auto")
-        self.model, self.spec = load_classifier(context.artifacts["classifier"], device=device)
+        self.model, self.spec = load_classifier(context.artifacts[ARTIFACT], device=device)
         self.tokenizer = load_tokenizer(context.artifacts["bpe"])
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from gpt.files import atomic_write_json
 from pipeline.errors import reporting_errors
-from pipeline.layout import METRICS, REPORTS
+from pipeline.layout import BASE_MODEL_DIR, CLASSIFIER_MODEL_DIR, INSTRUCT_MODEL_DIR, METRICS, REPORTS
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class RegisteredModel:
     val_tag: str               # the key metric on the validation split: what promote decides on
     test_tag: str              # on the test split: reported (the same as val_tag where there is no test split)
     others: tuple[str, ...]    # version tags `review` and the model card show beside it
+    folder: Path               # the stage's output model folder: what a version holds
+    flavour: str               # the pyfunc module (models from code) that serves it; it names its folder
+                               # artifact ARTIFACT and its signature folder_signature(folder)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Stage:
     module: str
     metrics: Path | None = None  # the handful of numbers people compare (dvc metrics show, dvc exp show)
     report: Path | None = None   # an output, not a metric: statistics, input hashes; a training stage's
-                                 # also holds the version it registered, as registered_version
+                                 # (and evaluate's) also holds its model's output_digest, as model_sha256
     compared: tuple[str, ...] = ()  # the metrics file's keys
     model: RegisteredModel | None = None
     # An environment variable that may replace `python` in the command (pretrain: torchrun).
@@ -84,7 +87,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
               # evaluate tags the version with the loss over the whole val split; the corpus has no test split.
               "gpt-base", "The pretrained GPT: a text generator, and the base the finetuning stages start from.",
               higher_is_better=False, val_tag="eval.val_loss", test_tag="eval.val_loss",
-              others=("eval.val_perplexity", "metric.train_loss", "metric.steps", "metric.tokens_per_s"))),
+              others=("eval.val_perplexity", "metric.train_loss", "metric.steps", "metric.tokens_per_s"),
+              folder=BASE_MODEL_DIR, flavour="pipeline.mlflow_models.gpt_generator")),
     Stage("evaluate", "pipeline.stages.evaluate", METRICS / "evaluate.json", REPORTS / "evaluate.json",
           compared=("val_loss",)),
     Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json",
@@ -93,7 +97,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
               "gpt-spam-classifier", "The GPT base finetuned to classify texts (by default SMS messages as ham or "
               "spam); returns each text's label and class probabilities.",
               higher_is_better=True, val_tag="metric.val_accuracy", test_tag="metric.test_accuracy",
-              others=("metric.test_macro_f1", "metric.train_accuracy"))),
+              others=("metric.test_macro_f1", "metric.train_accuracy"),
+              folder=CLASSIFIER_MODEL_DIR, flavour="pipeline.mlflow_models.spam_classifier")),
     Stage("finetune_instruct", "pipeline.stages.finetune_instruct", METRICS / "finetune_instruct.json",
           REPORTS / "finetune_instruct.json", ("val_rouge_l_f1", "rouge_l_f1", "test_loss", "judge_score"),
           model=RegisteredModel(
@@ -101,12 +106,21 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
               "gpt-instruct", "The GPT base finetuned to follow instructions (Alpaca-style prompt); returns "
               "a greedy or sampled response.",
               higher_is_better=True, val_tag="metric.val_rouge_l_f1", test_tag="metric.rouge_l_f1",
-              others=("metric.token_f1", "metric.test_loss", "metric.judge_score"))),
+              others=("metric.token_f1", "metric.test_loss", "metric.judge_score"),
+              folder=INSTRUCT_MODEL_DIR, flavour="pipeline.mlflow_models.instruct_generator")),
     # Last, so `models:/<name>@champion` is settled once `dvc repro` ends.
     Stage("promote", "pipeline.stages.promote", report=REPORTS / "promote.json"),
 )}
 # The registered models, each with the stage that trains it.
 TRAINERS: dict[str, Stage] = {stage.model.name: stage for stage in STAGES.values() if stage.model}
+
+
+def registered_by(stage: Stage) -> list[RegisteredModel]:
+    """The models whose outputs `stage` may register (their pyfunc code is then its code too): a training
+    stage its own; promote every one the registry lacks (pipeline.registry.register_outputs)."""
+    if stage.model:
+        return [stage.model]
+    return [trainer.model for trainer in TRAINERS.values()] if stage.name == "promote" else []
 
 
 def command_line(name: str, main: Callable[[Path], None]) -> None:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from gpt.files import atomic_dir, atomic_write_json, sha256_file
 from gpt.tokenizer import BPE_FILES
-from pipeline.fetch import (FetchError, MissingError, Source, env_offline, fetch_tracked, fetch_with_origin,
+from pipeline.fetch import (FetchError, MissingError, NetworkError, Source, env_offline, fetch_tracked, fetch_with_origin,
                            resolve_mirror)
 from pipeline.layout import BPE_DIR, RAW, TRACKED
 from pipeline.params import (DOWNLOAD_SOURCES, FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section,
@@ -114,8 +114,8 @@ def fetch_all(plan: list[tuple[str, Source]], dest: Path, mirror: Path | None, o
         print(f"download: {rows[-1]['file']} <- {came_from}")
     if missing:
         why = "offline" if offline else "could not be downloaded"  # unreachable, or cut short: see last error
-        raise FetchError(f"{len(missing)} file(s) not in mirror {mirror or '(none)'} and {why}: "
-                         + "; ".join(missing))
+        error = FetchError if offline else NetworkError  # only the network may do better on another try
+        raise error(f"{len(missing)} file(s) not in mirror {mirror or '(none)'} and {why}: " + "; ".join(missing))
     return rows
 
 

@@ -5,6 +5,7 @@ import math
 import time
 from pathlib import Path
 
+import mlflow
 import torch
 
 from gpt.checkpoint import load_model
@@ -16,7 +17,7 @@ from gpt.train import evaluate_loss, pick_device, window_losses
 from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, PRETRAIN_TOKENS, SAMPLES
 from pipeline.params import DEVICE, Float, Int, List, Section, Str, load_params
 from pipeline.policy import standard_error
-from pipeline.registry import registered_version
+from pipeline.registry import DIGEST_TAG, evaluation_tags, find_version, output_digest
 from pipeline.stages import STAGES, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
@@ -52,7 +53,7 @@ def main(params_path: Path) -> None:
     device = pick_device(cfg["device"])
     model = load_model(BASE_MODEL_DIR, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
-    version = int(registered_version(PRETRAIN.report))
+    digest = output_digest(BASE_MODEL_DIR)  # what a registered version of this model is tagged with
     # The run opens before any output is written: an unreachable tracking server leaves the old ones.
     with stage_run("evaluate", cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
         val = val_scores(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
@@ -80,9 +81,12 @@ def main(params_path: Path) -> None:
         atomic_write_json(SAMPLES_FILE, samples)
         log_step_metrics(metrics, step=0)
         log_path(SAMPLES_FILE)
-        # The registry entry of the evaluated model carries its evaluation, for review.
-        tag_model_version(PRETRAIN.model.name, version, {f"eval.{k}": v for k, v in metrics.items()})
-    STAGES["evaluate"].write_results({**metrics, "registered_version": version})
+        # The registry entry of the evaluated model carries its evaluation, for review. A registry that lost
+        # it gets it back, with these tags from this stage's report, from promote (pipeline.registry).
+        version = find_version(mlflow.MlflowClient(), PRETRAIN.model.name, digest)
+        if version is not None:
+            tag_model_version(PRETRAIN.model.name, version.version, evaluation_tags(metrics))
+    STAGES["evaluate"].write_results({**metrics, DIGEST_TAG: digest})
 
 
 if __name__ == "__main__":

@@ -32,18 +32,17 @@ from gpt.tokenizer import load_tokenizer
 from gpt.train import pick_device
 from pipeline.errors import DataError
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
-from pipeline.mlflow_models import spam_classifier
 from pipeline.layout import (BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS as SPLITS_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR,
                              PLOTS)
 from pipeline.params import Float, Int, Section, Str, load_params
 from pipeline.plots import plot_confusion, plot_curves, write_rows
 from pipeline.policy import standard_error
+from pipeline.registry import DIGEST_TAG, register_trained
 from pipeline.stages import STAGES, command_line
 from pipeline.tracking import (
     MLFLOW_SECTION,
     log_history,
     log_path,
-    log_pyfunc,
     log_step_metrics,
     stage_run,
 )
@@ -268,20 +267,19 @@ def main(params_path: Path) -> None:
             print(f"{split}: accuracy {report['accuracy']:.4f}, macro precision {report['macro_precision']:.4f}, "
                   f"recall {report['macro_recall']:.4f}, F1 {report['macro_f1']:.4f}")
         save_classifier(model, data.spec, MODEL_DIR, extra={"stage": "finetune_classifier", "base": cfg["base"],
-                                                            "metrics": flat, "data": data.hashes})
+                                                            "metrics": flat, "data": data.hashes, "sizes": sizes})
         write_plots(history, data, predictions["test"], reports["test"]["confusion"])
         log_history(history)
         log_step_metrics(flat, step=history[-1]["step"])
         for path in (CURVE_PNG, CURVE_CSV, EVAL_CSV, CONFUSION_JSON, CONFUSION_PNG):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
-        version = log_pyfunc(spam_classifier, {"classifier": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
-                             {"base": cfg["base"]}, flat, signature=spam_classifier.signature(labels))
+        version = register_trained(STAGE)
         STAGE.write_results({
             **reports, "max_length": data.spec.max_length,
             "steps": history[-1]["step"], "trainable_parameters": trainable, "parameters": count_parameters(model),
             "train_time_s": round(history[-1]["elapsed_s"], 2), "wall_time_s": round(time.perf_counter() - started, 2),
-            "device": device.type, "registered_version": int(version.version)}, flat)
+            "device": device.type, DIGEST_TAG: version.tags[DIGEST_TAG]}, flat)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from gpt.train import pick_device
 from pipeline import judge
 from pipeline.errors import DataError
 from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
-from pipeline.mlflow_models import instruct_generator
 from pipeline.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCTION_TOKENS as SPLITS, PLOTS, SAMPLES
 from pipeline.params import Bool, Int, Section, load_params
 from pipeline.plots import plot_curves, write_rows
 from pipeline.policy import standard_error
 from pipeline.stages import STAGES, command_line
-from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, log_pyfunc, stage_run
+from pipeline.registry import DIGEST_TAG, register_trained
+from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
 
 STAGE = STAGES["finetune_instruct"]
 RESPONSES_FILE = SAMPLES / "instruct_responses.json"
@@ -169,16 +169,15 @@ def main(params_path: Path) -> None:
             "device": device.type,
         }
         save_model(model, MODEL_DIR, extra={"stage": "finetune_instruct", "base": cfg["base"], "data": data_hashes,
-                                            "metrics": metrics})
+                                            "sizes": sizes, "metrics": metrics})
         atomic_write_json(RESPONSES_FILE, responses)
         write_curves(history)
         log_history(history)
         for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
-        version = log_pyfunc(instruct_generator, {"checkpoint": MODEL_DIR, "bpe": BPE_DIR}, STAGE.model.name,
-                             {"base": cfg["base"]}, metrics)
-        STAGE.write_results({**metrics, "registered_version": int(version.version)})
+        version = register_trained(STAGE)
+        STAGE.write_results({**metrics, DIGEST_TAG: version.tags[DIGEST_TAG]})
 
 
 if __name__ == "__main__":

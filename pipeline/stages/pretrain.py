@@ -23,7 +23,8 @@ from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, DATA, PLOTS, PRETRAIN_TOKEN
 from pipeline.params import DEVICE, Bool, Int, Section, Str, config_specs, load_params
 from pipeline.plots import plot_curves, write_rows
 from pipeline.stages import STAGES, command_line
-from pipeline.tracking import MLFLOW_SECTION, log_gpt_model, log_history, log_path, stage_run
+from pipeline.registry import DIGEST_TAG, register_trained
+from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
 
 STAGE = STAGES["pretrain"]
 CHECKPOINTS = DATA / "checkpoints" / "pretrain"
@@ -147,14 +148,15 @@ def main(params_path: Path) -> None:
         finally:
             progress.bar.close()
         metrics = run_metrics(trainer, state)
-        save_model(model, BASE_MODEL_DIR, extra={"stage": "pretrain", "metrics": metrics, "data": data_hashes})
+        save_model(model, BASE_MODEL_DIR, extra={"stage": "pretrain", "metrics": metrics, "data": data_hashes,
+                                                 "sizes": sizes})
         write_curves(state.history)
         atomic_write_json(SAMPLES_FILE, progress.samples)
         log_history(state.history)
         for path in (PLOTS / "pretrain_loss.png", PLOTS / "pretrain_loss.csv", SAMPLES_FILE):
             log_path(path)
-        version = log_gpt_model(BASE_MODEL_DIR, BPE_DIR, STAGE.model.name, metrics=metrics)
-        STAGE.write_results({**metrics, "registered_version": int(version.version)})
+        version = register_trained(STAGE)
+        STAGE.write_results({**metrics, DIGEST_TAG: version.tags[DIGEST_TAG]})
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
     # a failed run with new params keeps the resume point of the old ones.
     for stale in CHECKPOINTS.glob("*"):

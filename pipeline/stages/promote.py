@@ -15,7 +15,7 @@ from pipeline.errors import DataError
 from pipeline.layout import SAMPLES
 from pipeline.model_card import write_card
 from pipeline.params import load_params
-from pipeline.registry import CHALLENGER, CHAMPION, registered_version
+from pipeline.registry import CHALLENGER, CHAMPION, check_outputs, register_outputs
 from pipeline.stages import STAGES, TRAINERS, command_line
 from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 
@@ -72,9 +72,6 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: M
     reported = policy.measure(spec, candidate.tags, "test", f"{name} version {version}")
     if mine.value is None and champion is not None and str(champion.version) != version:
         raise DataError(f"{name}: version {version} has no {mine.tag} tag to decide on")
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if registered.description != spec.summary:
-        client.update_registered_model(name, description=spec.summary)
     record: dict[str, Any] = {
         "version": int(version), "decide_on": split, "metric": policy.metric_label(mine.tag), "value": mine.value,
         "se": mine.se, "test_metric": policy.metric_label(reported.tag), "test_value": reported.value,
@@ -91,13 +88,18 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: M
         decision, reason = (PROMOTED if verdict.won else KEPT), verdict.reason
         record.update(champion_version=int(champion.version), champion_value=theirs.value, gain=verdict.gain,
                       needed=verdict.needed)
-    if decision == PROMOTED:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    # Tags and card first, aliases last: killed in between, a rerun meets the same champion, takes the same
+    # decision and writes the same tags, so no version ends up champion without the decision that made it.
     if decision != ALREADY:  # a rerun keeps the tags and card of the decision that made it champion
         compared = "none" if champion is None else f"version {champion.version}"
         tag_model_version(name, version, {"promotion.decision": decision, "promotion.compared_with": compared,
                                           "promotion.reason": reason}, client)
         write_card(client, spec, candidate, champion, decision, verdict, rules, sample_outputs)
+    if registered.description != spec.summary:
+        client.update_registered_model(name, description=spec.summary)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if decision == PROMOTED:
+        client.set_registered_model_alias(name, CHAMPION, version)
     return {"model": name, **record, "decision": decision, "reason": reason,
             "champion": int(version) if decision != KEPT else int(champion.version)}
 
@@ -111,15 +113,19 @@ def describe(record: dict[str, Any]) -> str:
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
     rules = params["promote"]
-    # Every input is read before any alias moves, so bad input changes nothing.
-    versions = {name: registered_version(stage.report) for name, stage in TRAINERS.items()}
+    check_outputs()  # every input is read before anything is registered or an alias moves
     outputs = {name: samples(name) for name in TRAINERS}
     hashes = {path.name: sha256_file(path) for path in INPUTS}
+    # Every training stage's output in the registry before any alias moves: found by content, or registered
+    # now from data/models when the registry lacks it (emptied, replaced, or another machine's after dvc pull).
+    versions = register_outputs(params_path, params["mlflow"])
+    for name, (version, registered) in versions.items():
+        if registered:
+            print(f"{name}: registered version {version.version} from {TRAINERS[name].model.folder} "
+                  "(the registry did not hold this output)")
     with stage_run("promote", rules, hashes, params["mlflow"]):
         client = mlflow.MlflowClient()
-        for name, version in versions.items():  # fail on a missing version before deciding anything
-            _version(client, name, version)
-        records = [promote(client, name, versions[name], rules, outputs[name]) for name in TRAINERS]
+        records = [promote(client, name, versions[name][0].version, rules, outputs[name]) for name in TRAINERS]
         for record in records:
             print(describe(record))
         mlflow.log_params({f"decision.{r['model']}": f"{r['decision']} (version {r['version']})" for r in records})

@@ -1,0 +1,247 @@
+"""The registry and DVC's outputs never disagree: a lost registry is registered again from data/models without
+retraining or duplicates, and a stage killed anywhere leaves, after a rerun, the registry an uninterrupted run does."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import BIN, answers, copy_repo, free_port, run_stage, sh, stage_env, stop, wait_until
+from gpt.checkpoint import save_model
+from gpt.model import GPTConfig, GPTModel
+from pipeline.registry import CHAMPION, DIGEST_TAG, LEFTOVER_TAG, REGISTERED_FROM_TAG, register_trained
+from pipeline.stages import STAGES, TRAINERS
+from pipeline.tracking import stage_run
+
+LLM_PIPELINE = str(BIN / "llm-pipeline")
+# Tags whose values are wall times or speeds: two runs of the same params never agree on them.
+TIMING = re.compile(r"(time|_per_s)")
+RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def registry_state(uri: str) -> dict:
+    """What a reviewer sees: per model its aliases and description, per version its tags (timings left out)
+    and its card with run ids blanked."""
+    client = MlflowClient(uri)
+    state = {}
+    for model in client.search_registered_models():
+        versions = client.search_model_versions(f"name = '{model.name}'")
+        state[model.name] = {
+            "aliases": {alias: str(number) for alias, number in model.aliases.items()}, "description": model.description,
+            "versions": {str(v.version): ({k: t for k, t in v.tags.items() if not TIMING.search(k)},
+                                     RUN_ID.sub("<run>", v.description or "")) for v in versions}}
+    return state
+
+
+# -- a lost or replaced registry --------------------------------------------------------------------------
+
+@pytest.fixture
+def trained(small_pipeline, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the scratch DVC repo after a full `dvc repro` with small training params."""
+    template, env, _ = small_pipeline
+    return copy_repo(template, tmp_path), env
+
+
+def cli(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LLM_PIPELINE, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
+    repo, env = trained
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    # Read from a copy: this process keeps a connection open to a store it read, which would follow the
+    # file when it moves.
+    shutil.copy(repo / "mlflow.db", repo.parent / "before.db")
+    before = registry_state(f"sqlite:///{repo.parent / 'before.db'}")
+    assert {name: model["aliases"] for name, model in before.items()} == {
+        name: {CHAMPION: "1", "challenger": "1"} for name in TRAINERS}
+
+    (repo / "mlflow.db").rename(repo.parent / "lost.db")  # out of the work tree: git stays clean
+    assert "Data and pipelines are up to date" in sh(repo, env, str(BIN / "dvc"), "repro")  # DVC cannot tell
+    review = cli(repo, env, "review")
+    assert review.returncode == 0 and "`llm-pipeline register` registers the trained models" in review.stdout
+    classify = cli(repo, env, "classify", "--model", "models:/gpt-spam-classifier@champion", "Win a prize now")
+    assert classify.returncode == 1 and len(classify.stderr.strip().splitlines()) == 1
+    assert "`llm-pipeline register`" in classify.stderr
+
+    first = cli(repo, env, "register")
+    assert first.returncode == 0, first.stderr
+    for name, stage in TRAINERS.items():
+        assert f"{name}: registered version 1 from {stage.model.folder} (the registry did not hold this output)" \
+            in first.stdout
+    after = registry_state(uri)
+    for name, model in after.items():  # the same versions, aliases and metrics, now marked as registered later
+        assert model["aliases"] == before[name]["aliases"] and set(model["versions"]) == {"1"}
+        tags, old = dict(model["versions"]["1"][0]), dict(before[name]["versions"]["1"][0])
+        assert tags.pop(REGISTERED_FROM_TAG) == "outputs" and old.pop(REGISTERED_FROM_TAG) == "training"
+        assert {k: v for k, v in tags.items() if k != "run_group"} == {k: v for k, v in old.items() if k != "run_group"}
+    assert "up to date" in sh(repo, env, str(BIN / "dvc"), "status")  # DVC recorded promote's rerun
+
+    again = cli(repo, env, "register")
+    assert again.returncode == 0 and "registered version" not in again.stdout
+    assert "gpt-base version 1: already_champion" in again.stdout
+    assert registry_state(uri) == after  # a second run registers nothing more
+    classify = cli(repo, env, "classify", "--model", "models:/gpt-spam-classifier@champion", "Win a prize now")
+    assert classify.returncode == 0, classify.stderr
+
+
+def test_a_fresh_tracking_server_gets_the_outputs_once(trained, tmp_path: Path):
+    repo, env = trained
+    port, log = free_port(), tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                                   "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until("mlflow server", lambda: answers(f"http://127.0.0.1:{port}/health"), server, log)
+        url = f"http://127.0.0.1:{port}"
+        served = {**env, "MLFLOW_TRACKING_URI": url}
+        assert "no registered models in http" in cli(repo, served, "review").stdout
+        result = cli(repo, served, "register")  # (running it twice is the sqlite test's)
+        assert result.returncode == 0, result.stderr
+        state = registry_state(url)
+        assert {name: (model["aliases"], set(model["versions"])) for name, model in state.items()} == {
+            name: ({CHAMPION: "1", "challenger": "1"}, {"1"}) for name in TRAINERS}
+        digests = {name: model["versions"]["1"][0][DIGEST_TAG] for name, model in state.items()}
+        local = registry_state(f"sqlite:///{repo / 'mlflow.db'}")
+        assert digests == {name: model["versions"]["1"][0][DIGEST_TAG] for name, model in local.items()}
+        base_tags = state["gpt-base"]["versions"]["1"][0]
+        assert "eval.val_loss" in base_tags and base_tags[REGISTERED_FROM_TAG] == "outputs"
+        rows = cli(repo, served, "review").stdout.splitlines()[1:]
+        assert sorted(row.split()[:2] for row in rows) == sorted([name, "1"] for name in TRAINERS)
+    finally:
+        stop(server)
+
+
+# -- killed anywhere -------------------------------------------------------------------------------------
+
+CHAIN = ("pretrain", "evaluate", "finetune_classifier", "finetune_instruct", "promote")
+KILLED = ("pretrain", "finetune_classifier", "finetune_instruct", "promote")
+
+
+def _registered(db: Path) -> int | None:
+    # What a stage has left in the registry so far: versions, and promote's decision tags (None: busy).
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as connection:
+            versions = connection.execute("SELECT count(*) FROM model_versions").fetchone()[0]
+            decisions = connection.execute(
+                "SELECT count(*) FROM model_version_tags WHERE key = 'promotion.decision'").fetchone()[0]
+    except sqlite3.OperationalError as exc:  # the store's tables are not there yet, or it is being written
+        return 0 if "no such table" in str(exc) else None
+    return versions + decisions
+
+
+@pytest.fixture(scope="module")
+def baseline(small_pipeline, tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict:
+    """An uninterrupted run of the training chain, stage by stage, on the small pipeline's tokens and a new
+    store: a copy of the project before each stage that a test kills, the registry after it, its duration."""
+    template = small_pipeline[0]
+    root = tmp_path_factory.mktemp("chain")
+    project = root / "project"
+    for path in ("data/raw", "data/tokens"):
+        shutil.copytree(template / path, project / path)
+    shutil.copy(template / "params.yaml", project / "params.yaml")
+    found: dict = {}
+    for stage in CHAIN:
+        if stage in KILLED:
+            shutil.copytree(project, root / f"before-{stage}")
+        start = time.monotonic()
+        result = run_stage(project, stage, mirror, LLM_PIPELINE_RUN_GROUP="g")
+        assert result.returncode == 0, result.stderr
+        found[stage] = (root / f"before-{stage}", registry_state(f"sqlite:///{project / 'mlflow.db'}"),
+                        time.monotonic() - start)
+    return found
+
+
+def run_killed(project: Path, stage: str, mirror: Path, seconds: float | None) -> str:
+    """Run `stage` in project and SIGKILL it `seconds` after its start, or (None) as soon as it has written to
+    the registry; say what happened (it may end first)."""
+    proc = subprocess.Popen([sys.executable, "-m", STAGES[stage].module], cwd=project,
+                            env=stage_env(mirror, LLM_PIPELINE_RUN_GROUP="g"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db, start = project / "mlflow.db", time.monotonic()
+    while (written := _registered(db)) is None:
+        time.sleep(0.02)
+    while proc.poll() is None:
+        now = _registered(db)
+        if (time.monotonic() - start >= seconds) if seconds is not None else (now is not None and now > written):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    code = proc.wait()
+    return f"killed after {time.monotonic() - start:.1f} s" if code == -signal.SIGKILL else f"ended ({code})"
+
+
+@pytest.mark.parametrize("stage", KILLED)
+def test_kill_9_anywhere_then_rerun_leaves_the_uninterrupted_registry(baseline, stage, mirror, tmp_path):
+    """Killed at a random point, then killed again right after the rerun first writes to the registry (it
+    writes nothing new when the first run got that far), then run to the end: the registry an uninterrupted
+    run leaves."""
+    before, expected, seconds = baseline[stage]
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 1000))
+    point = random.Random(seed).uniform(0, seconds)
+    project = tmp_path / "project"
+    shutil.copytree(before, project)
+    first = run_killed(project, stage, mirror, point)
+    second = run_killed(project, stage, mirror, None)
+    print(f"{stage} (KILL_SEED={seed}): at {point:.1f} of {seconds:.1f} s {first}; after registering {second}")
+    result = run_stage(project, stage, mirror, LLM_PIPELINE_RUN_GROUP="g")
+    assert result.returncode == 0, result.stderr
+    state = registry_state(f"sqlite:///{project / 'mlflow.db'}")
+    assert state == expected, f"{stage}: {first}, then {second} (KILL_SEED={seed})"
+    assert not any(LEFTOVER_TAG in tags for model in state.values() for tags, _ in model["versions"].values())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id],
+                              f"tags.stage = '{stage}' AND attributes.status = 'RUNNING'")
+    assert runs == []  # the killed runs were ended (KILLED, tagged interrupted) by the next run
+
+
+KILLED_AFTER_REGISTERING = """
+import os, signal
+from pipeline.registry import register_trained
+from pipeline.stages import STAGES
+from pipeline.tracking import stage_run
+with stage_run("pretrain", {"seed": 1}):
+    register_trained(STAGES["pretrain"])
+    os.kill(os.getpid(), signal.SIGKILL)  # before DVC could keep the stage's outputs
+"""
+
+
+def test_a_killed_runs_version_that_no_output_holds_is_tagged_leftover(store: MlflowClient, tmp_path: Path, bpe_dir):
+    """When the rerun after a kill trains another model (training that does not repeat bit for bit), the
+    killed run's version stays, tagged leftover, and its run is ended as KILLED."""
+    folder = STAGES["pretrain"].model.folder
+    shutil.copytree(bpe_dir, tmp_path / "data/raw/gpt2_bpe")
+
+    def save(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_model(GPTModel(GPTConfig(vocab_size=50257, context_length=8, emb_dim=8, n_heads=2, n_layers=1)), folder,
+                   extra={"metrics": {"train_loss": 1.0 + seed}, "data": {"train.bin": "ab" * 32}})
+
+    save(1)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_REGISTERING], cwd=tmp_path, env=stage_env(None),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    save(2)
+    with stage_run("pretrain", {"seed": 2}):
+        rerun = register_trained(STAGES["pretrain"])
+    first = store.get_model_version("gpt-base", "1")
+    assert str(rerun.version) == "2" and first.tags[DIGEST_TAG] != rerun.tags[DIGEST_TAG]
+    assert first.tags[LEFTOVER_TAG] == (f"registered by run {first.run_id}, which did not finish its stage (KILLED); "
+                                        "version 2 holds the stage's output")
+    run = store.get_run(first.run_id)
+    assert run.info.status == "KILLED" and "ended without ending the run" in run.data.tags["interrupted"]
+    assert LEFTOVER_TAG not in store.get_model_version("gpt-base", "2").tags
