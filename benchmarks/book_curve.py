@@ -6,14 +6,14 @@
 Trains what `python -m pipeline.presets apply book && dvc repro pretrain` trains: params.yaml's
 pretrain section with the book preset laid over it (then any --set), on the-verdict from the mirror,
 cut 90/10 as the tokenize stage cuts it, once per seed. At some of the book's evaluation points it records
-the loss of every train window and of the val windows (evaluation draws no random numbers, so the
-runs train exactly as the stage does), and prints per step, over the seeds (mean, min-max):
-  train, first 5 batches - the preset's own estimate (gpt.train.Trainer.evaluate: the first
-                           eval_batches batches, in order)
-  train, 5 shuffled      - the book's estimate (the first 5 batches of a freshly shuffled loader;
-                           here 5 batches drawn from a generator of their own)
-  train, all windows     - the loss the estimates estimate
-  val                    - the val windows (2)
+the losses of every train window and of the val windows (drawing no random numbers, so the runs
+train exactly as the stage does) and the trainer's own train estimate, and prints per step and seed:
+  train_estimate - gpt.train.Trainer.evaluate's: under the preset's random_stream book, the book's
+                   (5 batches of a freshly shuffled loader, drawn from the same generator); under
+                   seeded, the first 5 batches in order (train_first, as evaluations then fall on
+                   other steps)
+  train_all      - the loss the estimates estimate
+  val            - the val windows (2)
 and the book's published figures (Raschka, "Build a Large Language Model (From Scratch)", ch. 5,
 the chapter's notebook output, 10 epochs). The book counts its first update as step 0 and
 evaluates every 5 steps from there, so step s is after s + 1 updates; this script evaluates after
@@ -71,29 +71,28 @@ def corpus_tokens(params: dict, mirror: Path, out: Path) -> tuple[np.ndarray, np
 
 
 def run(cfg: dict, seed: int, train: np.ndarray, val: np.ndarray) -> tuple[dict[int, dict[str, float]], list[float]]:
-    """One training run of the preset with `seed`: the four losses at STEPS (the book's numbering: step s is
+    """One training run of the preset with `seed`: the losses at STEPS (the book's numbering: step s is
     after s + 1 updates), and every step's batch loss."""
-    cfg = {**cfg, "seed": seed, "eval_every": 0, "sample_every": 0, "checkpoint_every": 0}
+    # eval_every stays: under random_stream book the trainer's evaluations draw from the generator as the
+    # book's do, so they are part of the run being measured.
+    cfg = {**cfg, "seed": seed, "sample_every": 0, "checkpoint_every": 0}
     torch.manual_seed(seed)
     model = GPTModel(model_config(cfg))
     trainer = Trainer(model, train, val, train_config(cfg))
     batch, batches = cfg["batch_size"], cfg["eval_batches"]
-    shuffler = torch.Generator().manual_seed(seed)  # the book-style estimate's own draws
     curve: dict[int, dict[str, float]] = {}
 
     def on_event(kind: str, record: dict) -> None:
         step = record["step"] - 1  # the book's numbering
-        if kind != "step" or step not in STEPS:
+        if step not in STEPS:
             return
-        windows = window_losses(model, train, batch)  # every train window, in order
-        drawn = torch.randperm(len(windows), generator=shuffler)[: batch * batches].tolist()
-        curve[step] = {
-            "train_first": mean(windows[: batch * batches]),
-            "train_shuffled": mean(windows[i] for i in drawn),
-            "train_all": mean(windows),
-            "val": mean(window_losses(model, val, batch)),
-        }
-        print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[step].items()), flush=True)
+        if kind == "step":  # these evaluations draw no random numbers: the run trains as the stage does
+            windows = window_losses(model, train, batch)  # every train window, in order
+            curve[step] = {"train_first": mean(windows[: batch * batches]), "train_all": mean(windows),
+                           "val": mean(window_losses(model, val, batch))}
+        elif kind == "eval":  # the trainer's own estimate: under random_stream book, the book's
+            curve[step]["train_estimate"] = record["train_loss"]
+            print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[step].items()), flush=True)
     trainer.on_event = on_event
     return curve, [record["loss"] for record in trainer.run().history]
 
@@ -102,11 +101,11 @@ def table(curves: dict[int, dict[int, dict[str, float]]]) -> str:
     """Per step: the preset's train estimate and the val loss of every seed, their range, and the book's runs."""
     seeds = list(curves)
     lines = []
-    for key, column, name in (("train_first", 0, "train loss (the preset's estimate)"), ("val", 1, "val loss")):
+    for key, column, name in (("train_estimate", 0, "train loss (the preset's estimate)"), ("val", 1, "val loss")):
         lines += [f"| book step | {name}, seeds {' / '.join(map(str, seeds))} | min-max | book, notebook run | "
                   "book, printed run |", "|---:|---|---|---:|---:|"]
         for step in sorted(next(iter(curves.values()))):
-            values = [curves[seed][step][key] for seed in seeds]
+            values = [curves[seed][step].get(key, curves[seed][step].get("train_first")) for seed in seeds]
             low, high = min(values), max(values)
             notebook, printed = (run[step][column] if step in run else None for run in (BOOK, PRINTED))
             inside = "" if notebook is None else (" (brackets the notebook run)" if low <= notebook <= high else " (**not**)")

@@ -71,7 +71,8 @@ class EpochBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n_items: int, batch_size: int, shuffle: bool = True, drop_last: bool = True,
-                 seed: int = 123, epoch: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 123, epoch: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                 order_seed: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -84,11 +85,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
         self.rank, self.world_size = rank, world_size
+        self.order_seed = seed + epoch if order_seed is None else order_seed
 
     def order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.n_items))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.order_seed)
         return torch.randperm(self.n_items, generator=generator).tolist()
 
     def __len__(self) -> int:
@@ -120,15 +122,17 @@ def create_dataloader(
     start_batch: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    order_seed: int | None = None,
 ) -> DataLoader:
-    """A DataLoader of (inputs, targets) windows for one epoch; its order depends only on seed and epoch.
+    """A DataLoader of (inputs, targets) windows for one epoch; its order depends only on seed and epoch
+    (or on `order_seed`, the permutation generator's seed, when given).
 
     `rank`/`world_size` shard each batch of `batch_size` across data-parallel processes (see
     EpochBatchSampler); sharding needs drop_last=True.
     """
     dataset = TokenWindowDataset(tokens, max_length, stride)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, seed, epoch, start_batch,
-                                rank, world_size)
+                                rank, world_size, order_seed)
     # An own generator: otherwise each new iterator draws from the global RNG (for worker
     # seeds), which would shift dropout masks after a mid-epoch resume.
     generator = torch.Generator().manual_seed(seed + epoch)

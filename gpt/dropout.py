@@ -26,7 +26,10 @@ def keep_scale(like: torch.Tensor, p: float) -> torch.Tensor:
 
 class Dropout(nn.Module):
     """nn.Dropout's behaviour (zero each element with probability p in training, scale the rest up; the
-    identity in eval); on CPU its mask comes from keep_scale, elsewhere from torch's fused kernel."""
+    identity in eval); on CPU its mask comes from keep_scale, elsewhere (or with torch_masks) from torch's
+    own dropout, whose masks are nn.Dropout's, draw for draw."""
+
+    torch_masks: bool = False  # set per model by use_torch_masks
 
     def __init__(self, p: float):
         super().__init__()
@@ -37,9 +40,17 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or self.torch_masks:
             return F.dropout(x, self.p, training=True)
         return x * keep_scale(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def use_torch_masks(model: nn.Module, on: bool = True) -> None:
+    """Make every Dropout of `model` draw torch's masks (nn.Dropout's random stream, slower on CPU) or, with
+    on=False, keep_scale's again: a run that must repeat another nn.Dropout model's masks needs the former."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.torch_masks = on

@@ -21,12 +21,15 @@ from gpt import distributed
 from gpt.checkpoint import load_state, save_model, save_tensors
 from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
+from gpt.dropout import use_torch_masks
 from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
 from gpt.loss import IGNORE_INDEX, token_losses
 from gpt.model import GPTModel
 
 PRECISIONS = ("auto", "fp32", "bf16")
+RANDOM_STREAMS = ("seeded", "book")
+DROPOUT_MASKS = ("fast", "torch")
 TRAINER_STATE = "trainer.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 MODEL_DIR = "model"
@@ -53,6 +56,14 @@ class TrainConfig:
     eval_batches: int | None = bounded(10, low=1)
     checkpoint_every: int = bounded(0, low=0)  # 0: only at the end
     seed: int = bounded(123, low=0)
+    # "seeded": training reseeds the global generator with seed, each epoch's order is a permutation seeded
+    # by seed + epoch, and evaluations use the first eval_batches batches in order, drawing nothing.
+    # "book": the generator is used as the book's training loop (one process) uses it, from where the
+    # caller left it (the book seeds, builds the model, trains): each epoch and each train estimate is a
+    # new DataLoader(shuffle=True) iterator (two draws, then its permutation), each val estimate a new
+    # unshuffled one (one draw), and evaluations come after update 1, 1 + eval_every, 1 + 2 * eval_every...
+    random_stream: str = bounded("seeded", choices=RANDOM_STREAMS)
+    dropout_masks: str = bounded("fast", choices=DROPOUT_MASKS)  # gpt.dropout's, or nn.Dropout's ("torch")
     # Speed settings (see EXECUTION_SETTINGS): a checkpoint resumes under other values of these.
     compile: bool = False  # torch.compile the model for training; falls back to eager if that fails
     precision: str = bounded("auto", choices=PRECISIONS)  # autocast dtype of forward + loss
@@ -90,6 +101,7 @@ class TrainState:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)  # one entry per step: loss, lr, tokens
+    order_seed: int | None = None  # random_stream book: the seed of the current epoch's permutation
 
 
 def tune_malloc() -> bool:
@@ -172,12 +184,15 @@ def batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 @torch.no_grad()
 def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None,
-                  stride: int | None = None, rank: int = 0, world_size: int = 1) -> list[float]:
+                  stride: int | None = None, rank: int = 0, world_size: int = 1,
+                  order_seed: int | None = None) -> list[float]:
     """The mean loss of each context-length window of `tokens` (every `stride` tokens, default a context
-    apart; fixed order) over the first `max_batches` batches; with `world_size` > 1, of this rank's rows
-    rank::world_size of each batch. The losses come from gpt.loss.token_losses: no batch's logits are made."""
+    apart; in order, or shuffled by a permutation seeded with `order_seed`) over the first `max_batches`
+    batches; with `world_size` > 1, of this rank's rows rank::world_size of each batch. The losses come
+    from gpt.loss.token_losses: no batch's logits are made."""
     context = model.cfg.context_length
-    loader = create_dataloader(tokens, batch_size, context, stride or context, shuffle=False, drop_last=False)
+    loader = create_dataloader(tokens, batch_size, context, stride or context, shuffle=order_seed is not None,
+                               drop_last=False, order_seed=order_seed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -193,14 +208,22 @@ def window_losses(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batc
     return losses
 
 
+def loader_draws(shuffled: bool) -> int | None:
+    """Draw from the global generator what a new torch DataLoader iterator draws: a base seed (for workers)
+    and, for a shuffled one (RandomSampler), the seed of its permutation, which is returned."""
+    torch.empty((), dtype=torch.int64).random_()
+    return int(torch.empty((), dtype=torch.int64).random_().item()) if shuffled else None
+
+
 def evaluate_loss(model: GPTModel, tokens: np.ndarray, batch_size: int, max_batches: int | None = None,
-                  stride: int | None = None, rank: int = 0, world_size: int = 1) -> float:
+                  stride: int | None = None, rank: int = 0, world_size: int = 1,
+                  order_seed: int | None = None) -> float:
     """Mean loss over the windows of window_losses (same arguments).
 
     With `world_size` > 1 every rank must call this: the sums and counts of the ranks' windows are
     all-reduced, so every rank gets the one-process mean.
     """
-    losses = window_losses(model, tokens, batch_size, max_batches, stride, rank, world_size)
+    losses = window_losses(model, tokens, batch_size, max_batches, stride, rank, world_size, order_seed)
     total, count = sum(losses), len(losses)
     if world_size > 1:
         total, count = distributed.all_reduce_sum([total, count])
@@ -267,6 +290,10 @@ class Trainer:
         if cfg.batch_size % self.world_size:  # the sampler checks too; this fails before any work is done
             raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
                                 f"({self.world_size}): each takes an equal share of every batch")
+        if cfg.random_stream == "book" and self.world_size > 1:
+            raise TrainingError("random_stream book follows one process's training loop; use seeded for "
+                                "data-parallel training")
+        use_torch_masks(model, cfg.dropout_masks == "torch")
         self.is_main = distributed.is_main()
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length
@@ -383,10 +410,13 @@ class Trainer:
     def _micro_batches(self):
         """Yield (inputs, targets) from the saved position onward, epoch after epoch."""
         while True:
+            if self.cfg.random_stream == "book" and self.state.batch_in_epoch == 0:
+                self.state.order_seed = loader_draws(shuffled=True)
             loader = create_dataloader(self.train_tokens, self.cfg.batch_size, self.context, self.stride,
                                        shuffle=True, drop_last=True, seed=self.cfg.seed,
                                        epoch=self.state.epoch, start_batch=self.state.batch_in_epoch,
-                                       rank=self.rank, world_size=self.world_size)
+                                       rank=self.rank, world_size=self.world_size,
+                                       order_seed=self.state.order_seed)
             for inputs, targets in loader:
                 self.state.batch_in_epoch += 1
                 yield inputs.to(self.device), targets.to(self.device)
@@ -396,15 +426,27 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         args = (self.cfg.batch_size, self.cfg.eval_batches, self.stride)
         shard = {"rank": self.rank, "world_size": self.world_size}
-        return {"train_loss": evaluate_loss(self.model, self.train_tokens, *args, **shard),
-                "val_loss": evaluate_loss(self.model, self.val_tokens, *args, **shard)}
+        book = self.cfg.random_stream == "book"  # the book's estimates: new loader iterators, train shuffled
+        train = evaluate_loss(self.model, self.train_tokens, *args, **shard,
+                              order_seed=loader_draws(shuffled=True) if book else None)
+        if book:
+            loader_draws(shuffled=False)
+        return {"train_loss": train, "val_loss": evaluate_loss(self.model, self.val_tokens, *args, **shard)}
+
+    def _evaluation_due(self) -> bool:
+        step, every = self.state.step, self.cfg.eval_every
+        if not every:
+            return False
+        # The book counts its first update as step 0 and evaluates at multiples of eval_every from there.
+        due = (step - 1) % every == 0 if self.cfg.random_stream == "book" else step % every == 0
+        return due or step == self.total_steps
 
     def run(self) -> TrainState:
         """Train until total_steps; returns the final state (its history is the loss curve)."""
         if self.cfg.compile:
             self._compile()  # before seeding: its trial step must not shift the RNG streams
         resumed = self.load_checkpoint()
-        if not resumed:
+        if not resumed and self.cfg.random_stream == "seeded":
             torch.manual_seed(self.cfg.seed + self.rank)
         self.model.train()
         batches = self._micro_batches()
@@ -440,7 +482,7 @@ class Trainer:
             self.state.history.append(record)
             self._emit("step", record)
             last = self.state.step == self.total_steps
-            if self.cfg.eval_every and (self.state.step % self.cfg.eval_every == 0 or last):
+            if self._evaluation_due():
                 record.update(self.evaluate())
                 self._emit("eval", record)
             if last or (self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0):

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from gpt.attention import MultiHeadAttention
-from gpt.dropout import LEVELS, Dropout, keep_scale
+from gpt.dropout import LEVELS, Dropout, keep_scale, use_torch_masks
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -65,3 +66,20 @@ def test_attention_in_training_drops_attention_weights_with_the_same_mask():
     expected = attn.out_proj((weights @ v).transpose(1, 2).reshape(3, 8, 16))
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, attn.eval()(x))  # dropout did act
+
+
+def test_torch_masks_are_nn_dropouts_draw_for_draw():
+    """use_torch_masks: the masks of nn.Dropout from the same generator state (a model that must repeat
+    another's random stream, as the book preset does), and back to keep_scale's when turned off."""
+    model = nn.Sequential(Dropout(0.1), nn.Linear(8, 8), Dropout(0.3))
+    reference = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 8), nn.Dropout(0.3))
+    reference[1].load_state_dict(model[1].state_dict())
+    x = torch.randn(4, 16, 8)
+    use_torch_masks(model)
+    torch.manual_seed(3)
+    ours = model(x)
+    torch.manual_seed(3)
+    assert torch.equal(ours, reference(x))
+    use_torch_masks(model, False)
+    torch.manual_seed(3)
+    assert not torch.equal(model(x), ours)
