@@ -33,6 +33,12 @@ class Crash(Exception):
     pass
 
 
+def crash_at_3(kind, payload):
+    """An on_event hook that stops training like a killed process, right after step 3's checkpoint."""
+    if kind == "checkpoint" and payload["step"] == 3:
+        raise Crash
+
+
 def test_schedule_warms_up_then_decays_to_floor():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
     lrs = [lr_at(s, 20, cfg) for s in range(21)]
@@ -56,9 +62,6 @@ def test_resume_after_crash_is_exact(tmp_path):
     full = Trainer(new_model(), train, val, CFG, tmp_path / "full").run()
     reference = {k: v.clone() for k, v in full_model_state(tmp_path / "full").items()}
 
-    def crash_at_3(kind, payload):
-        if kind == "checkpoint" and payload["step"] == 3:
-            raise Crash
     with pytest.raises(Crash):
         Trainer(new_model(), train, val, CFG, tmp_path / "resumed", on_event=crash_at_3).run()
     # A fresh process would build a fresh model (other init seed: the checkpoint must win).
@@ -176,9 +179,6 @@ def test_resume_accepts_other_speed_settings(tmp_path):
     train, val = tokens(), tokens(600, seed=9)
     full = Trainer(new_model(), train, val, CFG, tmp_path / "full").run()
 
-    def crash_at_3(kind, payload):
-        if kind == "checkpoint" and payload["step"] == 3:
-            raise Crash
     with pytest.raises(Crash):
         Trainer(new_model(), train, val, CFG, tmp_path / "resumed", on_event=crash_at_3).run()
     faster = replace(CFG, precision="fp32", fused_adamw=False)
@@ -251,9 +251,6 @@ def test_the_book_stream_orders_as_the_dataloader_and_resumes_exactly(tmp_path):
 
     full = Trainer(new_model(), train, val, BOOK_ORDER, tmp_path / "full").run()
 
-    def crash_at_3(kind, payload):
-        if kind == "checkpoint" and payload["step"] == 3:
-            raise Crash
     with pytest.raises(Crash):
         Trainer(new_model(), train, val, BOOK_ORDER, tmp_path / "resumed", on_event=crash_at_3).run()
     resumed = Trainer(new_model(seed=99), train, val, BOOK_ORDER, tmp_path / "resumed").run()
