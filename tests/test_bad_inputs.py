@@ -19,6 +19,7 @@ from typing import Callable
 
 import pytest
 
+from pipeline.errors import TEMPORARY_FAILURE
 from pipeline.stages import STAGES
 from conftest import (BIN, FileServer, copy_mirror, flip_last_byte, free_port, leftovers, point_at, run_stage,
                       set_param, stage_env)
@@ -80,6 +81,7 @@ class Case:
     cli: tuple[str, ...] = ()
     may_change: tuple[str, ...] = ()  # path prefixes the stage rewrites on failure by design
     check: Callable[[Ctx], None] | None = None  # what else this case must show
+    status: int = 1  # the exit status: 1, or TEMPORARY_FAILURE for a network failure a flow may retry
 
 
 # -- setups ------------------------------------------------------------------------------------------
@@ -263,7 +265,8 @@ CASES = [
          "tinyshakespeare.txt: sha256 mismatch (expected 86c4e6aa"),
     Case("download-truncated", "HTTP server sends half of the-verdict.txt and hangs up", "download",
          truncating_server, "could not be downloaded: the-verdict.txt <http://127.0.0.1:…/verdict> (last error: "
-                            "http://127.0.0.1:…/verdict: truncated download (", check=retried_once),
+                            "http://127.0.0.1:…/verdict: truncated download (", check=retried_once,
+         status=TEMPORARY_FAILURE),
     Case("zip-path-traversal", "spam zip holds a member ../evil.txt", "download",
          bad_mirror({"sms+spam+collection.zip": add_parent_member}),
          "sms+spam+collection.zip: unsafe member path '../evil.txt'", check=nothing_escaped),
@@ -410,7 +413,7 @@ def test_bad_input_fails_in_one_line_and_keeps_outputs(case: Case, good_project:
 
     errors = [line for line in result.stderr.splitlines() if not PROGRESS.match(line)]
     print(errors[-1] if errors else result.stderr)  # the catalogue's messages, for `pytest -rP`
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == case.status, result.stderr
     assert len(errors) == 1 and errors[0].startswith(f"{case.stage}: error: "), result.stderr
     assert matches(case.message, errors[0]), errors[0]
     assert leftovers(ctx.project) == []
