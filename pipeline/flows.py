@@ -20,7 +20,6 @@ for _name, _value in _PREFECT_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,7 +40,7 @@ from pipeline.params import ParamsError, load_params, read_yaml  # noqa: E402
 from pipeline.presets import load_preset, overlay  # noqa: E402
 from pipeline.errors import reporting_errors  # noqa: E402
 from pipeline.errors import TEMPORARY_FAILURE  # noqa: E402
-from pipeline.repro import (DVC_LOCK_ADVICE, RUN_GROUP_ENV, RepositoryBusy, dvc_env, lock_error,  # noqa: E402
+from pipeline.repro import (DVC_LOCK_ADVICE, RUN_GROUP_ENV, RepositoryBusy, dvc_env, dvc_status, lock_error,  # noqa: E402
                             wait_for_lock)
 from pipeline.stages import STAGES  # noqa: E402
 
@@ -240,12 +239,7 @@ def repro(stage: str, project: str, run_group: str, lock_wait_s: float = 0.0) ->
 def all_up_to_date(project: Path, names: Sequence[str], run_group: str) -> bool:
     """Whether `dvc status` finds every stage of `names` up to date; any doubt (an error, a stage that is
     always changed, such as download with a tracked source) answers False, and the tasks decide."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *names], cwd=project,
-                            env=dvc_env(run_group), stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    try:
-        return result.returncode == 0 and json.loads(result.stdout) == {}
-    except ValueError:
-        return False
+    return dvc_status(project, list(names), dvc_env(run_group)) == {}
 
 
 def temporary_failure(task: Task, task_run: Any, state: Any) -> bool:

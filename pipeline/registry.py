@@ -91,12 +91,12 @@ def evaluation_tags(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{EVAL_PREFIX}{name}": value for name, value in metrics.items() if name != DIGEST_TAG}
 
 
-def _register(stage: Stage, registered_from: str) -> ModelVersion:
+def _register(stage: Stage, digest: str, registered_from: str) -> ModelVersion:
     # Inside the stage run that the version's lineage tags come from.
     spec = stage.model
     extra = read_config(spec.folder).get("extra", {})
     flavour = importlib.import_module(spec.flavour)
-    tags = {DIGEST_TAG: output_digest(spec.folder), REGISTERED_FROM_TAG: registered_from}
+    tags = {DIGEST_TAG: digest, REGISTERED_FROM_TAG: registered_from}
     if "base" in extra:
         tags["base"] = extra["base"]
     return log_pyfunc(flavour, {flavour.ARTIFACT: spec.folder, "bpe": BPE_DIR}, spec.name, tags,
@@ -132,7 +132,7 @@ def register_trained(stage: Stage) -> ModelVersion:
     mlflow.set_tag(DIGEST_TAG, digest)
     version = find_version(client, stage.model.name, digest)
     if version is None:
-        version = _register(stage, "training")
+        version = _register(stage, digest, "training")
         _mark_leftovers(client, stage.model.name, version)
     return version
 
@@ -140,8 +140,7 @@ def register_trained(stage: Stage) -> ModelVersion:
 def ensure_registered(stage: Stage, params_path: Path, tracking: Mapping[str, Any] | None) -> tuple[ModelVersion, bool]:
     """The version holding `stage`'s current output, registered now from that output if the registry lacks it
     (in a run of its own, named and tagged as the stage, with the stage's params and the output's input
-    hashes); and whether it was registered now."""
-    configure(tracking)
+    hashes); and whether it was registered now. MLflow must point at the store (tracking.configure)."""
     digest = output_digest(stage.model.folder)
     version = find_version(mlflow.MlflowClient(), stage.model.name, digest)
     if version is not None:
@@ -152,7 +151,7 @@ def ensure_registered(stage: Stage, params_path: Path, tracking: Mapping[str, An
     params = read_yaml(params_path).get(stage.name) or {}
     with stage_run(stage.name, params, extra.get("data"), tracking, extra.get("sizes")):
         mlflow.set_tags({REGISTERED_FROM_TAG: "outputs", DIGEST_TAG: digest})
-        return _register(stage, "outputs"), True
+        return _register(stage, digest, "outputs"), True
 
 
 def check_outputs() -> str:
@@ -165,11 +164,12 @@ def check_outputs() -> str:
     return report_digest(STAGES["evaluate"].report)
 
 
-def register_outputs(params_path: Path, tracking: Mapping[str, Any] | None) -> dict[str, tuple[ModelVersion, bool]]:
+def register_outputs(evaluated: str, params_path: Path,
+                     tracking: Mapping[str, Any] | None) -> dict[str, tuple[ModelVersion, bool]]:
     """Every training stage's output in the registry ({model: (version, registered now)}), each found by its
     content or registered now (ensure_registered); gpt-base's version tagged with evaluate's figures when
-    evaluate's report is of the same output. Checks everything (check_outputs) before registering anything."""
-    evaluated = check_outputs()
+    `evaluated` (check_outputs' result, which must come first) is the digest of the same output."""
+    configure(tracking)
     versions = {name: ensure_registered(stage, params_path, tracking) for name, stage in TRAINERS.items()}
     base = STAGES["pretrain"].model.name
     version = versions[base][0]

@@ -51,8 +51,20 @@ DVC_LOCK_ADVICE = re.compile(r"\n*If there are no processes with such PIDs, you 
 _BLOCKER = re.compile(r"\(PID (\d+)\): (.+)")
 
 
-def _alive(pid: object) -> bool:
+def process_alive(pid: object) -> bool:
+    """Whether `pid` is a live process id on this host."""
     return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
+
+
+def dvc_status(project: Path, stages: list[str], env: dict[str, str]) -> dict | None:
+    """`dvc status --json` of `stages` in `project` ({} when all are up to date); None when it fails."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *stages], cwd=project, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    try:
+        status = json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def _command(pid: int, recorded: str = "?") -> str:
@@ -72,7 +84,7 @@ def lock_holder(project: Path) -> LockHolder | None:
         locks = {}
     held = [*locks.get("write", {}).values(), *(info for infos in locks.get("read", {}).values() for info in infos)]
     for info in held:  # entries of dead processes are DVC's to clean up; they block nothing
-        if isinstance(info, dict) and _alive(info.get("pid")):
+        if isinstance(info, dict) and process_alive(info.get("pid")):
             return LockHolder(info["pid"], _command(info["pid"], str(info.get("cmd", "?"))))
     try:
         workspace = open(tmp / "lock", "a+", encoding="utf-8")

@@ -25,7 +25,7 @@ from mlflow.models import ModelSignature
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 import gpt
-from pipeline.repro import RUN_GROUP_ENV
+from pipeline.repro import RUN_GROUP_ENV, process_alive
 from pipeline.params import Section, Str, load_params
 
 EXPERIMENT = "llm-pipeline"
@@ -217,19 +217,9 @@ def end_killed_runs(client: mlflow.MlflowClient, experiment_id: str, stage: str)
              f"AND tags.{HOST_TAG} = '{socket.gethostname()}'")
     for run in client.search_runs([experiment_id], query):
         pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdecimal() and not _alive(int(pid)):
+        if pid.isdecimal() and not process_alive(int(pid)):
             client.set_tag(run.info.run_id, INTERRUPTED_TAG, f"process {pid} ended without ending the run")
             client.set_terminated(run.info.run_id, "KILLED")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import signal
 import subprocess
@@ -77,17 +76,15 @@ def register(argv: list[str]) -> None:
     parser.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS", help=LOCK_WAIT_HELP)
     args = parser.parse_args(argv)
     from pipeline.errors import reporting_errors
-    from pipeline.stages import STAGES, TRAINERS
+    from pipeline.repro import dvc_status
+    from pipeline.stages import TRAINERS
 
     env = _run_group_env()
-    upstream = [*(stage.name for stage in TRAINERS.values()), "evaluate"]
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *upstream], env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    status = dvc_status(Path.cwd(), [*(stage.name for stage in TRAINERS.values()), "evaluate"], env)
     with reporting_errors("register"):
-        try:
-            changed = [name for name in json.loads(status.stdout or "null") if name in STAGES]
-        except (ValueError, TypeError):
-            raise ValueError(f"dvc status failed: {(status.stderr.strip().splitlines() or ['?'])[-1]}") from None
+        if status is None:
+            raise ValueError("`dvc status` failed here; run it to see why")
+        changed = list(status)
         if changed:
             raise ValueError(f"{', '.join(changed)}: outputs differ from dvc.lock (dvc status); `dvc pull` fetches "
                              "pushed outputs, `dvc repro` retrains (and registers) what changed")

@@ -113,12 +113,12 @@ def describe(record: dict[str, Any]) -> str:
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
     rules = params["promote"]
-    check_outputs()  # every input is read before anything is registered or an alias moves
+    evaluated = check_outputs()  # every input is read before anything is registered or an alias moves
     outputs = {name: samples(name) for name in TRAINERS}
     hashes = {path.name: sha256_file(path) for path in INPUTS}
     # Every training stage's output in the registry before any alias moves: found by content, or registered
     # now from data/models when the registry lacks it (emptied, replaced, or another machine's after dvc pull).
-    versions = register_outputs(params_path, params["mlflow"])
+    versions = register_outputs(evaluated, params_path, params["mlflow"])
     for name, (version, registered) in versions.items():
         if registered:
             print(f"{name}: registered version {version.version} from {TRAINERS[name].model.folder} "
