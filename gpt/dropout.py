@@ -21,7 +21,7 @@ def keep_scale(like: torch.Tensor, p: float) -> torch.Tensor:
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
     bits.random_(-(1 << 63), None)  # from the lowest int64 and no upper bound: all 64 bits uniform
     keep = bits.view(torch.int16)[:n].view(like.shape) >= _LOWEST + dropped
-    return torch.where(keep, LEVELS / (LEVELS - dropped), 0.0).to(like.dtype)
+    return keep.to(like.dtype).mul_(LEVELS / (LEVELS - dropped))  # half the time of torch.where(keep, s, 0.0)
 
 
 class Dropout(nn.Module):

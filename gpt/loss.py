@@ -5,50 +5,83 @@ import torch
 
 CHUNK_ROWS = 1024  # tokens per chunk: 1024 x 50,257 fp32 logits are 206 MB; fewer chunks re-read the
                    # weight gradient less often, and 512-2048 measured alike on CPU (README, Benchmarks)
+VOCAB_BLOCK = 2048  # logits are made this many vocabulary columns at a time, each block a contiguous
+                    # (rows x 2048) product: on the project's CPU MKL wrote one (1024 x 50,257) product at
+                    # 136-141 GFLOP/s and 2048-column ones at ~186, and an 8 MB block is still in cache
+                    # for its exp
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it count for nothing
 
 
-def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, vocab_block: int,
              want_hidden: bool, want_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(the cross-entropy of each row of hidden @ weight.T against its target, 0 where the target is
     IGNORE_INDEX; the gradient of their mean over the counted targets for hidden if wanted, for weight
-    if wanted), one chunk of rows at a time. The gradients are made while each chunk's logits are at hand
-    (softmax minus one-hot, over the number of counted targets)."""
+    if wanted), one chunk of rows at a time, each chunk's logits one block of vocabulary columns at a
+    time. The gradients are made while the chunk's logits are at hand (softmax minus one-hot, over the
+    number of counted targets)."""
     counted = targets != IGNORE_INDEX
     n = counted.sum()  # 0 gives nan, as F.cross_entropy does
+    # Not zero-filled: each chunk's first block writes its part (a fill of the weight's size cost more
+    # than a tenth of the head's backward here).
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
-    grad_weight = torch.zeros_like(weight) if want_weight else None
+    grad_weight = torch.empty_like(weight) if want_weight else None
     # Softmax and sums in at least fp32, whatever the matmuls ran in.
     exact = torch.promote_types(hidden.dtype, torch.float32)
     losses = torch.empty(hidden.shape[0], dtype=exact, device=hidden.device)
+    block_starts = range(0, weight.shape[0], vocab_block)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = hidden[start : start + chunk_rows]
-        scale = counted[start : start + chunk_rows].unsqueeze(1).to(exact)  # 1 counted, 0 ignored
-        target = targets[start : start + chunk_rows].unsqueeze(1).clamp_min(0)
-        logits = (rows @ weight.t()).to(exact)
-        # softmax is one pass over the chunk with one exp per logit; log_softmax and then exp for the
-        # gradient took two of each (~40% more time for this part, README, Benchmarks).
-        probs = torch.softmax(logits, dim=1)
-        target_probs = probs.gather(1, target)
-        row_losses = -target_probs.log()
-        # A target probability below the smallest normal float has lost digits (or is 0, whose log is
-        # -inf): those rows, almost never seen in practice, take the exact log-softmax instead.
-        lost = (target_probs < torch.finfo(exact).tiny).squeeze(1)
-        if lost.any():
-            row_losses[lost] = -torch.log_softmax(logits[lost], dim=1).gather(1, target[lost])
-        losses[start : start + chunk_rows] = (row_losses * scale).squeeze(1)
+        target = targets[start : start + chunk_rows].clamp_min(0)
+        # Each block becomes exp(logits - its row maxima) in place, while it is in cache; the rows' sums
+        # of those and the targets' logits are kept.
+        blocks, block_tops, block_sums = [], [], []
+        target_logits = torch.zeros(rows.shape[0], dtype=exact, device=hidden.device)
+        for block_start in block_starts:
+            block = (rows @ weight[block_start : block_start + vocab_block].t()).to(exact)
+            column = target - block_start
+            inside = (column >= 0) & (column < block.shape[1])
+            target_logits += block.gather(1, column.clamp(0, block.shape[1] - 1).unsqueeze(1)).squeeze(1) * inside
+            top = block.amax(dim=1, keepdim=True)
+            block.sub_(top).exp_()
+            blocks.append(block), block_tops.append(top), block_sums.append(block.sum(dim=1, keepdim=True))
+        top = torch.cat(block_tops, dim=1).amax(dim=1, keepdim=True)
+        rescales = [torch.exp(block_top - top) for block_top in block_tops]  # a block's exps onto the row maximum
+        total = sum(block_sum * rescale for block_sum, rescale in zip(block_sums, rescales))
+        # log-sum-exp minus the target's logit, as F.cross_entropy: exact for targets of any probability.
+        scale = counted[start : start + chunk_rows].to(exact)  # 1 counted, 0 ignored
+        losses[start : start + chunk_rows] = ((top + total.log()).squeeze(1) - target_logits) * scale
         if not (want_hidden or want_weight):
             continue
-        # d(loss)/d(logits) = (softmax - one-hot) / n per counted row; the 1/n and the mask are applied
-        # to the small (rows x d) sides of the matmuls, not to the (rows x vocab) probabilities.
-        probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-        probs = probs.to(hidden.dtype)
-        scale = (scale / n).to(hidden.dtype)
+        # d(loss)/d(logits) = (softmax - one-hot) / n per counted row. The softmax's per-row factors (and 1/n
+        # and the mask) scale each block in one pass; the one-hot part is subtracted on the small sides.
+        scale = (scale / n).unsqueeze(1)
+        for block_start, block, rescale in zip(block_starts, blocks, rescales):
+            probs = block.mul_(rescale * scale / total).to(hidden.dtype)
+            block_weight = weight[block_start : block_start + vocab_block]
+            if grad_hidden is not None:
+                _add_product(grad_hidden[start : start + chunk_rows], probs, block_weight, block_start == 0)
+            if grad_weight is not None:
+                _add_product(grad_weight[block_start : block_start + vocab_block], probs.t(), rows, start == 0)
+        scale = scale.to(hidden.dtype)
         if grad_hidden is not None:
-            torch.mm(probs, weight, out=grad_hidden[start : start + chunk_rows]).mul_(scale)
+            grad_hidden[start : start + chunk_rows] -= weight[target] * scale
         if grad_weight is not None:
-            grad_weight.addmm_(probs.t(), rows * scale)
+            grad_weight.index_add_(0, target, rows * -scale)
     return losses, grad_hidden, grad_weight
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b when first, else out += a @ b."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _check_sizes(chunk_rows: int, vocab_block: int) -> None:
+    for name, value in (("chunk_rows", chunk_rows), ("vocab_block", vocab_block)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _mean(losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -60,38 +93,43 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     backward pass only scales them, so peak memory is one chunk's logits instead of all of them."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-        losses, grad_hidden, grad_weight = _chunked(hidden, weight, targets, chunk_rows, *ctx.needs_input_grad[:2])
-        ctx.save_for_backward(grad_hidden, grad_weight)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                vocab_block: int) -> torch.Tensor:
+        losses, grad_hidden, grad_weight = _chunked(hidden, weight, targets, chunk_rows, vocab_block,
+                                                    *ctx.needs_input_grad[:2])
+        # Kept on ctx, not saved for backward: backward hands them on scaled in place, and the parameter
+        # can take over the weight's gradient instead of copying a tensor of the head's size.
+        ctx.grads = grad_hidden, grad_weight
         return _mean(losses, targets)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_loss,
-                None if grad_weight is None else grad_weight * grad_loss, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("the fused head + loss (gpt.loss) runs its backward once; retain_graph is not supported")
+        grads, ctx.grads = ctx.grads, None
+        return *(None if grad is None else grad.mul_(grad_loss) for grad in grads), None, None, None
 
 
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                       chunk_rows: int = CHUNK_ROWS, vocab_block: int = VOCAB_BLOCK) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, targets) (mean over the targets that are not IGNORE_INDEX; hidden
     [..., d], weight [vocab, d], targets [...] of class ids) to float rounding, values and gradients,
     without the whole logits tensor. Under torch.no_grad (evaluation) no gradient is made."""
     # An autograd function sees requires_grad even under no_grad, so evaluation must bypass it.
     if not torch.is_grad_enabled():
-        return _mean(token_losses(hidden, weight, targets, chunk_rows), targets)
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return _ChunkedHeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows)
+        return _mean(token_losses(hidden, weight, targets, chunk_rows, vocab_block), targets)
+    _check_sizes(chunk_rows, vocab_block)
+    return _ChunkedHeadCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows,
+                                          vocab_block)
 
 
 @torch.no_grad()
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                 chunk_rows: int = CHUNK_ROWS, vocab_block: int = VOCAB_BLOCK) -> torch.Tensor:
     """The cross-entropy of each target (shaped like targets; 0 where it is IGNORE_INDEX), as
     F.cross_entropy(..., reduction="none") gives it, chunk by chunk; no gradient. For evaluation, whose
     windows each need their own mean: one call per batch keeps the matmuls large."""
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    flat = _chunked(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows, False, False)[0]
+    _check_sizes(chunk_rows, vocab_block)
+    flat = _chunked(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows, vocab_block,
+                    False, False)[0]
     return flat.view(targets.shape)

@@ -54,21 +54,24 @@ def test_step_matches_the_model_token_by_token(overrides):
             step(token, fused_cache)
 
 
-def test_a_batch_of_left_padded_rows_matches_the_model_step_by_step():
+@pytest.mark.parametrize("rows", [4, 11])  # one part-filled group of eight inputs; a full group and a part
+def test_a_batch_of_left_padded_rows_matches_the_model_step_by_step(rows):
     model = model_of(qkv_bias=True)
     assert use_fast_decode(model)
     step = fused_step(model)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13], [14, 15, 16, 17, 18]]  # 5 rows: dot4's group and a rest
-    pad = torch.tensor([0, 4, 5, 1])
+    gen = torch.Generator().manual_seed(rows)
+    lengths = [6, 2, 1, 5, 3, 6, 4, 1, 2, 6, 5][:rows]
+    prompts = [torch.randint(0, ODD["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
+    pad = torch.tensor([max(lengths) - n for n in lengths])
     ids = torch.tensor([[0] * int(n) + p for n, p in zip(pad, prompts)])
     with torch.inference_mode():
-        ref_cache, fused_cache = model.new_cache(4, pad=pad), model.new_cache(4, pad=pad)
+        ref_cache, fused_cache = model.new_cache(rows, pad=pad), model.new_cache(rows, pad=pad)
         model(ids, ref_cache), model(ids, fused_cache)
-        token = torch.tensor([[20], [21], [22], [23]])
+        token = torch.randint(0, ODD["vocab_size"], (rows, 1), generator=gen)
         for _ in range(6):
             expected = model(token, ref_cache)
             got = step(token, fused_cache)
-            assert got.shape == (4, 1, ODD["vocab_size"])
+            assert got.shape == (rows, 1, ODD["vocab_size"])
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             token = expected[:, -1:].argmax(-1)
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.loss import IGNORE_INDEX, head_cross_entropy, token_losses
+from gpt.loss import IGNORE_INDEX, VOCAB_BLOCK, head_cross_entropy, token_losses
 from gpt.model import GPTConfig, GPTModel
 from gpt.train import batch_loss, evaluate_loss, window_losses
 
 
-def plain_and_fused(hidden, weight, targets, chunk_rows, grads=(True, True)):
+def plain_and_fused(hidden, weight, targets, chunk_rows, grads=(True, True), vocab_block=VOCAB_BLOCK):
     results = []
     for loss_fn in (lambda h, w: F.cross_entropy((h @ w.t()).flatten(0, 1), targets.flatten()),
-                    lambda h, w: head_cross_entropy(h, w, targets, chunk_rows)):
+                    lambda h, w: head_cross_entropy(h, w, targets, chunk_rows, vocab_block)):
         h, w = hidden.clone().requires_grad_(grads[0]), weight.clone().requires_grad_(grads[1])
         loss = loss_fn(h, w)
         (loss * 3).backward()  # a non-unit upstream gradient: backward must scale by it
@@ -21,14 +21,16 @@ def plain_and_fused(hidden, weight, targets, chunk_rows, grads=(True, True)):
     return results
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
+# Vocabulary blocks of 10 split the 97 logits of a row into ten blocks, the last of 7.
+@pytest.mark.parametrize("chunk_rows,vocab_block", [(1, 10), (7, 10), (64, 97), (10_000, 10), (10_000, VOCAB_BLOCK)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_values_and_gradients_equal_the_plain_loss(chunk_rows, dtype):
+def test_values_and_gradients_equal_the_plain_loss(chunk_rows, vocab_block, dtype):
     torch.manual_seed(chunk_rows)
     hidden, weight = torch.randn(3, 21, 16, dtype=dtype), torch.randn(97, 16, dtype=dtype)
     targets = torch.randint(0, 97, (3, 21))
     targets[0, :4] = IGNORE_INDEX  # padding, as instruction batches have
-    (loss, grad_h, grad_w), (fused, fused_h, fused_w) = plain_and_fused(hidden, weight, targets, chunk_rows)
+    (loss, grad_h, grad_w), (fused, fused_h, fused_w) = plain_and_fused(hidden, weight, targets, chunk_rows,
+                                                                        vocab_block=vocab_block)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
     torch.testing.assert_close(fused, loss, **tol)
     torch.testing.assert_close(fused_h, grad_h, **tol)
@@ -36,15 +38,17 @@ def test_values_and_gradients_equal_the_plain_loss(chunk_rows, dtype):
     assert fused_h[0, :4].abs().max() == 0  # ignored targets get no gradient
 
 
-def test_a_target_far_below_the_top_logit_gets_its_exact_loss():
-    # Target probabilities of e^-200 and e^-90 underflow fp32 (below its smallest normal, 1.2e-38):
-    # the softmax path cannot take their log, so those rows must come from the exact log-softmax.
+@pytest.mark.parametrize("vocab_block", [2, VOCAB_BLOCK])  # the top logit and the target in other blocks, or one
+def test_a_target_far_below_the_top_logit_gets_its_exact_loss(vocab_block):
+    # Target probabilities of e^-200 and e^-90 underflow fp32 (below its smallest normal, 1.2e-38): their
+    # log cannot come from the softmax, only from the log-sum-exp minus the target's logit.
     hidden = torch.eye(4, 8).unsqueeze(0)
     weight = torch.zeros(5, 8)
     weight[0, :4] = 200.0  # token 0 scores 200 for every row
     weight[1, 2] = 110.0  # row 2 also gives token 1 a score of 110
     targets = torch.tensor([[1, 2, 1, 0]])
-    (loss, grad_h, grad_w), (fused, fused_h, fused_w) = plain_and_fused(hidden, weight, targets, 2)
+    (loss, grad_h, grad_w), (fused, fused_h, fused_w) = plain_and_fused(hidden, weight, targets, 2,
+                                                                        vocab_block=vocab_block)
     torch.testing.assert_close(loss, torch.tensor((200 + 200 + 90 + 0) / 4))  # the rest of each softmax is ~e^-90
     torch.testing.assert_close(fused, loss)
     torch.testing.assert_close(fused_h, grad_h)
@@ -57,7 +61,7 @@ def test_token_losses_are_the_unreduced_cross_entropy():
     targets = torch.randint(0, 97, (4, 9))
     targets[1, 3:] = IGNORE_INDEX
     expected = F.cross_entropy((hidden @ weight.t()).transpose(1, 2), targets, reduction="none")  # 0 where ignored
-    got = token_losses(hidden, weight, targets, chunk_rows=5)
+    got = token_losses(hidden, weight, targets, chunk_rows=5, vocab_block=40)
     assert got.shape == targets.shape and not got.requires_grad
     torch.testing.assert_close(got, expected)
 
@@ -101,6 +105,18 @@ def test_no_gradients_wanted_computes_the_value_only():
     torch.testing.assert_close(fused, F.cross_entropy(hidden @ weight.t(), targets).detach())
     with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
         head_cross_entropy(hidden, weight, targets, chunk_rows=0)
+    with pytest.raises(ValueError, match="vocab_block must be >= 1"):
+        token_losses(hidden, weight, targets, vocab_block=0)
+
+
+def test_a_second_backward_is_refused():
+    """The backward pass hands over the gradients it made (scaled in place), so it cannot run twice."""
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight, targets = torch.randn(11, 8, requires_grad=True), torch.randint(0, 11, (5,))
+    loss = head_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs its backward once"):
+        loss.backward()
 
 
 def test_evaluation_losses_equal_the_logits_loss_of_each_window():

@@ -109,3 +109,17 @@ def test_padded_vocab_checkpoint_round_trip(tmp_path):
         load_state(tmp_path / "ckpt", GPTModel(GPTConfig.from_preset("micro")))
     with pytest.raises(ValueError, match=r"GPTConfig.pad_vocab_to must be >= 1, got 0"):
         GPTConfig(pad_vocab_to=0)
+
+
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (8, 1), (4, 16), (5, 13)])  # 1, 8, 64 rows: weight @ hidden.T
+def test_the_head_of_a_few_rows_gives_the_linear_layers_logits(batch, tokens):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("micro", drop_rate=0.0, pad_vocab_to=64)).eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (batch, tokens))
+    with torch.no_grad():
+        logits = model(idx)
+        expected = model.out_head(model.hidden_states(idx))[..., : model.cfg.vocab_size]
+    assert logits.shape == (batch, tokens, model.cfg.vocab_size)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    if batch * tokens > 64:
+        assert torch.equal(logits, expected)  # many rows: the linear layer itself

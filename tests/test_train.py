@@ -181,30 +181,39 @@ def test_resume_accepts_other_speed_settings(tmp_path):
 
     with pytest.raises(Crash):
         Trainer(new_model(), train, val, CFG, tmp_path / "resumed", on_event=crash_at_3).run()
-    faster = replace(CFG, precision="fp32", fused_adamw=False)
-    resumed = Trainer(new_model(seed=99), train, val, faster, tmp_path / "resumed").run()
+    other = replace(CFG, precision="fp32", fused_adamw=True)  # the defaults on CPU, spelt out
+    resumed = Trainer(new_model(seed=99), train, val, other, tmp_path / "resumed").run()
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
-def test_default_optimizer_computes_what_plain_adamw_does():
+def test_the_optimizer_computes_what_plain_adamw_does():
+    """fused_adamw false: exactly torch's plain per-tensor AdamW; the default (fused): the same update to
+    float rounding."""
+    from dataclasses import replace
+
     from gpt.train import make_optimizer
 
-    results = []
-    for plain in (False, True):
+    def trained(cfg, plain=False):
         model = new_model()
-        optimizer = make_optimizer(model, SHORT)
+        optimizer = make_optimizer(model, cfg)
         if plain:  # torch's own CPU default: one tensor at a time
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-            optimizer = torch.optim.AdamW(groups, lr=SHORT.lr, betas=(SHORT.beta1, SHORT.beta2), foreach=False)
-        else:
-            assert optimizer.param_groups[0]["foreach"] is True
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
         x = torch.from_numpy(tokens(64).astype(np.int64)).view(4, 16)
         for _ in range(3):
             torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
             optimizer.step()
             optimizer.zero_grad()
-        results.append(model.state_dict())
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+        return optimizer, model.state_dict()
+
+    fused, fused_state = trained(SHORT)
+    multi_tensor, multi_tensor_state = trained(replace(SHORT, fused_adamw=False))
+    _, plain_state = trained(SHORT, plain=True)
+    assert fused.param_groups[0]["fused"] is True and multi_tensor.param_groups[0]["foreach"] is True
+    assert all(torch.equal(multi_tensor_state[k], plain_state[k]) for k in plain_state)
+    for k in plain_state:
+        torch.testing.assert_close(fused_state[k], plain_state[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(fused_state[k], plain_state[k]) for k in plain_state)  # it is another kernel
 
 
 def test_weight_decay_all_decays_biases_and_norms_as_the_book_does():
