@@ -1,7 +1,8 @@
-"""The `book` preset's chapter 5 curve over several seeds, beside the book's published run (README, Presets).
+"""The `book` preset's chapter 5 curve over several seeds, beside the book's published run (docs/book-preset.md).
 
     python benchmarks/book_curve.py --seeds 123,1,2                # the preset as it is
     python benchmarks/book_curve.py --seeds 123,1,2 --set weight_decay_all=false
+    python benchmarks/book_curve.py --seeds 123 --dropout-seeds 1,2,3   # the notebook run's data order
 
 Trains what `python -m pipeline.presets apply book && dvc repro pretrain` trains: params.yaml's
 pretrain section with the book preset laid over it (then any --set), on the-verdict from the mirror,
@@ -47,10 +48,12 @@ from pipeline.presets import overlay, preset_params  # noqa: E402
 from pipeline.stages.pretrain import model_config, train_config  # noqa: E402
 
 # The book's published runs of this setting, train / val loss by its step numbers: the chapter 5 notebook's
-# run as issue 20 quotes it, and the run the printed chapter quotes (steps 0, 10 and 85 of those it prints).
-BOOK = {20: (5.52, 6.51), 40: (3.88, 6.13), 60: (2.10, 6.13), 75: (1.06, 6.25), 85: (0.57, 6.37)}
+# run (made on a Mac's GPU, MPS: docs/book-preset.md), at the points issue 20 quotes and steps 0 and 10, as its log
+# prints them, and the run the printed chapter quotes (steps 0, 10 and 85 of those it prints).
+BOOK = {0: (9.817, 9.924), 10: (6.619, 7.042), 20: (5.524, 6.508), 40: (3.879, 6.130), 60: (2.104, 6.133),
+        75: (1.059, 6.251), 85: (0.569, 6.373)}
 PRINTED = {0: (9.781, 9.933), 10: (6.661, 7.048), 85: (0.391, 6.452)}
-STEPS = (0, 10, *BOOK)  # the book's step numbers evaluated (an evaluation of every window costs ~1/3 of a step's time)
+STEPS = tuple(BOOK)  # the book's step numbers evaluated (an evaluation of every window costs ~1/3 of a step's time)
 
 
 def book_config(changes: list[str]) -> dict:
@@ -76,6 +79,7 @@ def run(cfg: dict, seed: int, train: np.ndarray, val: np.ndarray) -> tuple[dict[
     # eval_every stays: under random_stream book the trainer's evaluations draw from the generator as the
     # book's do, so they are part of the run being measured.
     cfg = {**cfg, "seed": seed, "sample_every": 0, "checkpoint_every": 0}
+    tag = f"seed {seed}" + ("" if cfg.get("dropout_seed") is None else f" dropout seed {cfg['dropout_seed']}")
     torch.manual_seed(seed)
     model = GPTModel(model_config(cfg))
     trainer = Trainer(model, train, val, train_config(cfg))
@@ -92,41 +96,51 @@ def run(cfg: dict, seed: int, train: np.ndarray, val: np.ndarray) -> tuple[dict[
                            "val": mean(window_losses(model, val, batch))}
         elif kind == "eval":  # the trainer's own estimate: under random_stream book, the book's
             curve[step]["train_estimate"] = record["train_loss"]
-            print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[step].items()), flush=True)
+            print(f"{tag} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[step].items()), flush=True)
     trainer.on_event = on_event
     return curve, [record["loss"] for record in trainer.run().history]
 
 
-def table(curves: dict[int, dict[int, dict[str, float]]]) -> str:
-    """Per step: the preset's train estimate and the val loss of every seed, their range, and the book's runs."""
+def table(curves: dict[int, dict[int, dict[str, float]]], label: str = "seeds") -> str:
+    """Per step: the preset's train estimate and the val loss of every run, their range, and the book's runs;
+    `label` names what the runs' keys are (seeds, or dropout seeds)."""
     seeds = list(curves)
     lines = []
     for key, column, name in (("train_estimate", 0, "train loss (the preset's estimate)"), ("val", 1, "val loss")):
-        lines += [f"| book step | {name}, seeds {' / '.join(map(str, seeds))} | min-max | book, notebook run | "
+        lines += [f"| book step | {name}, {label} {' / '.join(map(str, seeds))} | min-max | book, notebook run | "
                   "book, printed run |", "|---:|---|---|---:|---:|"]
         for step in sorted(next(iter(curves.values()))):
             values = [curves[seed][step].get(key, curves[seed][step].get("train_first")) for seed in seeds]
             low, high = min(values), max(values)
             notebook, printed = (run[step][column] if step in run else None for run in (BOOK, PRINTED))
             inside = "" if notebook is None else (" (brackets the notebook run)" if low <= notebook <= high else " (**not**)")
-            lines.append(f"| {step} | {' / '.join(f'{v:.2f}' for v in values)} | {low:.2f}-{high:.2f}{inside} | "
-                         f"{'' if notebook is None else notebook} | {'' if printed is None else printed} |")
+            lines.append(f"| {step} | {' / '.join(f'{v:.3f}' for v in values)} | {low:.3f}-{high:.3f}{inside} | "
+                         f"{'' if notebook is None else f'{notebook:.3f}'} | {'' if printed is None else printed} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def merged(paths: list[Path]) -> dict[int, dict[int, dict[str, float]]]:
-    """The curves of earlier runs' --json files, by seed (one run per seed, e.g. run in parallel)."""
+def merged(paths: list[Path]) -> tuple[dict[int, dict[int, dict[str, float]]], str]:
+    """The curves of earlier runs' --json files, by seed (one run per seed, e.g. run in parallel), and what
+    their keys are."""
     curves: dict[int, dict[int, dict[str, float]]] = {}
+    labels = set()
     for path in paths:
-        for seed, curve in json.loads(path.read_text())["curves"].items():
+        saved = json.loads(path.read_text())
+        labels.add(saved.get("label", "seeds"))
+        for seed, curve in saved["curves"].items():
             curves[int(seed)] = {int(step): losses for step, losses in curve.items()}
-    return curves
+    if len(labels) > 1:
+        raise SystemExit(f"--merge: the files vary {' and '.join(sorted(labels))}; merge one kind at a time")
+    return curves, labels.pop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="123,1,2", help="comma-separated seeds (default 123,1,2)")
+    parser.add_argument("--dropout-seeds", help="comma-separated: train with the first of --seeds (its init and "
+                        "data order) and dropout masks from a generator of their own seeded with each, as the "
+                        "book's code draws them on a GPU or a Mac (sets dropout_masks fast)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a pretrain param over the preset, e.g. weight_decay_all=false (repeatable)")
     parser.add_argument("--mirror", type=Path, default=Path(os.environ.get(MIRROR_ENV) or REPO.parent / "shared" / "datasets"),
@@ -136,18 +150,24 @@ def main() -> None:
                         "runs' --json files together (one per seed) instead of training")
     args = parser.parse_args()
     if args.merge:
-        print(table(merged(args.merge)))
+        print(table(*merged(args.merge)))
         return
     tune_malloc()
     params = book_config(args.set)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         train, val = corpus_tokens(params, args.mirror, Path(tmp))
-        runs = {seed: run(params["pretrain"], seed, train, val) for seed in map(int, args.seeds.split(","))}
+        if args.dropout_seeds:
+            label = f"dropout seeds (seed {seeds[0]})"
+            runs = {k: run({**params["pretrain"], "dropout_masks": "fast", "dropout_seed": k}, seeds[0], train, val)
+                    for k in map(int, args.dropout_seeds.split(","))}
+        else:
+            label, runs = "seeds", {seed: run(params["pretrain"], seed, train, val) for seed in seeds}
     curves = {seed: curve for seed, (curve, _) in runs.items()}
-    print(f"\nbook preset{' with ' + ', '.join(args.set) if args.set else ''}; seeds {args.seeds}\n")
-    print(table(curves))
+    print(f"\nbook preset{' with ' + ', '.join(args.set) if args.set else ''}; {label} {', '.join(map(str, runs))}\n")
+    print(table(curves, label))
     if args.json:
-        args.json.write_text(json.dumps({"set": args.set, "curves": curves,
+        args.json.write_text(json.dumps({"set": args.set, "label": label, "curves": curves,
                                          "batch_losses": {seed: losses for seed, (_, losses) in runs.items()}}, indent=1) + "\n")
 
 

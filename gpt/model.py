@@ -194,8 +194,11 @@ class GPTModel(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """The output head's rows of real token ids (padded rows are never predicted)."""
-        return self.out_head.weight[: self.cfg.vocab_size]
+        """The output head's rows of real token ids (padded rows are never predicted). Unpadded, the weight
+        itself: the backward of even a whole-length slice fills a zero matrix of the head's size and
+        copies the gradient into it (mini: ~19 ms of a 2.4 s training step)."""
+        weight = self.out_head.weight
+        return weight if weight.shape[0] == self.cfg.vocab_size else weight[: self.cfg.vocab_size]
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

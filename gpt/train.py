@@ -21,7 +21,7 @@ from gpt import distributed
 from gpt.checkpoint import load_state, save_model, save_tensors
 from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
-from gpt.dropout import use_torch_masks
+from gpt.dropout import use_masks
 from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
 from gpt.loss import IGNORE_INDEX, token_losses
@@ -64,6 +64,11 @@ class TrainConfig:
     # unshuffled one (one draw), and evaluations come after update 1, 1 + eval_every, 1 + 2 * eval_every...
     random_stream: str = bounded("seeded", choices=RANDOM_STREAMS)
     dropout_masks: str = bounded("fast", choices=DROPOUT_MASKS)  # gpt.dropout's, or nn.Dropout's ("torch")
+    # None: dropout masks come from the generator everything else draws from. A seed: gpt.dropout's masks
+    # from a generator of their own (seed + rank), so they draw nothing from the global one, as the book's
+    # code does on a GPU or a Mac (MPS), whose dropout uses the device's generator while the init and the
+    # data order come from the CPU's.
+    dropout_seed: int | None = bounded(None, low=0)
     # Speed settings (see EXECUTION_SETTINGS): a checkpoint resumes under other values of these.
     compile: bool = False  # torch.compile the model for training; falls back to eager if that fails
     precision: str = bounded("auto", choices=PRECISIONS)  # autocast dtype of forward + loss
@@ -71,6 +76,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.dropout_seed is not None and self.dropout_masks == "torch":
+            raise ValueError("dropout_seed draws gpt.dropout's masks from a generator of their own; dropout_masks "
+                             "torch draws nn.Dropout's from the global one: set dropout_masks fast or dropout_seed null")
 
 
 EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw")
@@ -295,7 +303,10 @@ class Trainer:
         if cfg.random_stream == "book" and self.world_size > 1:
             raise TrainingError("random_stream book follows one process's training loop; use seeded for "
                                 "data-parallel training")
-        use_torch_masks(model, cfg.dropout_masks == "torch")
+        self.device = next(model.parameters()).device
+        self.mask_generator = None if cfg.dropout_seed is None else \
+            torch.Generator(self.device).manual_seed(cfg.dropout_seed + self.rank)
+        use_masks(model, torch_masks=cfg.dropout_masks == "torch", generator=self.mask_generator)
         self.is_main = distributed.is_main()
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length
@@ -311,7 +322,6 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * (self.batches_per_epoch // cfg.grad_accum)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_event = on_event or (lambda kind, payload: None)
-        self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.optimizer = make_optimizer(model, cfg)
         self.train_model = distributed.wrap(model, self.device)  # DDP under torchrun, else `model`
@@ -375,6 +385,8 @@ class Trainer:
         states = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             states["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.mask_generator is not None:
+            states["rng.dropout"] = self.mask_generator.get_state()
         return states
 
     def load_checkpoint(self) -> bool:
@@ -402,6 +414,8 @@ class Trainer:
         torch.set_rng_state(rng[f"rng.torch{own}"])
         if f"rng.cuda{own}" in rng:
             torch.cuda.set_rng_state(rng[f"rng.cuda{own}"], self.device)
+        if self.mask_generator is not None:
+            self.mask_generator.set_state(rng[f"rng.dropout{own}"])
         _load_optimizer(self.optimizer, {k: v.to(self.device) if not k.endswith(".step") else v
                                          for k, v in tensors.items()}, trainer["param_groups"])
         self.state = TrainState(**trainer["state"])

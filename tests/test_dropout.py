@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gpt.attention import MultiHeadAttention
-from gpt.dropout import LEVELS, Dropout, keep_scale, use_torch_masks
+from gpt.dropout import LEVELS, Dropout, keep_scale, use_masks
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -69,17 +69,33 @@ def test_attention_in_training_drops_attention_weights_with_the_same_mask():
 
 
 def test_torch_masks_are_nn_dropouts_draw_for_draw():
-    """use_torch_masks: the masks of nn.Dropout from the same generator state (a model that must repeat
+    """use_masks(torch_masks=True): the masks of nn.Dropout from the same generator state (a model that must repeat
     another's random stream, as the book preset does), and back to keep_scale's when turned off."""
     model = nn.Sequential(Dropout(0.1), nn.Linear(8, 8), Dropout(0.3))
     reference = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 8), nn.Dropout(0.3))
     reference[1].load_state_dict(model[1].state_dict())
     x = torch.randn(4, 16, 8)
-    use_torch_masks(model)
+    use_masks(model, torch_masks=True)
     torch.manual_seed(3)
     ours = model(x)
     torch.manual_seed(3)
     assert torch.equal(ours, reference(x))
-    use_torch_masks(model, False)
+    use_masks(model)
     torch.manual_seed(3)
     assert not torch.equal(model(x), ours)
+
+
+def test_masks_from_a_generator_of_their_own_leave_the_global_one_alone():
+    """use_masks(generator=g): keep_scale's masks drawn from g, the global generator untouched (as a GPU's
+    dropout leaves the CPU generator); torch's masks cannot come from g."""
+    model = nn.Sequential(Dropout(0.1), nn.Linear(8, 8), Dropout(0.3))
+    x = torch.randn(4, 16, 8)
+    use_masks(model, generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(3)
+    out = model(x)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(3).get_state())
+    g = torch.Generator().manual_seed(11)
+    hidden = model[1](x * keep_scale(x, 0.1, g))
+    assert torch.equal(out, hidden * keep_scale(hidden, 0.3, g))
+    with pytest.raises(ValueError, match="global generator"):
+        use_masks(model, torch_masks=True, generator=g)

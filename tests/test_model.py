@@ -123,3 +123,12 @@ def test_the_head_of_a_few_rows_gives_the_linear_layers_logits(batch, tokens):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     if batch * tokens > 64:
         assert torch.equal(logits, expected)  # many rows: the linear layer itself
+
+
+def test_an_unpadded_head_weight_is_the_parameter_itself():
+    """No slice between the loss and an unpadded head (a slice's backward copies the gradient into a zero
+    matrix of its size); a padded head gives its real rows."""
+    model = GPTModel(GPTConfig.from_preset("micro", vocab_size=100))
+    assert model.head_weight is model.out_head.weight
+    padded = GPTModel(GPTConfig.from_preset("micro", vocab_size=100, pad_vocab_to=64))
+    assert padded.head_weight.shape[0] == 100 and padded.out_head.weight.shape[0] == 128

@@ -266,3 +266,39 @@ def test_the_book_stream_orders_as_the_dataloader_and_resumes_exactly(tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for key, value in full_model_state(tmp_path / "resumed").items():
         assert torch.equal(value, full_model_state(tmp_path / "full")[key]), key
+
+
+APART = TrainConfig(**{**BOOK_ORDER.__dict__, "dropout_masks": "fast", "dropout_seed": 4})
+
+
+def test_dropout_seed_draws_the_masks_apart_and_resumes_exactly(tmp_path):
+    """dropout_seed: the masks come from a generator of their own, so the global generator (init, the book
+    stream's batch orders and estimates) is drawn exactly as in a run without dropout, as the book's code
+    draws it on a GPU or a Mac; other dropout seeds give other masks; a crashed run resumes exactly."""
+    train, val = tokens(400), tokens(600, seed=9)
+    no_dropout = GPTModel(GPTConfig.from_preset("micro", vocab_size=128, context_length=16, drop_rate=0.0))
+    no_dropout.load_state_dict(new_model().state_dict())
+    torch.manual_seed(7)
+    plain = Trainer(no_dropout, train, val, BOOK_ORDER).run()
+    after_plain = torch.get_rng_state()
+    model = new_model()
+    torch.manual_seed(7)
+    full = Trainer(model, train, val, APART, tmp_path / "full").run()
+    assert torch.equal(torch.get_rng_state(), after_plain)  # the masks drew nothing from it
+    assert [h["loss"] for h in full.history] != [h["loss"] for h in plain.history]  # but dropout acted
+    other = Trainer(new_model(), train, val, TrainConfig(**{**APART.__dict__, "dropout_seed": 5})).run()
+    assert [h["loss"] for h in other.history] != [h["loss"] for h in full.history]
+
+    model = new_model()
+    torch.manual_seed(7)
+    with pytest.raises(Crash):
+        Trainer(model, train, val, APART, tmp_path / "resumed", on_event=crash_at_3).run()
+    resumed = Trainer(new_model(seed=99), train, val, APART, tmp_path / "resumed").run()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for key, value in full_model_state(tmp_path / "resumed").items():
+        assert torch.equal(value, full_model_state(tmp_path / "full")[key]), key
+
+
+def test_dropout_seed_with_torch_masks_is_refused():
+    with pytest.raises(ValueError, match="dropout_seed"):
+        TrainConfig(dropout_masks="torch", dropout_seed=1)
