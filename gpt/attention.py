@@ -106,7 +106,8 @@ class MultiHeadAttention(nn.Module):
         batch, heads, n_queries, n_keys = *q.shape[:3], k.shape[2]
         # A mask of one row per query (the causal one) broadcasts over the batch: expanded and reshaped it would
         # first be copied whole.
-        addend = mask if mask.dim() == 2 else mask.expand(batch, heads, n_queries, n_keys).reshape(-1, n_queries, n_keys)
+        addend = mask if mask.dim() == 2 else \
+            mask.expand(batch, heads, n_queries, n_keys).reshape(-1, n_queries, n_keys)
         keys_t = k.reshape(-1, n_keys, self.head_dim).transpose(1, 2)
         scores = torch.baddbmm(addend, q.reshape(-1, n_queries, self.head_dim), keys_t,
                                alpha=1 / math.sqrt(self.head_dim)).view(batch, heads, n_queries, n_keys)

@@ -77,8 +77,9 @@ class TrainConfig:
     def __post_init__(self):
         check_fields(self)
         if self.dropout_seed is not None and self.dropout_masks == "torch":
-            raise ValueError("dropout_seed draws gpt.dropout's masks from a generator of their own; dropout_masks "
-                             "torch draws nn.Dropout's from the global one: set dropout_masks fast or dropout_seed null")
+            raise ValueError("dropout_seed draws gpt.dropout's masks from a generator of their own; dropout_masks"
+                             " torch draws nn.Dropout's from the global one: set dropout_masks fast or dropout_seed"
+                             " null")
 
 
 EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw")
