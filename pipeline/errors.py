@@ -35,5 +35,8 @@ def reporting_errors(prog: str, *also: type[BaseException]) -> Iterator[None]:
                 or (mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException))):
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        # One write of the whole line: print() writes the newline apart, so two processes failing at once
+        # (ranks under torchrun) could join their lines into one.
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.flush()
         sys.exit(getattr(exc, "exit_status", 1))
