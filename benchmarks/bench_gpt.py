@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,9 +63,11 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -
 
 
 # -- machine ------------------------------------------------------------------------------------
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] | None = None,
+                repeats: int | None = None) -> tuple[float, str]:
     """Best FLOP/s of large square matmuls (2 n^3 FLOPs each) in `dtype`, and the setting."""
-    sizes, repeats, inner = ((4096, 8192), 5, 20) if device.type == "cuda" else ((2048, 3072), 3, 1)
+    default_sizes, default_repeats, inner = ((4096, 8192), 5, 20) if device.type == "cuda" else ((2048, 3072), 3, 1)
+    sizes, repeats = sizes or default_sizes, repeats or default_repeats
     best, best_n = 0.0, 0
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
@@ -107,10 +110,12 @@ def train_flops_per_token(cfg: GPTConfig, context: int) -> float:
 
 
 def train_tokens_per_s(preset: str, batch: int, context: int, device: torch.device, steps: int, warmup: int,
-                       settings: dict) -> tuple[float, GPTConfig]:
+                       settings: dict, step_peak: Callable[[], float] | None = None
+                       ) -> tuple[float, GPTConfig, list[tuple[float, float]]]:
     """Tokens/s of gpt.train.Trainer's own step loop (data loading, forward + loss under the
     precision setting, backward, clipping, AdamW) on random tokens; the first `warmup` steps
-    (and a compile's trial step) are not timed."""
+    (and a compile's trial step) are not timed. With `step_peak`, it is called after each timed step,
+    outside the step's time, and each step's (seconds, that peak) is returned too."""
     cfg = GPTConfig.from_preset(preset, context_length=context, pad_vocab_to=64 if settings["pad_vocab"] else 1)
     torch.manual_seed(0)
     model = GPTModel(cfg).to(device)
@@ -120,18 +125,25 @@ def train_tokens_per_s(preset: str, batch: int, context: int, device: torch.devi
     val = rng.integers(0, cfg.vocab_size, context + 1).astype(np.uint16)
     train_cfg = TrainConfig(batch_size=batch, max_steps=total, eval_every=0, checkpoint_every=0,
                             compile=settings["compile"], precision=settings["precision"],
-                            fused_adamw=settings["fused_adamw"])
-    stamps: list[float] = []
+                            fused_adamw=settings["fused_adamw"], cpu_kernels=settings["cpu_kernels"])
+    stamps: list[float] = []  # each step's end, and with step_peak, the next step's start after the peak
+    per_step: list[tuple[float, float]] = []
 
     def on_event(kind: str, record: dict) -> None:
         if kind == "step":
             sync(device)
             stamps.append(time.perf_counter())
+            if step_peak is not None and len(stamps) > max(2 * warmup - 1, 1):  # a timed step's end
+                per_step.append((stamps[-1] - stamps[-2], step_peak()))
+            if step_peak is not None:
+                stamps.append(time.perf_counter())
     Trainer(model, train, val, train_cfg, on_event=on_event).run()
-    seconds = stamps[-1] - stamps[warmup - 1] if warmup else stamps[-1] - stamps[0]
-    timed = steps if warmup else steps - 1
+    ends = stamps[::2] if step_peak is not None else stamps
+    starts = stamps[1::2] if step_peak is not None else stamps
+    first = warmup - 1 if warmup else 0
+    seconds = sum(end - start for start, end in zip(starts[first:], ends[first + 1 :]))
     del model
-    return timed * batch * context / seconds, cfg
+    return (len(ends) - 1 - first) * batch * context / seconds, cfg, per_step
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -252,6 +264,11 @@ def main() -> None:
     parser.add_argument("--fused-adamw", choices=("auto", "true", "false"), default="auto",
                         help="as pretrain.fused_adamw (auto: fused on CPU and CUDA)")
     parser.add_argument("--pad-vocab", action="store_true", help="as pretrain.pad_vocab: true")
+    parser.add_argument("--step-peaks", action="store_true",
+                        help="also measure the matmul peak after every timed training step (outside its time) and "
+                             "report the per-step MFU's median and range: the VM's speed drifts within minutes")
+    parser.add_argument("--cpu-kernels", choices=("true", "false"), default="true",
+                        help="as pretrain.cpu_kernels (true: GELU, softmax + dropout, the loss's exp in C++ on CPU)")
     parser.add_argument("--decode-preset", default="gpt2-small")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--decode-batches", type=lambda text: [int(v) for v in text.split(",")], default=[1, 8, 32],
@@ -290,7 +307,9 @@ def main() -> None:
     new_tokens = args.new_tokens or (256 if gpu else 64)
     repeats = 5 if gpu else 3
     fused = {"auto": None, "true": True, "false": False}[args.fused_adamw]
-    settings = {"precision": args.precision, "compile": args.compile, "fused_adamw": fused, "pad_vocab": args.pad_vocab}
+    kernels = args.cpu_kernels == "true"
+    settings = {"precision": args.precision, "compile": args.compile, "fused_adamw": fused, "pad_vocab": args.pad_vocab,
+                "cpu_kernels": kernels}
     train_dtype = autocast_dtype(args.precision, device) or torch.float32
 
     rows: list[tuple[str, str, str, str, str]] = []
@@ -301,16 +320,24 @@ def main() -> None:
     bandwidth_rows = len(rows)  # filled in at the end
 
     if "train" not in skip:
-        optim = "fused AdamW" if (fused if fused is not None else device.type == "cuda") else "AdamW"
+        optim = "fused AdamW" if (fused if fused is not None else device.type in ("cpu", "cuda")) else "AdamW"
         mode = f"{str(train_dtype).removeprefix('torch.')}{' autocast' if train_dtype != torch.float32 else ''}, " \
-               f"{'compiled' if args.compile else 'eager'}, {optim}{', vocab padded to 64' if args.pad_vocab else ''}"
+               f"{'compiled' if args.compile else 'eager'}, {optim}{', vocab padded to 64' if args.pad_vocab else ''}" \
+               f"{', C++ kernels' if kernels and device.type == 'cpu' else ''}"
         for preset in filter(None, (p.strip() for p in args.presets.split(","))):
             batch, context = shapes.get(preset, DEFAULT_SHAPE)
-            rate, cfg = train_tokens_per_s(preset, batch, context, device, steps, warmup, settings)
+            step_peak = (lambda: matmul_peak(device, train_dtype, sizes=(3072,), repeats=2)[0]) if args.step_peaks \
+                else None
+            rate, cfg, per_step = train_tokens_per_s(preset, batch, context, device, steps, warmup, settings, step_peak)
             flops = train_flops_per_token(cfg, context)
+            mfu = f"MFU {flops * rate / peak:.0%}"
+            if per_step:
+                ratios = sorted(flops * batch * context / seconds / step for seconds, step in per_step)
+                mfu += f"; per step against the peak after it: median {statistics.median(ratios):.1%}, " \
+                       f"{ratios[0]:.0%}-{ratios[-1]:.0%}"
             rows.append((f"training {preset}", f"batch {batch} x context {context}, {mode}, {steps} steps",
                          fmt(rate, "tokens/s"), f"{flops * rate / 1e9:,.0f} GFLOP/s ({flops / 1e6:,.0f} MFLOP/token)",
-                         f"MFU {flops * rate / peak:.0%}"))
+                         mfu))
 
     if "decode" not in skip:
         torch.manual_seed(0)

@@ -1,44 +1,19 @@
 """Fused decoding steps on CPU: a whole GPTModel token step, for a batch of rows, in one C++ call (gpt/csrc/decode.cpp)."""
 from __future__ import annotations
 
-import hashlib
-import platform
-import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from gpt.attention import KVCache
-from gpt.errors import first_line
 from gpt.model import GPTModel
+from gpt.native import load_kernel
 
-KERNEL_SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 _kernel = None  # the built extension module; None: not built yet, False: building failed here
 
 # A step: (token ids (batch, 1), cache) -> logits (batch, 1, vocab); advances the cache by one token.
 Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
-
-
-def _cpu_tag() -> str:
-    """A short tag of this CPU's instruction sets: the kernel is built with -march=native, so a
-    build cache shared with another kind of CPU must not hand it this machine's binary."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
-
-
-def _load_kernel():
-    """Build (first time: ~20 s, needs a C++ compiler; then cached by torch) and load the kernel."""
-    from torch.utils.cpp_extension import load  # heavy import, only when asked for
-
-    # -fopenmp: the step is one OpenMP parallel region. The extension then needs libgomp.so.1,
-    # which resolves to the copy torch has already loaded: one thread pool, torch's thread count.
-    return load(name=f"gpt_decode_{_cpu_tag()}", sources=[str(KERNEL_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def use_fast_decode(model: GPTModel, enabled: bool = True) -> bool:
@@ -53,12 +28,7 @@ def use_fast_decode(model: GPTModel, enabled: bool = True) -> bool:
     """
     global _kernel
     if enabled and _kernel is None:
-        try:
-            _kernel = _load_kernel()
-        except Exception as exc:  # no C++ compiler, unsupported platform, ...
-            warnings.warn(f"fast decode kernel unavailable ({type(exc).__name__}: {first_line(exc)}); "
-                          "using PyTorch's path", stacklevel=2)
-            _kernel = False
+        _kernel = load_kernel("decode") or False
     model.fast_decode = enabled and bool(_kernel)
     return model.fast_decode
 

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from gpt.attention import KVCache, MultiHeadAttention
+from gpt.cpu_kernels import gelu
 from gpt.dropout import Dropout
 from gpt.fields import bounded, check_fields
-from gpt.loss import head_cross_entropy
+from gpt.loss import TiedGradient, head_cross_entropy, tied_lookup
+from gpt.native import applies
 
 
 # "gpt2": N(0, 0.02) weights with depth-scaled residual projections (GPT-2's recipe);
@@ -88,6 +90,8 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 class FeedForward(nn.Module):
     """Position-wise MLP: expand 4x, GELU (tanh form, as GPT-2), project back."""
 
+    cpu_kernels: bool = False  # set by gpt.cpu_kernels.use_cpu_kernels: GELU in one C++ pass each way
+
     def __init__(self, emb_dim: int, drop_rate: float):
         super().__init__()
         self.fc = nn.Linear(emb_dim, 4 * emb_dim)
@@ -96,7 +100,9 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        hidden = self.fc(x)
+        hidden = gelu(hidden) if self.cpu_kernels and applies(hidden) else self.gelu(hidden)
+        return self.dropout(self.proj(hidden))
 
 
 class TransformerBlock(nn.Module):
@@ -120,6 +126,7 @@ class GPTModel(nn.Module):
     """Token + position embeddings, a stack of transformer blocks, final norm, output head."""
 
     fast_decode: bool = False  # set by gpt.fast_decode.use_fast_decode; read by gpt.generate.generate
+    cpu_kernels: bool = False  # set by gpt.cpu_kernels.use_cpu_kernels: the fused loss's exp in one C++ pass
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -163,8 +170,10 @@ class GPTModel(nn.Module):
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_length or self.cfg.context_length,
                        self.cfg.emb_dim // self.cfg.n_heads, device=param.device, dtype=param.dtype, pad=pad)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (batch, tokens, emb_dim); extends `cache` when given."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      tied: TiedGradient | None = None) -> torch.Tensor:
+        """Final-norm hidden states (batch, tokens, emb_dim); extends `cache` when given. With `tied`, the token
+        lookup adds its gradient into the one the fused loss makes for the tied head (gpt.loss.TiedGradient)."""
         n_tokens = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + n_tokens > self.cfg.context_length:
@@ -176,7 +185,8 @@ class GPTModel(nn.Module):
             positions = self.pos_emb((slots - cache.pad[:, None]).clamp_min(0))
         else:  # positions start..start+n-1 are a slice of the table: a view, no index tensor or gather
             positions = self.pos_emb.weight[start : start + n_tokens]
-        x = self.drop_emb(self.tok_emb(idx) + positions)
+        tokens = self.tok_emb(idx) if tied is None else tied_lookup(idx, self.tok_emb.weight, tied)
+        x = self.drop_emb(tokens + positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
@@ -205,9 +215,12 @@ class GPTModel(nn.Module):
         """Logits (batch, tokens, vocab_size) for token ids (batch, tokens); with `targets` (batch, tokens),
         the mean next-token cross-entropy against them instead, computed by gpt.loss without the whole
         logits tensor (through forward, so DDP and torch.compile wrappers see it)."""
-        hidden = self.hidden_states(idx, cache)
+        # A head tied to the embedding (unpadded: the loss takes the weight itself) shares one gradient matrix.
+        tied = TiedGradient() if targets is not None and torch.is_grad_enabled() and self.head_weight is \
+            self.tok_emb.weight and not torch.compiler.is_compiling() else None
+        hidden = self.hidden_states(idx, cache, tied)
         if targets is not None:
-            return head_cross_entropy(hidden, self.head_weight, targets)
+            return head_cross_entropy(hidden, self.head_weight, targets, fused_exp=self.cpu_kernels, tied=tied)
         logits = self._head(hidden)
         if logits.shape[-1] == self.cfg.padded_vocab_size != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # padded ids are never predicted

@@ -21,6 +21,7 @@ from gpt import distributed
 from gpt.checkpoint import load_state, save_model, save_tensors
 from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.data import TokenWindowDataset, create_dataloader
+from gpt.cpu_kernels import use_cpu_kernels
 from gpt.dropout import use_masks
 from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
@@ -73,6 +74,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training; falls back to eager if that fails
     precision: str = bounded("auto", choices=PRECISIONS)  # autocast dtype of forward + loss
     fused_adamw: bool | None = None  # None: fused on CPU and CUDA (False: the multi-tensor path, as plain AdamW)
+    # GELU, dropout, the attention's softmax + dropout and the loss's exp in C++ kernels where they apply (CPU,
+    # fp32; gpt.cpu_kernels), built on first use; their dropout masks are other masks of the same distribution.
+    # False: PyTorch's ops and gpt.dropout's masks.
+    cpu_kernels: bool = True
 
     def __post_init__(self):
         check_fields(self)
@@ -82,7 +87,7 @@ class TrainConfig:
                              " null")
 
 
-EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw")
+EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw", "cpu_kernels")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -308,6 +313,7 @@ class Trainer:
         self.mask_generator = None if cfg.dropout_seed is None else \
             torch.Generator(self.device).manual_seed(cfg.dropout_seed + self.rank)
         use_masks(model, torch_masks=cfg.dropout_masks == "torch", generator=self.mask_generator)
+        use_cpu_kernels(model, cfg.cpu_kernels and self.device.type == "cpu")  # not built where they cannot apply
         self.is_main = distributed.is_main()
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length

@@ -20,6 +20,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from gpt.files import atomic_write_text
+from gpt.native import CSRC
 from pipeline import datasets
 from pipeline.errors import reporting_errors
 from pipeline.layout import DATA
@@ -73,6 +74,8 @@ def code_deps(stage: Stage) -> list[str]:
             continue
         seen.add(path)
         todo += [f for f in map(module_file, imported_modules(path)) if f is not None]
+    if module_file("gpt.native") in seen:  # it builds the C++ sources at run time: they are code the stage runs
+        seen |= {path for path in CSRC.iterdir() if path.suffix in (".cpp", ".h")}
     return sorted(str(p.relative_to(ROOT)) for p in seen)
 
 

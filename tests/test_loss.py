@@ -66,9 +66,10 @@ def test_token_losses_are_the_unreduced_cross_entropy():
     torch.testing.assert_close(got, expected)
 
 
-def test_the_model_with_targets_equals_its_logits_loss_tied_and_padded():
+@pytest.mark.parametrize("pad_vocab_to", [64, 1])  # 1: the token lookup adds into the loss's gradient (TiedGradient)
+def test_the_model_with_targets_equals_its_logits_loss_tied_and_padded(pad_vocab_to):
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("micro", pad_vocab_to=64, tie_weights=True, drop_rate=0.0)
+    cfg = GPTConfig.from_preset("micro", pad_vocab_to=pad_vocab_to, tie_weights=True, drop_rate=0.0)
     model = GPTModel(cfg).double()
     inputs, targets = torch.randint(0, cfg.vocab_size, (2, 12)), torch.randint(0, cfg.vocab_size, (2, 12))
     plain = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
@@ -80,6 +81,25 @@ def test_the_model_with_targets_equals_its_logits_loss_tied_and_padded():
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_tied_weights_gradient_accumulates_over_backward_passes_and_respects_a_frozen_embedding():
+    torch.manual_seed(2)
+    model = GPTModel(GPTConfig.from_preset("micro", tie_weights=True, drop_rate=0.0)).double()
+    weight = model.tok_emb.weight
+    batches = [(torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))) for _ in range(2)]
+    for inputs, targets in batches:  # two accumulated micro-batches, the plain way
+        F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).backward()
+    expected = weight.grad.clone()
+    model.zero_grad()
+    for inputs, targets in batches:
+        model(inputs, targets=targets).backward()
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-12)
+    assert (weight.grad[batches[0][0].flatten()] != 0).all()  # the lookup's rows are in it
+    model.zero_grad()
+    weight.requires_grad_(False)
+    model(*batches[0][:1], targets=batches[0][1]).backward()
+    assert weight.grad is None and model.blocks[0].ff.fc.weight.grad is not None
 
 
 @pytest.mark.parametrize("grads", [(True, False), (False, True)])

@@ -17,11 +17,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
-constexpr int kLanes = 16;  // floats per vector: one AVX-512 register, two AVX2 ones
 constexpr int kChains = 4;  // independent accumulators per row, so loads never wait on an add
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));  // GCC/Clang vector type
 
 // This thread's share [begin, end) of n items, in one contiguous block (one stream per core is
 // what the hardware prefetcher follows best).
@@ -30,12 +30,6 @@ void my_share(int64_t n, int64_t* begin, int64_t* end) {
   const int64_t chunk = (n + threads - 1) / threads;
   *begin = std::min(n, id * chunk);
   *end = std::min(n, *begin + chunk);
-}
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
-  return v;
 }
 
 // W[r] . x with four accumulator chains, so loads never wait on an add. Measured on the project's
@@ -124,18 +118,6 @@ void matvec_rows(const float* w, const float* x, int64_t n, const float* b, cons
   }
 }
 
-// Sum of n floats with kLanes partial sums (vector adds, not one serial chain).
-float sum_of(const float* x, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-  float sum = 0.f;
-  for (int j = 0; j < kLanes; ++j) sum += acc[j];
-  for (; i < n; ++i) sum += x[i];
-  return sum;
-}
-
 void layer_norm(const float* x, const float* w, const float* b, float* out, int64_t n, float eps) {
   const float mean = sum_of(x, n) / n;
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * (x[i] - mean);
@@ -143,28 +125,9 @@ void layer_norm(const float* x, const float* w, const float* b, float* out, int6
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
-// e^x in plain arithmetic the compiler vectorizes (std::exp is a scalar libm call): e^x = 2^k e^r
-// with k = round(x / ln 2) and |r| <= ln(2) / 2, where a degree-7 Taylor polynomial is within 2e-7
-// relative; 2^k is built in the exponent bits. x is clamped to +-80, inside float's range.
-inline float exp_approx(float x) {
-  x = std::min(80.f, std::max(-80.f, x));
-  // Adding 1.5 * 2^23 rounds to an integer (std::floor would not vectorize without -ffast-math).
-  const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;
-  const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts: r stays exact
-  const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r / 5040))))));
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// GELU, tanh form (as GPT-2 and nn.GELU(approximate="tanh")), in place:
-// 0.5 v (1 + tanh(u)) = v - v / (e^2u + 1).
-void gelu_tanh(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    x[i] = v - v / (exp_approx(2.f * 0.7978845608f * (v + 0.044715f * v * v * v)) + 1.f);
-  }
+// GELU (vector_math.h) over n values in place.
+void gelu_in_place(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = gelu_tanh(x[i]);
 }
 
 const float* data_or_null(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
@@ -306,7 +269,7 @@ class Decoder {
         my_share(hidden_, &begin, &end);
         matvec_rows(b.fc_w.data_ptr<float>(), normed.data(), batch, data_or_null(b.fc_b), nullptr, hidden.data(),
                     emb_, hidden_, begin, end);
-        for (int64_t r = 0; r < batch; ++r) gelu_tanh(hidden.data() + r * hidden_ + begin, end - begin);
+        for (int64_t r = 0; r < batch; ++r) gelu_in_place(hidden.data() + r * hidden_ + begin, end - begin);
 #pragma omp barrier
         my_share(emb_, &begin, &end);
         matvec_rows(b.proj_w.data_ptr<float>(), hidden.data(), batch, data_or_null(b.proj_b), x.data(), x.data(),
