@@ -126,21 +126,22 @@ def train_tokens_per_s(preset: str, batch: int, context: int, device: torch.devi
     train_cfg = TrainConfig(batch_size=batch, max_steps=total, eval_every=0, checkpoint_every=0,
                             compile=settings["compile"], precision=settings["precision"],
                             fused_adamw=settings["fused_adamw"], cpu_kernels=settings["cpu_kernels"])
-    stamps: list[float] = []  # each step's end, and with step_peak, the next step's start after the peak
+    ends: list[float] = []  # each step's end
+    starts: list[float] = []  # the next step's start: the same moment, or after step_peak
     per_step: list[tuple[float, float]] = []
 
     def on_event(kind: str, record: dict) -> None:
         if kind == "step":
             sync(device)
-            stamps.append(time.perf_counter())
-            if step_peak is not None and len(stamps) > max(2 * warmup - 1, 1):  # a timed step's end
-                per_step.append((stamps[-1] - stamps[-2], step_peak()))
+            ends.append(time.perf_counter())
             if step_peak is not None:
-                stamps.append(time.perf_counter())
+                if len(ends) > max(warmup, 1):  # a timed step
+                    per_step.append((ends[-1] - starts[-1], step_peak()))
+                starts.append(time.perf_counter())
+            else:
+                starts.append(ends[-1])
     Trainer(model, train, val, train_cfg, on_event=on_event).run()
-    ends = stamps[::2] if step_peak is not None else stamps
-    starts = stamps[1::2] if step_peak is not None else stamps
-    first = warmup - 1 if warmup else 0
+    first = warmup - 1 if warmup else 0  # the start of the first timed step is starts[first]
     seconds = sum(end - start for start, end in zip(starts[first:], ends[first + 1 :]))
     del model
     return (len(ends) - 1 - first) * batch * context / seconds, cfg, per_step

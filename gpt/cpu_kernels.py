@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gpt.dropout import Dropout, kept_above, mask_seed
-from gpt.native import load_kernel
+from gpt.native import train_ops
 
 # Between its matmuls a mini training step spent ~14% of its time in eager PyTorch's elementwise passes,
 # several per result: GELU's forward and backward (~55 ms a step), the dropout masks' random bits (~25 ms),
@@ -14,20 +14,16 @@ from gpt.native import load_kernel
 # compute on float32 CPU tensors (gpt.native.applies); anything else keeps PyTorch's path.
 
 
-def _ops():
-    return load_kernel("train_ops")
-
-
 class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         ctx.save_for_backward(x)
-        return _ops().gelu_forward(x)
+        return train_ops().gelu_forward(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _ops().gelu_backward(grad.contiguous(), ctx.saved_tensors[0])
+        return train_ops().gelu_backward(grad.contiguous(), ctx.saved_tensors[0])
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -38,14 +34,15 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 class _CausalSoftmaxDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: torch.Tensor, scale: float, seed: int, lowest_kept: int, keep: float) -> torch.Tensor:
-        probs, dropped = _ops().causal_softmax_dropout_forward(scores.contiguous(), scale, seed, lowest_kept, keep)
+        probs, dropped = train_ops().causal_softmax_dropout_forward(scores.contiguous(), scale, seed, lowest_kept,
+                                                                     keep)
         ctx.save_for_backward(probs)
         ctx.args = scale, seed, lowest_kept, keep  # the backward pass remakes the mask from its seed
         return dropped
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        dscores = _ops().causal_softmax_dropout_backward(grad.contiguous(), ctx.saved_tensors[0], *ctx.args)
+        dscores = train_ops().causal_softmax_dropout_backward(grad.contiguous(), ctx.saved_tensors[0], *ctx.args)
         return dscores, None, None, None, None
 
 
@@ -60,19 +57,19 @@ def causal_softmax_dropout(scores: torch.Tensor, scale: float, dropout: Dropout)
 def exp_rows_(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """block (rows x columns) <- exp(block - its row maxima), in place; returns (the row maxima, the row sums
     of those exps), each (rows, 1)."""
-    return tuple(_ops().exp_rows_(block))
+    return tuple(train_ops().exp_rows_(block))
 
 
 def mask_bits(seed: int, count: int) -> torch.Tensor:
     """The int16 random bits of the kernels' dropout mask `seed` for its first `count` elements."""
-    return _ops().mask_bits(seed, count)
+    return train_ops().mask_bits(seed, count)
 
 
 def use_cpu_kernels(model: nn.Module, enabled: bool = True) -> bool:
     """Let `model`'s GELUs, dropouts, attention softmax with dropout and fused LM head + loss run in the kernels
     where they apply (training or not), or stop them; return whether they are on. The kernels are built on
     first use; if that fails (no C++ compiler), warn once and keep PyTorch's path."""
-    on = enabled and _ops() is not None
+    on = enabled and train_ops() is not None
     for module in model.modules():
         if hasattr(module, "cpu_kernels"):
             module.cpu_kernels = on

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.native import applies, load_kernel
+from gpt.native import applies, train_ops
 
 LEVELS = 1 << 16  # an element is dropped when its 16 random bits fall in the lowest round(p * LEVELS) values
 _LOWEST = -(1 << 15)
@@ -57,11 +57,11 @@ class _KernelDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, seed: int, lowest_kept: int, scale: float) -> torch.Tensor:
         ctx.mask = seed, lowest_kept, scale
-        return load_kernel("train_ops").dropout(x.contiguous(), seed, lowest_kept, scale)
+        return train_ops().dropout(x.contiguous(), seed, lowest_kept, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return load_kernel("train_ops").dropout(grad.contiguous(), *ctx.mask), None, None, None
+        return train_ops().dropout(grad.contiguous(), *ctx.mask), None, None, None
 
 
 class Dropout(nn.Module):

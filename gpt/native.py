@@ -49,6 +49,11 @@ def load_kernel(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def train_ops() -> ModuleType | None:
+    """The training kernels (gpt/csrc/train_ops.cpp), or None where they cannot be built."""
+    return load_kernel("train_ops")
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether the kernels can take `x`: they compute on float32 CPU tensors (float32 is torch's one 4-byte
     floating dtype)."""
