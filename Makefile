@@ -18,14 +18,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# dvc repro with one MLflow parent run per execution (see README, MLflow).
+# dvc repro with one MLflow parent run per execution (see docs/registry.md).
 pipeline: setup
 	llm-pipeline run
 
 test: setup
 	pytest
 
-# One markdown table (README, Benchmarks); e.g. make bench BENCH_ARGS="--device cuda" or
+# One markdown table (docs/benchmarks.md); e.g. make bench BENCH_ARGS="--device cuda" or
 # BENCH_ARGS="--dvc-repo /tmp/dvc-scratch --dvc-target evaluate" after benchmarks/dvc_scratch.py.
 BENCH_ARGS ?=
 bench: setup

@@ -1,4 +1,4 @@
-"""What dropout costs a CPU training step, and what gpt.dropout saves (README, Benchmarks, "Training step").
+"""What dropout costs a CPU training step, and what gpt.dropout saves (docs/benchmarks.md, "Training step").
 
     python benchmarks/bench_dropout.py
 
@@ -25,7 +25,8 @@ if str(REPO) not in sys.path:
 from gpt.attention import MultiHeadAttention  # noqa: E402
 from gpt.dropout import Dropout  # noqa: E402
 from gpt.model import GPTConfig, GPTModel  # noqa: E402
-from gpt.train import TrainConfig, batch_loss, make_optimizer, tune_malloc  # noqa: E402
+from gpt.runtime import tune_malloc  # noqa: E402
+from gpt.train import TrainConfig, batch_loss, make_optimizer  # noqa: E402
 
 BATCH, CONTEXT = 8, 256
 

@@ -8,7 +8,7 @@ Rows: the machine's measured matmul peak and memory bandwidth; training tokens/s
 FLOPs utilization against that peak) of the real training step (gpt.train.Trainer: make_optimizer,
 batch_loss, clipping, the precision/compile settings); batch-1 decoding tokens/s with and without
 the KV cache against the memory-bandwidth bound; tokenization MB/s of the pipeline's path
-(pipeline.corpus.write_corpus_tokens; benchmarks/bench_tokenize.py measures it on a 1 GB corpus)
+(pipeline.data.corpus.write_corpus_tokens; benchmarks/bench_tokenize.py measures it on a 1 GB corpus)
 against raw tiktoken; the seconds of a no-op `dvc repro`.
 Definitions are printed under the table. Timings synchronize CUDA before reading the clock.
 """
@@ -34,11 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench_gpt.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from gpt.generate import generate, generate_batch  # noqa: E402
 from gpt.fast_decode import use_fast_decode  # noqa: E402
+from gpt.generate import generate, generate_batch  # noqa: E402
 from gpt.model import GPTConfig, GPTModel  # noqa: E402
-from gpt.train import PRECISIONS, Trainer, TrainConfig, autocast_dtype, pick_device, tune_malloc  # noqa: E402
-from pipeline.fetch import MIRROR_ENV  # noqa: E402
+from gpt.runtime import PRECISIONS, autocast_dtype, pick_device, tune_malloc  # noqa: E402
+from gpt.train import Trainer, TrainConfig  # noqa: E402
+from pipeline.data.fetch import MIRROR_ENV  # noqa: E402
 
 # Training shape per preset: (batch, context). mini is the issue's preset; gpt2-small uses the
 # same 2,048 tokens per step (its own context is 1024; 256 keeps a CPU step to ~10 s).
@@ -211,7 +212,7 @@ def tokenization(text_path: Path, bpe_dir: Path, repeats: int) -> tuple[float, f
     the tokenize stage calls it: read, train/val cut, encode on every core, write both token files)
     and of raw tiktoken encode_ordinary of the same text with the same encoding."""
     from gpt.tokenizer import load_tokenizer
-    from pipeline.corpus import write_corpus_tokens
+    from pipeline.data.corpus import write_corpus_tokens
 
     enc = load_tokenizer(bpe_dir)
     text = text_path.read_text(encoding="utf-8")
@@ -283,7 +284,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: train, decode, tokenize, dvc")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
-                        help="leave glibc's allocator as it is (the pretrain stage calls gpt.train.tune_malloc)")
+                        help="leave glibc's allocator as it is (the pretrain stage calls gpt.runtime.tune_malloc)")
     args = parser.parse_args()
 
     malloc_tuned = False if args.no_malloc_tuning else tune_malloc()

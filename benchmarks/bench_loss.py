@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/bench_loss.py` from anywhere
 
 from gpt.loss import head_cross_entropy  # noqa: E402
 from gpt.model import GPTConfig, GPTModel  # noqa: E402
-from gpt.train import TrainConfig, make_optimizer, tune_malloc  # noqa: E402
+from gpt.runtime import tune_malloc  # noqa: E402
+from gpt.train import TrainConfig, make_optimizer  # noqa: E402
 
 TOKENS, WIDTH, VOCAB = 2048, 384, 50257
 CHUNKS = (128, 256, 512, 1024, 2048)

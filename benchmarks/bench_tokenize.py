@@ -1,4 +1,4 @@
-"""Benchmark streaming corpus tokenization (pipeline.corpus.write_corpus_tokens) against raw tiktoken; one markdown table.
+"""Benchmark streaming corpus tokenization (pipeline.data.corpus.write_corpus_tokens) against raw tiktoken; one markdown table.
 
     python benchmarks/bench_tokenize.py                    # a 1 GB corpus in a temp folder, removed afterwards
     python benchmarks/bench_tokenize.py --gb 4 --workdir /big/disk --keep
@@ -29,9 +29,9 @@ if str(REPO) not in sys.path:  # `python benchmarks/bench_tokenize.py` from anyw
     sys.path.insert(0, str(REPO))
 
 from gpt.tokenizer import load_tokenizer  # noqa: E402
-from pipeline.corpus import CHUNK_CHARS, write_corpus_tokens  # noqa: E402
-from pipeline.encoding import safe_cuts  # noqa: E402
-from pipeline.fetch import MIRROR_ENV  # noqa: E402
+from pipeline.data.corpus import CHUNK_CHARS, write_corpus_tokens  # noqa: E402
+from pipeline.data.encoding import safe_cuts  # noqa: E402
+from pipeline.data.fetch import MIRROR_ENV  # noqa: E402
 
 SOURCES = ("tinyshakespeare.txt", "the-verdict.txt")
 SEED = 1234

@@ -4,7 +4,7 @@
     python benchmarks/book_curve.py --seeds 123,1,2 --set weight_decay_all=false
     python benchmarks/book_curve.py --seeds 123 --dropout-seeds 1,2,3   # the notebook run's data order
 
-Trains what `python -m pipeline.presets apply book && dvc repro pretrain` trains: params.yaml's
+Trains what `llm-pipeline preset apply book && dvc repro pretrain` trains: params.yaml's
 pretrain section with the book preset laid over it (then any --set), on the-verdict from the mirror,
 cut 90/10 as the tokenize stage cuts it, once per seed. At some of the book's evaluation points it records
 the losses of every train window and of the val windows (drawing no random numbers, so the runs
@@ -40,11 +40,12 @@ if str(REPO) not in sys.path:
 
 from gpt.data import load_tokens  # noqa: E402
 from gpt.model import GPTModel  # noqa: E402
+from gpt.runtime import tune_malloc  # noqa: E402
 from gpt.tokenizer import load_tokenizer  # noqa: E402
-from gpt.train import Trainer, tune_malloc, window_losses  # noqa: E402
-from pipeline.corpus import write_corpus_tokens  # noqa: E402
-from pipeline.fetch import MIRROR_ENV  # noqa: E402
-from pipeline.presets import overlay, preset_params  # noqa: E402
+from gpt.train import Trainer, window_losses  # noqa: E402
+from pipeline.core.presets import overlay, preset_params  # noqa: E402
+from pipeline.data.corpus import write_corpus_tokens  # noqa: E402
+from pipeline.data.fetch import MIRROR_ENV  # noqa: E402
 from pipeline.stages.pretrain import model_config, train_config  # noqa: E402
 
 # The book's published runs of this setting, train / val loss by its step numbers: the chapter 5 notebook's

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py            # correctness on CUDA, then short bf16 pretraining runs
     torchrun --nproc_per_node=1 benchmarks/gpu_check.py --ddp   # one data-parallel run over nccl
 
-Prints one markdown row per check (README, "GPU path"); exits non-zero if a check fails.
+Prints one markdown row per check (docs/benchmarks.md, "The GPU check"); exits non-zero if a check fails.
 """
 from __future__ import annotations
 

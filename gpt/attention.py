@@ -87,8 +87,9 @@ class MultiHeadAttention(nn.Module):
             past, visible = cache.length, cache.visible(n_tokens)
             k, v = cache.append(layer, k, v)
         # SDPA's CPU kernels drop attention weights only on its unfused path, with torch's costly
-        # per-element Bernoulli draws; the explicit path with gpt.dropout is ~30% faster there. Masks
-        # from a generator of their own (gpt.dropout.use_masks) are drawn on that path on any device.
+        # per-element Bernoulli draws; the explicit path with gpt.dropout's cheaper masks is faster there
+        # (docs/benchmarks.md). Masks from a generator of their own (gpt.dropout.use_masks) are drawn on
+        # that path on any device.
         own_masks = x.device.type == "cpu" or self.attn_dropout.generator is not None
         if self.use_sdpa and not (self.training and self.dropout > 0 and own_masks):
             context = self._sdpa(q, k, v, past, visible)
@@ -113,8 +114,8 @@ class MultiHeadAttention(nn.Module):
             weights = causal_softmax_dropout(torch.bmm(queries, keys_t), 1 / math.sqrt(self.head_dim), drop)
             return weights.view(batch, heads, n_queries, n_keys) @ v
         hidden = self._causal_mask(past, n_queries) if visible is None else ~visible
-        # One batched matmul makes the scaled, masked scores, the mask entering as its -inf/0 addend: a
-        # division and a masked_fill were two more passes over the scores (mini, with dropout: 63.2 -> 58.2 ms a layer).
+        # One batched matmul makes the scaled, masked scores, the mask entering as its -inf/0 addend: one
+        # pass over the scores instead of three (a division and a masked_fill were two more).
         mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
         # A mask of one row per query (the causal one) broadcasts over the batch: expanded and reshaped it would
         # first be copied whole.

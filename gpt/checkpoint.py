@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt.files import atomic_dir, sha256_file
 from gpt.errors import CheckpointError
+from gpt.files import atomic_dir, sha256_file
 from gpt.model import GPTConfig, GPTModel
 
 FORMAT = "llm-pipeline-gpt/1"

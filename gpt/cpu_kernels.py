@@ -7,11 +7,11 @@ from torch import nn
 from gpt.dropout import Dropout, kept_above, mask_seed
 from gpt.native import train_ops
 
-# Between its matmuls a mini training step spent ~14% of its time in eager PyTorch's elementwise passes,
-# several per result: GELU's forward and backward (~55 ms a step), the dropout masks' random bits (~25 ms),
-# the attention's causal mask, softmax, dropout mask and product and their gradients (~60 ms), the LM head's
-# row maxima, shift, exp and sums (~65 ms). The kernels make each in one pass (README, Benchmarks). They
-# compute on float32 CPU tensors (gpt.native.applies); anything else keeps PyTorch's path.
+# Between its matmuls a CPU training step spends its time in eager PyTorch's elementwise passes, several
+# per result: GELU's forward and backward, the dropout masks' random bits, the attention's causal mask,
+# softmax, dropout mask and product and their gradients, the LM head's row maxima, shift, exp and sums.
+# The kernels make each in one pass over the data (what that saved: docs/benchmarks.md). They compute on
+# float32 CPU tensors (gpt.native.applies); anything else keeps PyTorch's path.
 
 
 class _Gelu(torch.autograd.Function):

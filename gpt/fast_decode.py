@@ -10,8 +10,6 @@ from gpt.attention import KVCache
 from gpt.model import GPTModel
 from gpt.native import load_kernel
 
-_kernel = None  # the built extension module; None: not built yet, False: building failed here
-
 # A step: (token ids (batch, 1), cache) -> logits (batch, 1, vocab); advances the cache by one token.
 Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
 
@@ -22,14 +20,11 @@ def use_fast_decode(model: GPTModel, enabled: bool = True) -> bool:
 
     A decoding step reads every weight once, so at batch 1 its limit is memory bandwidth; PyTorch's
     eager step falls well short of it (one-row matmuls on one thread, 330 dispatched ops per gpt2-small
-    step), and at batch 8 its few-row matmuls stream the weights at a third of the bandwidth. The kernel is built on first use; if that fails (no C++ compiler), warn once and keep
+    step), and at batch 8 its few-row matmuls stream the weights well below the bandwidth. The kernel is built on first use; if that fails (no C++ compiler), warn once and keep
     PyTorch's path. Logits match the model's to float rounding (sums run in another order), so greedy
     decoding can differ only on near-ties.
     """
-    global _kernel
-    if enabled and _kernel is None:
-        _kernel = load_kernel("decode") or False
-    model.fast_decode = enabled and bool(_kernel)
+    model.fast_decode = enabled and load_kernel("decode") is not None
     return model.fast_decode
 
 
@@ -57,7 +52,7 @@ def _weights(model: GPTModel) -> list[torch.Tensor] | None:
 def fused_step(model: GPTModel) -> Step | None:
     """A fused one-token step for `model` when use_fast_decode turned it on and it applies (CPU,
     fp32, a plain GPT layout; any batch, left-padded rows included); otherwise None: call the model."""
-    if not (getattr(model, "fast_decode", False) and _kernel and not model.training):
+    if not (getattr(model, "fast_decode", False) and not model.training):
         return None
     tensors = _weights(model)
     if tensors is None:
@@ -65,7 +60,7 @@ def fused_step(model: GPTModel) -> Step | None:
     cfg = model.cfg
     # A padded vocabulary's extra rows are never predicted (GPTModel.forward drops their logits).
     head_rows = cfg.vocab_size if model.out_head.out_features == cfg.padded_vocab_size else model.out_head.out_features
-    decoder = _kernel.Decoder(tensors, cfg.n_heads, head_rows, model.final_norm.eps)
+    decoder = load_kernel("decode").Decoder(tensors, cfg.n_heads, head_rows, model.final_norm.eps)
 
     no_pad = torch.empty(0, dtype=torch.int64)
 

@@ -1,7 +1,7 @@
 """Config fields that declare their valid values, so a dataclass is the one place a setting is defined.
 
 `bounded()` puts the range (or choices) of a field in its metadata; `check_fields()` enforces it in the
-dataclass's __post_init__, and readers of user settings (pipeline.params) derive their checks from the
+dataclass's __post_init__, and readers of user settings (pipeline.core.params) derive their checks from the
 same metadata, so a hyperparameter's name, type, default and range are written once.
 """
 from __future__ import annotations

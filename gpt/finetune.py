@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from gpt.errors import TrainingError
+from gpt.fields import bounded, check_fields
 from gpt.lora import apply_lora
 from gpt.model import GPTModel
-from gpt.fields import bounded, check_fields
 from gpt.train import lr_at, make_optimizer
 
 TRAINABLE = ("all", "last_blocks", "lora")

@@ -61,7 +61,7 @@ def generate(
     cache = None
     step = fused_step(model) if use_cache else None
     try:
-        # Cheaper per op than no_grad (no version counters, no view tracking): a few % of a
+        # Cheaper per op than no_grad (no version counters, no view tracking), which counts in a
         # one-token step, whose eager overhead is what keeps decoding under the bandwidth bound.
         with torch.inference_mode():
             for _ in range(max_new_tokens):
@@ -87,7 +87,7 @@ def generate(
     return idx.clone()  # made outside inference mode: a normal tensor, usable in autograd later
 
 
-BATCH_SIZE = 16  # prompts decoded together by default (README, Benchmarks: batch 8 and 32 tokens/s)
+BATCH_SIZE = 16  # prompts decoded together by default (tokens/s by batch size: docs/benchmarks.md)
 
 
 def generate_batch(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gpt.files import atomic_dir
 from gpt.checkpoint import CheckpointError, save_tensors
+from gpt.files import atomic_dir
 from gpt.model import GPTConfig, GPTModel, pad_rows
 
 # Our name -> (Hugging Face name, stored transposed as Conv1D)

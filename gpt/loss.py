@@ -8,11 +8,10 @@ from gpt.cpu_kernels import exp_rows_
 from gpt.native import applies
 
 CHUNK_ROWS = 1024  # tokens per chunk: 1024 x 50,257 fp32 logits are 206 MB; fewer chunks re-read the
-                   # weight gradient less often, and 512-2048 measured alike on CPU (README, Benchmarks)
+                   # weight gradient less often (chunk sizes compared: docs/benchmarks.md)
 VOCAB_BLOCK = 2048  # logits are made this many vocabulary columns at a time, each block a contiguous
-                    # (rows x 2048) product: on the project's CPU MKL wrote one (1024 x 50,257) product at
-                    # 136-141 GFLOP/s and 2048-column ones at ~186, and an 8 MB block is still in cache
-                    # for its exp
+                    # (rows x 2048) product: MKL writes such blocks faster than one whole-vocabulary
+                    # product, and an 8 MB block is still in cache for its exp (docs/benchmarks.md)
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it count for nothing
 
 
@@ -101,8 +100,8 @@ def _mean(losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class TiedGradient:
     """For a head tied to the token embedding: the weight's gradient the fused loss makes in its forward pass,
     which the token lookup's backward pass (tied_lookup) then adds its rows into, in place. Autograd would
-    otherwise make the lookup's gradient as a zero-filled matrix of the weight's size and add the two (mini:
-    ~18 ms of fill and ~3 ms of add in a 2.3 s step). One per forward pass."""
+    otherwise make the lookup's gradient as a zero-filled matrix of the weight's size and add the two: a fill
+    and an add of the head's size every step. One per forward pass."""
 
     def __init__(self):
         self.grad: torch.Tensor | None = None

@@ -195,8 +195,8 @@ class GPTModel(nn.Module):
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """out_head(hidden). With a few rows (decoding steps) it is computed as weight @ hidden.T: MKL
-        streams the largest matrix of the model faster that way (gpt2-small's head, 8 rows: 14 ms against
-        23 ms for hidden @ weight.T; README, Benchmarks)."""
+        streams the largest matrix of the model faster that way than as hidden @ weight.T
+        (docs/benchmarks.md, batched decoding)."""
         rows = hidden.reshape(-1, hidden.shape[-1])
         if rows.shape[0] > FEW_ROWS or self.out_head.bias is not None:
             return self.out_head(hidden)
@@ -206,7 +206,7 @@ class GPTModel(nn.Module):
     def head_weight(self) -> torch.Tensor:
         """The output head's rows of real token ids (padded rows are never predicted). Unpadded, the weight
         itself: the backward of even a whole-length slice fills a zero matrix of the head's size and
-        copies the gradient into it (mini: ~19 ms of a 2.4 s training step)."""
+        copies the gradient into it: two passes over the head's size in every training step."""
         weight = self.out_head.weight
         return weight if weight.shape[0] == self.cfg.vocab_size else weight[: self.cfg.vocab_size]
 

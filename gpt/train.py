@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -19,16 +18,19 @@ from safetensors.torch import load_file
 
 from gpt import distributed
 from gpt.checkpoint import load_state, save_model, save_tensors
-from gpt.errors import CheckpointError, TrainingError, first_line
-from gpt.data import TokenWindowDataset, create_dataloader
 from gpt.cpu_kernels import use_cpu_kernels
+from gpt.data import TokenWindowDataset, create_dataloader
 from gpt.dropout import use_masks
+from gpt.errors import CheckpointError, TrainingError, first_line
 from gpt.fields import bounded, check_fields
 from gpt.files import atomic_dir, sha256_file
 from gpt.loss import IGNORE_INDEX, token_losses
 from gpt.model import GPTModel
+from gpt.native import build_failure
+from gpt.runtime import PRECISIONS, autocast_dtype
+# Import shim: the serving code of model versions registered before gpt.runtime existed imports it from here.
+from gpt.runtime import pick_device  # noqa: F401
 
-PRECISIONS = ("auto", "fp32", "bf16")
 RANDOM_STREAMS = ("seeded", "book")
 DROPOUT_MASKS = ("fast", "torch")
 TRAINER_STATE = "trainer.json"
@@ -90,21 +92,6 @@ class TrainConfig:
 EXECUTION_SETTINGS = ("compile", "precision", "fused_adamw", "cpu_kernels")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype forward + loss run in under autocast, or None for plain fp32.
-
-    "auto" is bf16 on CUDA GPUs with native bf16 (Ampere and later), fp32 elsewhere; "bf16" is
-    honoured on any device (on CPU it is only faster where the CPU has bf16 instructions).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    return None
-
-
 @dataclass
 class TrainState:
     """Everything besides weights and optimizer moments that an exact resume needs."""
@@ -116,53 +103,6 @@ class TrainState:
     elapsed_s: float = 0.0
     history: list[dict] = field(default_factory=list)  # one entry per step: loss, lr, tokens
     order_seed: int | None = None  # random_stream book: the seed of the current epoch's permutation
-
-
-def tune_malloc() -> bool:
-    """Make glibc keep large freed blocks for reuse; True when applied (Linux with glibc only).
-
-    glibc serves each allocation above its mmap threshold (32 MiB at most by default) with a fresh
-    mmap and unmaps it when freed, so the logits over 50k tokens and their gradient (hundreds of MB)
-    are page-faulted in again at every step: high system time, ~15-35% of a CPU training step.
-    This raises the mmap and trim thresholds in this process, as MALLOC_MMAP_THRESHOLD_ and
-    MALLOC_TRIM_THRESHOLD_ in the environment would; results are unchanged. Meant for a training
-    process's entry point (the memory stays with the process until it exits).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        limit = 2**31 - 1  # mallopt takes an int
-        # M_MMAP_THRESHOLD (older glibc caps it at 32 MiB: then M_MMAP_MAX = 0, no mmap), M_TRIM_THRESHOLD.
-        return bool((libc.mallopt(-3, limit) or libc.mallopt(-4, 0)) and libc.mallopt(-1, limit))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def make_deterministic() -> None:
-    """Make this process's CPU math repeat bit for bit from run to run (call before any matmul).
-
-    Without it two runs of the same seed can differ in the last bit of a float: MKL chooses its
-    kernels by CPU, buffer alignment and load (its "conditional numerical reproducibility" is off
-    by default). This sets MKL_CBWR=AUTO,STRICT and MKL_DYNAMIC=FALSE, which MKL reads at its first
-    call (values already in the environment win), and torch.use_deterministic_algorithms. The
-    thread count must stay the same too: a reduction split over 1 or 2 threads rounds differently.
-    """
-    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-    torch.use_deterministic_algorithms(True)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; a named device must be available."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if name not in available:
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    if not available[name]:
-        raise ValueError(f"device {name!r} is not available on this machine")
-    return torch.device(name)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -182,8 +122,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         {"params": [p for p in params if p.dim() >= 2 or cfg.weight_decay_all], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2 and not cfg.weight_decay_all], "weight_decay": 0.0},
     ]
-    # Fused: one kernel per step; on CPU it took 11-16 ms of a mini step where the multi-tensor path took
-    # 36-50 (README, Benchmarks), and its update differs from that path's in the last bits only.
+    # Fused: one kernel per step, several times faster on CPU than the multi-tensor path (docs/benchmarks.md);
+    # its update differs from that path's in the last bits only.
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else next(model.parameters()).device.type in ("cpu", "cuda")
     # Unfused: the multi-tensor (foreach) path, which computes exactly what the per-tensor default does.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=None if fused else True)
@@ -313,7 +253,11 @@ class Trainer:
         self.mask_generator = None if cfg.dropout_seed is None else \
             torch.Generator(self.device).manual_seed(cfg.dropout_seed + self.rank)
         use_masks(model, torch_masks=cfg.dropout_masks == "torch", generator=self.mask_generator)
-        use_cpu_kernels(model, cfg.cpu_kernels and self.device.type == "cpu")  # not built where they cannot apply
+        wanted = cfg.cpu_kernels and self.device.type == "cpu"  # not built where they cannot apply
+        # Whether the C++ kernels run in this training: "on", "off", or "unavailable (why)" where they were asked
+        # for but could not be built. A fact of the run, for its report; not of the model.
+        self.cpu_kernels = "on" if use_cpu_kernels(model, wanted) else \
+            f"unavailable ({build_failure('train_ops')})" if wanted else "off"
         self.is_main = distributed.is_main()
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length

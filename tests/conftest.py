@@ -16,12 +16,12 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import pytest
 import yaml
 
-from pipeline.stages import STAGES
+from pipeline.core.catalog import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's console scripts: dvc, prefect, llm-pipeline
@@ -358,11 +358,68 @@ def fake_ollama() -> Iterator[ThreadingHTTPServer]:
     server.server_close()
 
 
-# -- "Your own data": the README's worked examples on data built from the mirror -----------------
-def readme_examples() -> list[dict]:
-    """The params blocks of README.md's "Your own data" section that set datasets, in order."""
-    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Your own data\n", 1)[1].split("\n## ", 1)[0]
-    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+# -- the docs: fenced blocks of README.md and docs/*.md, read by the tests that keep the docs true -------
+class DocBlock(NamedTuple):
+    """One fenced block of a page: its page (relative to the repo), the headings above it (outermost
+    first), the line of its opening fence (1-based), its language (the fence's first word) and its text."""
+
+    page: str
+    headings: tuple[str, ...]
+    line: int
+    language: str
+    text: str
+
+
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([^\s`]*)")
+HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def doc_pages(root: Path = REPO) -> list[Path]:
+    """The pages the docs consist of: README.md, then docs/*.md by name."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def parse_page(path: Path, root: Path = REPO) -> tuple[list[DocBlock], list[tuple[int, tuple[str, ...], str]]]:
+    """(the fenced blocks of a page, its other lines as (line number, headings above, text))."""
+    blocks, prose = [], []
+    headings: list[tuple[int, str]] = []
+    fence, start, language, body = "", 0, "", []
+    page = path.relative_to(root).as_posix()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        match = FENCE.match(line)
+        if fence:
+            if match and match.group(1).startswith(fence) and not match.group(2):
+                blocks.append(DocBlock(page, tuple(h for _, h in headings), start, language, "\n".join(body) + "\n"))
+                fence = ""
+            else:
+                body.append(line)
+        elif match:
+            fence, start, language, body = match.group(1), number, match.group(2).lower(), []
+        else:
+            heading = HEADING.match(line)
+            if heading:
+                level = len(heading.group(1))
+                headings = [(lvl, h) for lvl, h in headings if lvl < level] + [(level, heading.group(2))]
+            prose.append((number, tuple(h for _, h in headings), line))
+    assert not fence, f"{page}:{start}: a fenced block is never closed"
+    return blocks, prose
+
+
+def doc_blocks(language: str | tuple[str, ...], page: str | None = None, section: str | None = None,
+               root: Path = REPO) -> list[DocBlock]:
+    """The fenced blocks of `language` (one, or any of a tuple) in README.md and docs/*.md, in order; only
+    those of `page` ("docs/data.md") if given, and only those under the heading `section` (its text, at
+    any level, subsections included) if given."""
+    languages = (language,) if isinstance(language, str) else language
+    pages = [root / page] if page else doc_pages(root)
+    return [block for path in pages for block in parse_page(path, root)[0]
+            if block.language in languages and (section is None or section in block.headings)]
+
+
+def own_data_examples(root: Path = REPO) -> list[dict]:
+    """The params blocks of docs/data.md's "Worked examples" that set datasets, in order: what
+    tests/test_flows.py runs through `dvc repro` and the nightly deployment."""
+    blocks = [yaml.safe_load(block.text) for block in doc_blocks("yaml", "docs/data.md", "Worked examples", root)]
     return [block for block in blocks if "datasets" in block]
 
 
@@ -388,7 +445,7 @@ def write_topics(path: Path, mirror: Path, per_class: dict[str, int], skip: int 
 
 
 def write_own_data(root: Path, mirror: Path) -> None:
-    """my-data/ as the README's examples read it: a corpus folder, a topics CSV, an instruction JSONL."""
+    """my-data/ as the own-data examples (docs/data.md) read it: a corpus folder, a topics CSV, an instruction JSONL."""
     corpus = root / "my-data" / "corpus"
     corpus.mkdir(parents=True)
     shutil.copy(mirror / "the-verdict.txt", corpus / "verdict.txt")

@@ -1,7 +1,8 @@
-"""The design holds: dvc.yaml matches the stage declaration, no import cycles, no stage imports another."""
+"""The design holds: dvc.yaml matches the stage catalog, pipeline's parts only import downwards, no import cycles."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pipeline.dvcyaml import imported_modules, module_file
-from pipeline.stages import STAGES
+import pipeline
+from pipeline.core.catalog import STAGES
+from pipeline.orchestration.dvcyaml import imported_modules, module_file
 
 
 def module_name(path: Path) -> str:
@@ -28,7 +30,7 @@ LOAD_TIME = {module_name(path): {module_name(f) for f in map(module_file, import
 
 def test_dvc_yaml_is_current():
     """`llm-pipeline dvc-yaml --check`: cmd, params, metrics and code deps as the declaration writes them."""
-    result = subprocess.run([sys.executable, "-m", "pipeline.dvcyaml", "--check"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "pipeline.commands.dvc_yaml", "--check"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -62,6 +64,67 @@ def test_no_import_cycles():
     for name in LOAD_TIME:
         if name not in state:
             visit(name, [name])
+
+
+def _part(module: str) -> str | None:
+    """The part of pipeline/ a module belongs to ("core", "stages", ...), None for pipeline/__init__ and gpt."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "pipeline" and len(parts) > 1 else None
+
+
+RANK = {part: rank for rank, layer in enumerate(pipeline.LAYERS) for part in layer}
+STAGE_MODULES = {stage.module for stage in STAGES.values()}
+
+
+def layering_violations(root: Path) -> list[str]:
+    """Every import in the pipeline/ tree at `root` (anywhere in a module, lazy ones too) that breaks the
+    layering: into a higher layer or a sibling part, of a stage module, or of a verb from outside commands/."""
+    found = []
+    for path in sorted((root / "pipeline").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mine = _part(name)
+        for other in sorted(imported_modules(path)):
+            theirs = _part(other)
+            if module_file(other, root) is None or theirs is None or theirs == mine:
+                continue
+            if other in STAGE_MODULES:
+                found.append(f"{name} imports stage {other}: stages are run by dvc.yaml's commands, never imported")
+            elif theirs == "commands":
+                found.append(f"{name} imports verb {other}: only the command line imports its verbs")
+            elif mine is not None and RANK[theirs] >= RANK[mine]:
+                found.append(f"{name} ({mine}) imports {other} ({theirs}): a part imports only layers below it")
+    return found
+
+
+def test_every_part_of_pipeline_has_a_layer():
+    on_disk = {path.name for path in (REPO / "pipeline").iterdir() if (path / "__init__.py").is_file()}
+    assert on_disk == set(RANK)
+
+
+def test_pipeline_imports_only_downwards():
+    assert layering_violations(REPO) == []
+
+
+def test_layering_check_catches_planted_violations(tmp_path: Path):
+    """The same check on a copy of the tree with three bad imports planted, lazy ones included."""
+    shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    plant = {"core/errors.py": "from pipeline.registry.tracking import configure\n",
+             "orchestration/services.py": "def f():\n    from pipeline.commands.cli import COMMANDS\n",
+             "registry/versions.py": "import pipeline.stages.evaluate\n"}
+    for file, line in plant.items():
+        with (tmp_path / "pipeline" / file).open("a", encoding="utf-8") as out:
+            out.write(line)
+    found = layering_violations(tmp_path)
+    assert found == [
+        "pipeline.core.errors (core) imports pipeline.registry (registry): a part imports only layers below it",
+        "pipeline.core.errors (core) imports pipeline.registry.tracking (registry): a part imports only layers below it",
+        "pipeline.orchestration.services imports verb pipeline.commands: only the command line imports its verbs",
+        "pipeline.orchestration.services imports verb pipeline.commands.cli: only the command line imports its verbs",
+        "pipeline.registry.versions (registry) imports pipeline.stages (stages): a part imports only layers below it",
+        "pipeline.registry.versions imports stage pipeline.stages.evaluate: stages are run by dvc.yaml's commands, "
+        "never imported",
+    ]
 
 
 def test_no_stage_imports_another():

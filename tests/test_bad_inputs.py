@@ -19,13 +19,13 @@ from typing import Callable
 
 import pytest
 
-from pipeline.errors import TEMPORARY_FAILURE
-from pipeline.stages import STAGES
 from conftest import (BIN, FileServer, copy_mirror, flip_last_byte, free_port, leftovers, point_at, run_stage,
                       set_param, stage_env)
 from gpt.checkpoint import save_model
 from gpt.files import sha256_file
 from gpt.model import GPTConfig, GPTModel
+from pipeline.core.catalog import STAGES
+from pipeline.core.errors import TEMPORARY_FAILURE
 
 CLI = BIN / "llm-pipeline"
 REPORT = "data/reports/validate.json"
@@ -319,6 +319,21 @@ CASES = [
                   own("instructions", {"t.jsonl": b'{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n'},
                       instruction_field="prompt", input_field="context", output_field="answer"),
                   "my-data/t.jsonl line 2 column answer: missing_field got None"),
+    # "; see" after the message: the only failure (no "+1 more"), so the quoted tab and line break passed
+    validate_case("table-control-character", "row 2 of a labelled CSV holds a NUL; row 1 a quoted tab and CRLF",
+                  own("classification", {"t.csv": b'sentence,topic\n"one\tcell,\r\ntwo lines",a\nhi\x00there,b\n'},
+                      **TOPICS),
+                  "my-data/t.csv row 2 column text: no_control_characters got 'hi\\x00there'; see"),
+    validate_case("instructions-control-character", "line 2 of an instruction .jsonl has an ESC in its input",
+                  own("instructions", {"t.jsonl": b'{"instruction": "a", "input": "", "output": "b\\tc\\r\\nd"}\n'
+                                                  b'{"instruction": "e", "input": "x\\u001by", "output": "f"}\n'}),
+                  "my-data/t.jsonl line 2 column input: no_control_characters got 'x\\x1by'; see"),
+    validate_case("instructions-empty-list", "an instruction .json file is []",
+                  own("instructions", {"t.json": b"[]\n"}),
+                  "my-data/t.json: no records; an instruction file needs at least one; see"),
+    validate_case("instructions-empty-jsonl", "an instruction .jsonl file has no lines",
+                  own("instructions", {"t.jsonl": b""}),
+                  "my-data/t.jsonl: no records; an instruction file needs at least one; see"),
     # writing outputs
     Case("disk-full-tokenize", "files may not grow past 64 KiB (RLIMIT_FSIZE)", "tokenize", disk_full_after(1 << 16),
          "data/tokens: write failed (File too large)"),
@@ -428,7 +443,7 @@ def test_bad_input_fails_in_one_line_and_keeps_outputs(case: Case, good_project:
 KILL_MID_WRITE = """
 import os, signal, sys
 import {module} as stage
-from pipeline.stages import command_line
+from pipeline.core.catalog import command_line
 real, calls = stage.{function}, []
 def killed(*args, **kwargs):
     calls.append(1)

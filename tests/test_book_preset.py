@@ -12,8 +12,8 @@ from gpt.data import load_tokens
 from gpt.model import GPTModel
 from gpt.tokenizer import load_tokenizer
 from gpt.train import Trainer
-from pipeline.corpus import write_corpus_tokens
-from pipeline.presets import preset_params
+from pipeline.core.presets import preset_params
+from pipeline.data.corpus import write_corpus_tokens
 from pipeline.stages.pretrain import model_config, train_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,19 +10,19 @@ from torch import nn
 
 from gpt.checkpoint import save_model
 from gpt.classifier import (
-    ClassifierSpec,
-    add_class_head,
-    classification_logits,
-    classification_metrics,
-    classify_texts,
-    collate,
-    confusion_matrix,
-    encode_texts,
-    load_classifier,
-    pad_batch,
-    predict_logits,
-    save_classifier,
-)
+                            ClassifierSpec,
+                            add_class_head,
+                            classification_logits,
+                            classification_metrics,
+                            classify_texts,
+                            collate,
+                            confusion_matrix,
+                            encode_texts,
+                            load_classifier,
+                            pad_batch,
+                            predict_logits,
+                            save_classifier,
+                            )
 from gpt.errors import CheckpointError
 from gpt.finetune import FinetuneConfig, fit, select_trainable
 from gpt.lora import merge_lora

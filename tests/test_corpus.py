@@ -1,4 +1,4 @@
-"""pipeline.corpus: streaming validation failures, and tokens equal to encode_ordinary of each document part."""
+"""pipeline.data.corpus: streaming validation failures, and tokens equal to encode_ordinary of each document part."""
 from __future__ import annotations
 
 import gzip
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.corpus as corpus
 from gpt.data import load_tokens
 from gpt.tokenizer import END_OF_TEXT_ID, load_tokenizer
-from pipeline.corpus import check_corpus, describe_failure, write_corpus_tokens
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
+import pipeline.data.corpus as corpus
+from pipeline.data.corpus import check_corpus, describe_failure, write_corpus_tokens
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,15 @@
 """gpt.cpu_kernels: the fused C++ training kernels equal PyTorch's ops to float rounding (values and gradients),
 and their dropout masks follow gpt.dropout's rule on bits of their own that repeat under a seed."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from gpt.cpu_kernels import causal_softmax_dropout, exp_rows_, gelu, mask_bits, use_cpu_kernels
 from gpt.dropout import LEVELS, Dropout, kept_above, mask_seed
 from gpt.loss import head_cross_entropy
@@ -137,3 +142,29 @@ def test_the_kernels_are_switched_on_per_model_and_leave_other_dtypes_to_torch()
     assert model(ids, targets=ids).dtype == torch.float64
     assert not use_cpu_kernels(model, False)
     assert not model.blocks[0].ff.cpu_kernels
+
+
+def test_a_trainer_says_whether_the_kernels_ran_and_one_line_why_not(tmp_path):
+    """In a fresh process whose build cache is empty and whose C++ compiler is missing: one stderr line names
+    the kernel and why, training goes on with PyTorch's ops, and the Trainer reports "unavailable (...)";
+    where the kernels build it reports "on", and "off" where the config turns them off."""
+    code = ("import numpy as np, torch\nfrom gpt.model import GPTConfig, GPTModel\n"
+            "from gpt.train import Trainer, TrainConfig\n"
+            "tokens = np.arange(400, dtype=np.uint16) % 50\n"
+            "for on in (True, False):\n"
+            "    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))\n"
+            "    train = TrainConfig(batch_size=2, max_steps=1, eval_every=0, cpu_kernels=on)\n"
+            "    trainer = Trainer(model, tokens, tokens[:100], train)\n"
+            "    trainer.run()\n"
+            "    print(trainer.cpu_kernels)\n")
+    missing = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-such-c++")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=missing, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    unavailable, off = result.stdout.splitlines()
+    assert unavailable.startswith("unavailable (") and off == "off"
+    said = [line for line in result.stderr.splitlines() if "unavailable" in line]
+    assert said == [f"gpt: C++ kernel train_ops {unavailable}; using PyTorch's ops"]
+    assert "Traceback" not in result.stderr
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    tokens = np.arange(400, dtype=np.uint16) % 50
+    assert Trainer(model, tokens, tokens[:100], TrainConfig(batch_size=2, max_steps=1)).cpu_kernels == "on"

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from conftest import REPO, set_param
-from pipeline import datasets, dvcyaml
-from pipeline.errors import DataError
+from pipeline.core.errors import DataError
+from pipeline.data import sources
+from pipeline.orchestration import dvcyaml
 
 DOWNLOADS = {"sms-spam": {"filename": "SMSSpamCollection"}}
 
@@ -20,13 +21,13 @@ def test_resolve_names_folders_and_globs(tmp_path: Path, monkeypatch: pytest.Mon
     for name in ("docs/b.txt", "docs/a.md", "docs/sub/c.txt", "docs/.hidden.txt", "docs/.git/x.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("text\n")
-    assert datasets.resolve("corpus", ["sms-spam"], DOWNLOADS) == [Path("data/raw/SMSSpamCollection")]
+    assert sources.resolve("corpus", ["sms-spam"], DOWNLOADS) == [Path("data/raw/SMSSpamCollection")]
     # A folder: every file under it but hidden ones, sorted; a glob: what it matches, sorted.
-    assert datasets.resolve("corpus", ["docs"], DOWNLOADS) == [Path("docs/a.md"), Path("docs/b.txt"),
+    assert sources.resolve("corpus", ["docs"], DOWNLOADS) == [Path("docs/a.md"), Path("docs/b.txt"),
                                                                Path("docs/sub/c.txt")]
-    assert datasets.resolve("corpus", ["docs/**/*.txt"], DOWNLOADS) == [Path("docs/b.txt"), Path("docs/sub/c.txt")]
+    assert sources.resolve("corpus", ["docs/**/*.txt"], DOWNLOADS) == [Path("docs/b.txt"), Path("docs/sub/c.txt")]
     # The same file named twice is read once.
-    assert datasets.resolve("corpus", ["docs/b.txt", "docs/*.txt"], DOWNLOADS) == [Path("docs/b.txt")]
+    assert sources.resolve("corpus", ["docs/b.txt", "docs/*.txt"], DOWNLOADS) == [Path("docs/b.txt")]
 
 
 @pytest.mark.parametrize(("entry", "message"), [
@@ -44,7 +45,7 @@ def test_bad_sources_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     (tmp_path / "empty").mkdir()
     (tmp_path / "data/raw").mkdir(parents=True)
     with pytest.raises(DataError) as error:
-        datasets.resolve("corpus", [entry], DOWNLOADS)
+        sources.resolve("corpus", [entry], DOWNLOADS)
     assert str(error.value) == message
 
 
@@ -57,13 +58,13 @@ def test_dvc_yaml_tracks_local_sources_and_tracked_downloads(tmp_path: Path):
     set_param(tmp_path, "datasets.classification.sources", ["labels/**/*.csv"])
     with pytest.raises(DataError, match="stage validate does not track the local source notes; run "
                                         "`llm-pipeline dvc-yaml`"):
-        datasets.require_tracked("validate", ["notes"], tmp_path / "dvc.yaml")
+        sources.require_tracked("validate", ["notes"], tmp_path / "dvc.yaml")
     assert dvcyaml.refresh(tmp_path / "dvc.yaml")
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     for stage in ("validate", "tokenize"):
         deps = stages[stage]["deps"]
         assert [d for d in deps if not d.startswith(("gpt/", "pipeline/", "data/"))] == ["notes", "/srv/text", "labels"]
-        datasets.require_tracked(stage, ["notes", "/srv/text", "labels"], tmp_path / "dvc.yaml")
+        sources.require_tracked(stage, ["notes", "/srv/text", "labels"], tmp_path / "dvc.yaml")
     assert "notes" not in stages["pretrain"]["deps"]
     assert "always_changed" not in stages["download"]
 
@@ -79,7 +80,7 @@ def test_dvc_yaml_tracks_local_sources_and_tracked_downloads(tmp_path: Path):
 
 
 def test_a_flow_override_of_sources_rewrites_dvc_yaml(tmp_path: Path):
-    from pipeline.flows import apply_params
+    from pipeline.orchestration.flows import apply_params
 
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((REPO / name).read_text())

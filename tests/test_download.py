@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import UNREACHABLE, FileServer, copy_mirror, leftovers, point_at, run_stage, set_param
 from gpt.files import sha256_file
-from pipeline.errors import TEMPORARY_FAILURE
+from pipeline.core.errors import TEMPORARY_FAILURE
 from pipeline.stages.download import BPE_SOURCES
 
 SOURCE_FILES = ["the-verdict.txt", "tinyshakespeare.txt", "SMSSpamCollection", "instruction-data.json"]

@@ -103,6 +103,11 @@ def test_full_pipeline_logs_runs_and_registers_gpt_base(small_pipeline, tmp_path
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     version = client.get_model_version("gpt-base", "1")
     assert version.tags["eval.val_loss"] == str(by_stage["evaluate"].data.metrics["val_loss"])
+    # Whether the C++ kernels ran: in the report, the run's params, the version's tags and card; not in the model.
+    assert json.loads((repo / "data/reports/pretrain.json").read_text())["cpu_kernels_used"] == "on"
+    assert pretrain.data.params["cpu_kernels_used"] == "on" and version.tags["cpu_kernels_used"] == "on"
+    assert "C++ CPU kernels in training: on" in version.description
+    assert "cpu_kernels_used" not in (repo / "data/models/base/config.json").read_text()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")  # restored after the test
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     try:

@@ -20,9 +20,9 @@ from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, encode_texts, load_classifier, predict_logits
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
-from pipeline.errors import DataError
-from pipeline.params import load_params
-from pipeline.registry import output_digest
+from pipeline.core.errors import DataError
+from pipeline.core.params import load_params
+from pipeline.registry.versions import output_digest
 from pipeline.stages import finetune_classifier as stage
 from pipeline.stages.promote import promote
 

@@ -14,13 +14,13 @@ from mlflow import MlflowClient
 from conftest import POLICY, REPO, UNREACHABLE, run_stage, set_param
 from gpt.checkpoint import load_model, save_model
 from gpt.model import GPTConfig, GPTModel
-from pipeline import datasets
 from pipeline.commands import chat
+from pipeline.core.params import load_params
+from pipeline.core.presets import apply_preset
+from pipeline.data import sources
+from pipeline.registry.versions import output_digest
 from pipeline.stages import finetune_instruct, tokenize_data as tokenize
 from pipeline.stages.finetune_instruct import SPLITS
-from pipeline.params import load_params
-from pipeline.registry import output_digest
-from pipeline.presets import apply_preset
 from pipeline.stages.promote import promote
 from pipeline.stages.tokenize_data import write_instructions
 
@@ -43,7 +43,7 @@ def instruct_project(raw_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     monkeypatch.chdir(project)  # the stages' data paths are relative
     params = load_params(project / "params.yaml", tokenize.PARAMS)
     SPLITS.parent.mkdir(parents=True)
-    files = datasets.resolve("instructions", params["datasets"]["instructions"]["sources"], params["download.sources"])
+    files = sources.resolve("instructions", params["datasets"]["instructions"]["sources"], params["download.sources"])
     write_instructions(SPLITS, files, params["datasets"]["instructions"], params["tokenize"]["instructions"])
     for split, keep in CUT.items():
         path = SPLITS / f"{split}.json"
@@ -123,4 +123,4 @@ def test_book_preset_is_chapter_7(tmp_path: Path):
     cfg = load_params(tmp_path / "params.yaml", finetune_instruct.PARAMS)["finetune_instruct"]
     assert (cfg["trainable"], cfg["lr"], cfg["weight_decay"], cfg["epochs"], cfg["batch_size"]) == (
         "all", 5e-5, 0.1, 2, 8)
-    assert cfg["base"] == "pipeline"  # gpt2-medium needs a download; see pipeline/presets.yaml
+    assert cfg["base"] == "pipeline"  # gpt2-medium needs a download; see pipeline/core/presets.yaml

@@ -15,14 +15,14 @@ import psutil
 import pytest
 import yaml
 
-from conftest import (BIN, MIRROR_ENV, UNREACHABLE, answers, copy_mirror, free_port, make_dvc_repo, readme_examples,
+from conftest import (BIN, MIRROR_ENV, UNREACHABLE, answers, copy_mirror, free_port, make_dvc_repo, own_data_examples,
                       set_param, sh, stop, wait_until, write_own_data, write_topics)
-from pipeline import flows  # first: it points Prefect at a project-local home, offline
-from pipeline.params import ParamsError, read_yaml
-from pipeline.presets import overlay
-from pipeline.repro import RepositoryBusy
-from pipeline.stages import STAGES
-from pipeline.tracking import RUN_GROUP_ENV
+from pipeline.commands import flow as flow_command
+from pipeline.core.catalog import RUN_GROUP_ENV, STAGES
+from pipeline.core.params import ParamsError, read_yaml
+from pipeline.core.presets import overlay
+from pipeline.orchestration import flows  # before prefect: it points Prefect at a project-local home, offline
+from pipeline.orchestration.dvc_repo import RepositoryBusy
 from mlflow import MlflowClient
 from prefect import flow, get_client, task
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
@@ -97,13 +97,13 @@ def test_plan_follows_dvc_yaml_and_only_download_retries(dvc_repo, capsys):
     assert download.retry_condition_fn is flows.temporary_failure  # network failures only
     assert all(flows.task_for(name).retries == 0 for name in stages if name != "download")
 
-    flows.main(["list", "--project", str(repo)])
+    flow_command.main(["list", "--project", str(repo)])
     listing = capsys.readouterr().out.splitlines()
     assert listing[0] == "pipeline: " + " ".join(stages)
     assert "stage-tokenize: download validate tokenize" in listing
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(SystemExit) as exit_info:
-        flows.main(["serve"])
+        flow_command.main(["serve"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("llm-pipeline flow: error: serve needs a Prefect server")
 
@@ -145,7 +145,7 @@ def test_flow_runs_and_dvc_repro_share_up_to_date(dvc_repo, prefect_api, capsys)
     state, _ = run_flow(flows.pipeline_flow, overrides={"tokenize.corpus.train_ratioo": 0.5}, project=str(repo))
     assert state.is_failed() and "tokenize.corpus.train_ratioo" in state.message
     with pytest.raises(SystemExit) as exit_info:
-        flows.main(["run", "tokenize", "--project", str(repo), "--set", "tokenize.corpus.train_ratio=2"])
+        flow_command.main(["run", "tokenize", "--project", str(repo), "--set", "tokenize.corpus.train_ratio=2"])
     assert exit_info.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llm-pipeline flow:")]
     assert errors == ["llm-pipeline flow: error: params.yaml: tokenize.corpus.train_ratio must be in (0, 1), got 2"]
@@ -170,7 +170,7 @@ def test_served_deployment_runs_on_trigger(dvc_repo, prefect_api, tmp_path):
 
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "pipeline.flows", "serve", "--cron", cron],
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.commands.flow", "serve", "--cron", cron],
                                   cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:
@@ -192,7 +192,7 @@ def test_served_deployment_runs_on_trigger(dvc_repo, prefect_api, tmp_path):
     assert "up to date" in sh(repo, env, str(BIN / "dvc"), "status", "probe")
 
 
-# The README's own-data examples on a model small enough for a test: seconds per stage.
+# The own-data examples of docs/data.md on a model small enough for a test: seconds per stage.
 OWN_DATA_SMALL = {
     "pretrain": {"model": "micro", "context_length": 32, "batch_size": 4, "max_steps": 4, "eval_every": 0,
                  "sample_every": 0, "checkpoint_every": 0, "device": "cpu"},
@@ -224,13 +224,13 @@ def trigger(repo: Path, env: dict) -> tuple[float, str]:
 
 
 def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, mirror):
-    """The README's three own-data examples through `dvc repro`, then the served nightly deployment twice:
+    """The three own-data examples of docs/data.md through `dvc repro`, then the served nightly deployment twice:
     nothing new skips every stage; a new labelled CSV in the folder retrains the classifier alone."""
     repo, env = dvc_repo
     url, home = prefect_api
     write_own_data(repo, mirror)
     params = read_yaml(repo / "params.yaml")
-    for example in [*readme_examples(), OWN_DATA_SMALL]:
+    for example in [*own_data_examples(), OWN_DATA_SMALL]:
         overlay(params, example)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, env, str(BIN / "llm-pipeline"), "dvc-yaml")
@@ -251,7 +251,7 @@ def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, 
     env.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "pipeline.flows", "serve", "--cron", "0 3 1 1 *"],
+        server = subprocess.Popen([sys.executable, "-m", "pipeline.commands.flow", "serve", "--cron", "0 3 1 1 *"],
                                   cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:

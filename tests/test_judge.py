@@ -1,11 +1,11 @@
-"""pipeline.judge against a fake Ollama-compatible server on 127.0.0.1, and against nothing at all."""
+"""pipeline.training.judge against a fake Ollama-compatible server on 127.0.0.1, and against nothing at all."""
 from __future__ import annotations
 
 
 import pytest
 
 from conftest import UNREACHABLE
-from pipeline import judge
+from pipeline.training import judge
 
 def test_score_sends_the_books_prompt_and_parses_the_integer(fake_ollama):
     cfg = {"url": fake_ollama.url, "model": "llama3", "timeout_s": 5.0}

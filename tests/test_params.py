@@ -1,15 +1,18 @@
-"""params.yaml loading: each stage's declared sections and keys are checked strictly."""
+"""params.yaml: loading checks each stage's declared sections and keys strictly; writing it keeps its comments."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, run_stage, set_param
-from pipeline.params import ParamsError, load_params
-from pipeline.stages import STAGES, download, tokenize_data as tokenize, validate
+from conftest import BIN, REPO, run_stage, set_param
+from pipeline.core.catalog import STAGES
+from pipeline.core.params import ParamsError, load_params
+from pipeline.core.presets import load_preset, overlay
+from pipeline.stages import download, tokenize_data as tokenize, validate
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -143,3 +146,45 @@ def test_param_checks_come_from_the_config_dataclasses(project: Path, section: s
         (project / "params.yaml").write_text(yaml.safe_dump(original, sort_keys=False))
         checked += 1
     assert checked >= 5
+
+
+def _layout(text: str) -> tuple[list[str], list[str]]:
+    """The comments of a params text in order, and its keys in order with their indentation."""
+    comments = [line[line.index("#"):] for line in text.splitlines() if "#" in line]
+    keys = [m.group(0) for line in text.splitlines() if (m := re.match(r"\s*[\w.-]+(?=:)", line))]
+    return comments, keys
+
+
+def test_flow_overrides_keep_the_comments_and_change_only_their_lines(tmp_path: Path):
+    from pipeline.orchestration.flows import apply_params
+
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    before = (REPO / "params.yaml").read_text()
+    overrides = {"pretrain.max_steps": 7, "pretrain.lr": 5e-05, "evaluate.prompts": ["Hi", "yes"],
+                 "finetune_classifier.max_length": None, "pretrain.sample_prompt": "on"}
+    changed = apply_params(tmp_path, overrides=overrides)
+    assert sorted(changed) == sorted(set(overrides) - {"finetune_classifier.max_length"})  # that one was null already
+
+    after = (tmp_path / "params.yaml").read_text()
+    lines = [(old, new) for old, new in zip(before.splitlines(), after.splitlines()) if old != new]
+    assert len(after.splitlines()) == len(before.splitlines()) and len(lines) == len(changed)
+    for old, new in lines:  # each changed line keeps its key and its comment
+        assert old.split(":")[0] == new.split(":")[0] and old.partition("#")[2] == new.partition("#")[2]
+    params = yaml.safe_load(after)  # as the stages read it: numbers stay numbers, strings stay strings
+    pretrain = params["pretrain"]
+    assert (pretrain["max_steps"], pretrain["lr"], pretrain["sample_prompt"]) == (7, 5e-05, "on")
+    assert params["evaluate"]["prompts"] == ["Hi", "yes"] and "prompts: [Hi, 'yes']" in after  # still a flow list
+
+
+def test_preset_apply_keeps_the_comments_and_key_order(project: Path):
+    before = (project / "params.yaml").read_text()
+    done = subprocess.run([str(BIN / "llm-pipeline"), "preset", "apply", "book"], cwd=project, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    after = (project / "params.yaml").read_text()
+    assert after != before and _layout(after) == _layout(before)
+    expected = yaml.safe_load(before)
+    overlay(expected, load_preset("book"))
+    assert yaml.safe_load(after) == expected  # 5e-05 of the preset is still a number, as the stages read it
+    load_params(project / "params.yaml", STAGES["pretrain"].load().PARAMS)

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, run_stage, set_param, stage_env, tokenized
-from pipeline.presets import apply_preset
+from pipeline.core.presets import apply_preset
 
 @pytest.fixture
 def quick_project(raw_project: Path) -> Path:
@@ -137,5 +137,5 @@ def test_book_preset_sets_chapter_5(tmp_path: Path):
     assert params["pretrain"]["weight_decay_all"] is True  # the book's AdamW decays every parameter
     assert params["datasets"]["corpus"]["sources"] == ["the-verdict"]
     from pipeline.stages import pretrain
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
     load_params(tmp_path / "params.yaml", pretrain.PARAMS)  # the result is valid

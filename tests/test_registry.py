@@ -14,12 +14,13 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import BIN, REPO, answers, free_port, run_stage, set_param, stage_env, stop, wait_until
-from pipeline.commands import review
 from gpt.checkpoint import FORMAT
-from pipeline.registry import CHALLENGER, CHAMPION, DIGEST_TAG, missing_model_hint, output_digest
-from pipeline.stages import STAGES, TRAINERS, promote
+from pipeline.commands import review
+from pipeline.core.catalog import STAGES, TRAINERS
+from pipeline.registry.tracking import log_path, params_digest, stage_run, version_tags
+from pipeline.registry.versions import CHALLENGER, CHAMPION, DIGEST_TAG, missing_model_hint, output_digest
+from pipeline.stages import promote
 from pipeline.stages.promote import INPUTS, PROMOTED
-from pipeline.tracking import log_path, params_digest, stage_run, version_tags
 
 TRAIN_PARAMS = {"lr": 0.1, "epochs": 2}
 HASHES = {"train.bin": "ab" * 32}
@@ -391,7 +392,7 @@ def test_missing_stage_report_is_one_line(project: Path):
 
 
 def test_the_declaration_matches_params_and_dvc_yaml():
-    """Registered names and key metrics live in pipeline.stages alone; promote's margins and inputs follow it."""
+    """Registered names and key metrics live in pipeline.core.catalog alone; promote's margins and inputs follow it."""
     assert {name: stage.name for name, stage in TRAINERS.items()} == {
         "gpt-base": "pretrain", "gpt-spam-classifier": "finetune_classifier", "gpt-instruct": "finetune_instruct"}
     assert STAGES["evaluate"].report in INPUTS

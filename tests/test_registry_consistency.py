@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from conftest import BIN, answers, copy_repo, free_port, run_stage, sh, stage_env, stop, wait_until
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
-from pipeline.registry import CHAMPION, DIGEST_TAG, LEFTOVER_TAG, REGISTERED_FROM_TAG, register_trained
-from pipeline.stages import STAGES, TRAINERS
-from pipeline.tracking import stage_run
+from pipeline.core.catalog import STAGES, TRAINERS
+from pipeline.registry.tracking import stage_run
+from pipeline.registry.versions import CHAMPION, DIGEST_TAG, LEFTOVER_TAG, REGISTERED_FROM_TAG, register_trained
 
 LLM_PIPELINE = str(BIN / "llm-pipeline")
 # Tags whose values are wall times or speeds: two runs of the same params never agree on them.
@@ -211,9 +211,9 @@ def test_kill_9_anywhere_then_rerun_leaves_the_uninterrupted_registry(baseline, 
 
 KILLED_AFTER_REGISTERING = """
 import os, signal
-from pipeline.registry import register_trained
-from pipeline.stages import STAGES
-from pipeline.tracking import stage_run
+from pipeline.core.catalog import STAGES
+from pipeline.registry.tracking import stage_run
+from pipeline.registry.versions import register_trained
 with stage_run("pretrain", {"seed": 1}):
     register_trained(STAGES["pretrain"])
     os.kill(os.getpid(), signal.SIGKILL)  # before DVC could keep the stage's outputs

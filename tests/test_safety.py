@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, stage_env
-from pipeline.commands import cli
+from pipeline.commands import serve
 
 SOURCES = sorted((REPO / "gpt").rglob("*.py")) + sorted((REPO / "pipeline").rglob("*.py"))
 # Modules that unpickle (or execute) what they load.
@@ -67,17 +67,17 @@ def test_no_unpickling_in_gpt_and_pipeline():
 
 def test_serve_passes_loopback_as_its_default_host(monkeypatch: pytest.MonkeyPatch):
     launched = []
-    monkeypatch.setattr("pipeline.tracking.use_project_store", lambda params: "0")
-    monkeypatch.setattr(cli, "run_server", lambda argv, env: launched.append(argv) or 0)
+    monkeypatch.setattr("pipeline.registry.tracking.use_project_store", lambda params: "0")
+    monkeypatch.setattr(serve, "run_server", lambda argv, env: launched.append(argv) or 0)
     with pytest.raises(SystemExit):
-        cli.serve([])
+        serve.main([])
     [argv] = launched
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
 
 
 def test_prefect_server_host_defaults_to_loopback(tmp_path: Path):
     # In a fresh interpreter: Prefect reads its settings when imported, and this process may have imported it.
-    code = ("import pipeline.flows, os; from prefect.settings import PREFECT_SERVER_API_HOST as host; "
+    code = ("import pipeline.orchestration.flows, os; from prefect.settings import PREFECT_SERVER_API_HOST as host; "
             "print(os.environ['PREFECT_SERVER_API_HOST'], host.value())")
     env = {k: v for k, v in stage_env(None).items() if k != "PREFECT_SERVER_API_HOST"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

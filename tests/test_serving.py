@@ -24,10 +24,10 @@ from gpt.generate import generate_text
 from gpt.instruct import format_prompt
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
+from pipeline.registry.pyfuncs import gpt_generator, instruct_generator, spam_classifier
+from pipeline.registry.pyfuncs.spam_classifier import predict_frame, signature
+from pipeline.registry.tracking import log_pyfunc, stage_run
 from pipeline.stages import promote
-from pipeline.mlflow_models import gpt_generator, instruct_generator, spam_classifier
-from pipeline.mlflow_models.spam_classifier import predict_frame, signature
-from pipeline.tracking import log_pyfunc, stage_run
 
 MLFLOW = BIN / "mlflow"
 TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now"]

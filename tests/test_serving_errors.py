@@ -1,4 +1,4 @@
-"""Served models answer bad input with HTTP 400 and one short message; `llm-pipeline serve` stops its whole server."""
+"""Served models answer bad input with a 400; `llm-pipeline serve` needs no venv on PATH and stops its whole server."""
 from __future__ import annotations
 
 import json
@@ -20,10 +20,10 @@ from conftest import BIN, answers, free_port, stage_env, stop, wait_until
 from gpt.checkpoint import save_model
 from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
 from gpt.model import GPTConfig, GPTModel
-from pipeline.mlflow_models import gpt_generator, spam_classifier
-from pipeline.mlflow_models.inputs import MAX_ROWS, MAX_TEXT_CHARS, InvalidInput, check_texts
-from pipeline.mlflow_models.spam_classifier import signature
-from pipeline.tracking import log_pyfunc
+from pipeline.registry.pyfuncs import gpt_generator, spam_classifier
+from pipeline.registry.pyfuncs.inputs import MAX_ROWS, MAX_TEXT_CHARS, InvalidInput, check_texts
+from pipeline.registry.pyfuncs.spam_classifier import signature
+from pipeline.registry.tracking import log_pyfunc
 from test_serving import register_champion, served
 
 LEAKS = ("Traceback", 'File "', "/work", "site-packages", "/tmp")
@@ -121,3 +121,27 @@ def test_serve_stops_its_whole_server_on_sigterm(store: MlflowClient, tmp_path: 
         for process in tree:
             if process.is_running():
                 process.kill()
+
+
+def test_serve_finds_its_tools_without_an_activated_venv(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
+    """As cron or systemd start it: the venv's script by its path, with a PATH that lacks the venv's bin
+    folder, from which `mlflow models serve` would exec `uvicorn` by name."""
+    uri = classifier_champion(tmp_path, bpe_dir)
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {key: value for key, value in stage_env(None, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()).items()
+           if key != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"
+    with log.open("w") as out:
+        command = subprocess.Popen([str(BIN / "llm-pipeline"), "serve", uri, "--port", str(port)], cwd=tmp_path,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until("llm-pipeline serve without the venv on PATH", lambda: answers(f"{base}/ping"), command, log)
+        status, body = post(base, split("hello", "win a prize"))
+        assert status == 200, body
+        labels = [row["label"] for row in json.loads(body)["predictions"]]
+        assert len(labels) == 2 and set(labels) <= {"ham", "spam"}
+    finally:
+        if command.poll() is None:
+            stop(command)
+    assert "Traceback" not in log.read_text()

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import BIN, SMALL_TRAINING, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
-from pipeline.services import STATE_DIR, STATE_FILE
+from pipeline.orchestration.services import STATE_DIR, STATE_FILE
 from test_serving import invoke
 
 DVC, LLM_PIPELINE, PREFECT = str(BIN / "dvc"), str(BIN / "llm-pipeline"), str(BIN / "prefect")

@@ -16,7 +16,7 @@ from conftest import leftovers, run_stage, set_param, stage_env
 from gpt.data import load_tokens
 from gpt.files import sha256_file
 from gpt.tokenizer import END_OF_TEXT_ID, load_tokenizer
-from pipeline.encoding import encode_ids, safe_cuts
+from pipeline.data.encoding import encode_ids, safe_cuts
 from pipeline.stages.tokenize_data import balance_rows, split_table
 
 

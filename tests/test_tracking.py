@@ -18,13 +18,11 @@ from gpt.checkpoint import load_model, save_model
 from gpt.generate import generate_text
 from gpt.model import GPTConfig, GPTModel
 from gpt.tokenizer import load_tokenizer
-from pipeline.errors import EXPECTED_ERRORS
-from pipeline.mlflow_models import gpt_generator
-from pipeline.params import check
-from pipeline.tracking import (
-    MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_path, log_pyfunc,
-    log_step_metrics, params_digest, run_group, stage_run, tracking_uri,
-)
+from pipeline.core.errors import EXPECTED_ERRORS
+from pipeline.core.params import check
+from pipeline.registry.pyfuncs import gpt_generator
+from pipeline.registry.tracking import (MLFLOW_SECTION, RUN_GROUP_ENV, TrackingError, configure, git_state, log_path,
+                                        log_pyfunc, log_step_metrics, params_digest, run_group, stage_run, tracking_uri)
 
 
 def test_stages_share_a_parent_and_land_in_the_project_store(store: MlflowClient, tmp_path: Path):
@@ -86,15 +84,17 @@ def test_another_group_gets_another_parent_and_failures_show(store: MlflowClient
         run_group("abc", "false")
 
 
+def git(*args: str) -> str:
+    """Run git in the current folder (a test's own repository) as a throwaway committer; its output."""
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
 def test_run_group_defaults_to_the_git_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(RUN_GROUP_ENV, raising=False)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # never see an enclosing repo
     assert git_state() == ("unknown", "unknown")
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
-                              check=True, capture_output=True, text=True).stdout.strip()
 
     git("init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
@@ -105,6 +105,30 @@ def test_run_group_defaults_to_the_git_commit(tmp_path: Path, monkeypatch: pytes
     assert git_state() == (commit, "false") and run_group(*git_state()) == commit
     (tmp_path / "code.py").write_text("x = 2\n")
     assert run_group(*git_state()) == f"{commit}-dirty"
+
+
+def test_only_changed_tracked_files_make_the_work_tree_dirty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # never see an enclosing repo
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "init")
+    commit = git("rev-parse", "HEAD")
+    (tmp_path / "notes.txt").write_text("a scratch note\n")
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "try.py").write_text("print(1)\n")
+    assert git_state() == (commit, "false")  # untracked files are not the commit's code
+
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state() == (commit, "true")  # a tracked file changed, unstaged
+    git("add", "code.py")
+    assert git_state() == (commit, "true")  # staged
+    git("commit", "-qm", "x = 2")
+    commit = git("rev-parse", "HEAD")
+    assert git_state() == (commit, "false")
+    git("add", "notes.txt")
+    assert git_state() == (commit, "true")  # a new file staged: tracked now
 
 
 def test_tracking_config_order_and_params_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -144,7 +144,7 @@ def test_compile_failure_warns_once_and_trains_eagerly(monkeypatch, capsys, fail
 def test_precision_is_checked_and_resolved():
     from dataclasses import replace
 
-    from gpt.train import autocast_dtype
+    from gpt.runtime import autocast_dtype
 
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         Trainer(new_model(), tokens(), tokens(600, seed=9), replace(SHORT, precision="fp16"))
@@ -160,7 +160,7 @@ def test_precision_param_is_validated(tmp_path):
     import shutil
 
     from conftest import REPO, set_param
-    from pipeline.params import ParamsError, load_params
+    from pipeline.core.params import ParamsError, load_params
     from pipeline.stages.pretrain import PARAMS, model_config, train_config
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
@@ -236,7 +236,7 @@ def test_tune_malloc_applies_on_glibc():
     import sys
 
     # In a child process: it changes the allocator of the whole process.
-    result = subprocess.run([sys.executable, "-c", "from gpt.train import tune_malloc; print(tune_malloc())"],
+    result = subprocess.run([sys.executable, "-c", "from gpt.runtime import tune_malloc; print(tune_malloc())"],
                             capture_output=True, text=True, check=True)
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert result.stdout.strip() == str(glibc)

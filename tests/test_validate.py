@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_stage, set_param
-from pipeline.params import load_params
-from pipeline.schemas import read_table, table_failures
+from pipeline.core.params import load_params
+from pipeline.data.contracts import read_table, table_failures
 from pipeline.stages import validate
 
 

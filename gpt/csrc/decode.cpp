@@ -2,8 +2,8 @@
 // token each): embedding, every block (LayerNorm, q/k/v, attention over the KV cache, output projection,
 // MLP) and the head. A step reads every weight once whatever the batch, so at batch 1 its speed limit
 // is memory bandwidth. PyTorch's eager path falls short of it: a one-row matmul runs MKL's sgemv on one
-// thread (~17 GB/s on the project's CPU), a few-row one streams weights at ~10 GB/s, and the 330 ops of
-// a gpt2-small step cost ~1.3-1.5 ms of dispatch.
+// thread, a few-row one streams weights well below the bandwidth, and each of the 330 ops of a gpt2-small
+// step costs dispatch time (measured: docs/benchmarks.md).
 // Here the step runs inside one OpenMP parallel region (PyTorch's own thread pool): weight rows and
 // (row, head) pairs are split across threads, each weight is read from memory once for the whole batch,
 // the small vector work (norms) is split by batch row, and the GELU and softmax use a vectorizable exp.
@@ -32,8 +32,8 @@ void my_share(int64_t n, int64_t* begin, int64_t* end) {
   *end = std::min(n, *begin + chunk);
 }
 
-// W[r] . x with four accumulator chains, so loads never wait on an add. Measured on the project's
-// CPU, four chains read at the speed of torch's sum(); one chain reached ~90% of it.
+// W[r] . x with four accumulator chains, so loads never wait on an add: one chain cannot keep up with
+// memory (docs/benchmarks.md).
 inline float dot(const float* row, const float* x, int64_t cols) {
   Vec acc[kChains] = {};
   int64_t c = 0;
@@ -50,12 +50,11 @@ inline float dot(const float* row, const float* x, int64_t cols) {
 // Several inputs: the inputs go across the lanes of a vector, eight at a time, so one multiply-add
 // takes one weight (broadcast) times the same column of eight inputs, and a tile of kRowTile weight
 // rows keeps kRowTile accumulators, each already eight outputs: no sums across lanes, and every weight
-// is read once per eight inputs. Measured on the project's CPU with the weights in L2, this ran at
-// ~83% of one core's multiply-add peak, where four weight rows by four inputs in the dot form above
-// ran at ~38% (a sum across lanes per output, and four loads of every row chunk).
+// is read once per eight inputs. This keeps the multiply-add units far busier than four weight rows by
+// four inputs in the dot form above, which needs a sum across lanes per output and four loads of every
+// row chunk (docs/benchmarks.md).
 constexpr int kGroup = 8;  // inputs per vector: eight floats, a 256-bit register (two multiply-adds a cycle)
-// Weight rows per tile, each a stream from memory. A gpt2-small step at batch 8 took 20 ms with 8,
-// 21.7 ms with 4, 22.5 ms with 12, and 25-37 ms with 16 rows prefetched 4-24 lines ahead.
+// Weight rows per tile, each a stream from memory: 8 was the fastest of 4, 8, 12 and 16 (docs/benchmarks.md).
 constexpr int kRowTile = 8;
 typedef float Group __attribute__((vector_size(kGroup * sizeof(float))));
 

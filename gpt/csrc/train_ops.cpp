@@ -1,7 +1,7 @@
 // Training's elementwise work on CPU in fp32, each in one pass over its data where eager PyTorch makes
 // several: GELU and its gradient, dropout and the attention's causal softmax with its dropout (and their gradients),
 // and the LM head's exp of a block of logits with its row maxima and sums. Matmuls stay with PyTorch (MKL);
-// these are the passes between them, ~13% of a mini training step in eager PyTorch (README, Benchmarks).
+// these are the passes between them, which eager PyTorch makes several times over the same data (docs/benchmarks.md).
 // Every loop is split over rows (or chunks of elements) by at::parallel_for, PyTorch's own thread pool.
 #include <torch/extension.h>
 
@@ -26,7 +26,7 @@ void check_floats(const torch::Tensor& t, const char* name) {
 // `keep`), four elements per 64-bit word. Word w of a mask with seed s is SplitMix64's output mixer (Steele,
 // Lea and Flood 2014; Vigna's constants) applied to s + (w + 1) * the golden ratio's 64 bits: a counter-based
 // generator, so any thread makes any part of a mask, and the backward pass remakes the forward's mask from its
-// seed instead of storing it. torch's generator (mt19937) is sequential and drew ~25 ms of masks a mini step.
+// seed instead of storing it. torch's generator (mt19937) is sequential: one thread draws the whole mask.
 inline uint64_t mask_word(uint64_t seed, uint64_t word) {
   uint64_t z = seed + (word + 1) * 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -44,7 +44,7 @@ const int16_t* mask_bits(uint64_t seed, int64_t first, int64_t count, std::vecto
 }
 
 // Row kernels, kept out of line: inlined into at::parallel_for's OpenMP region, GCC left some of their loops
-// scalar (the attention's softmax with dropout ran 2.8 ms on two threads against 2.1 ms on one).
+// scalar (the attention's softmax with dropout then ran slower on two threads than on one).
 #define ROW_KERNEL __attribute__((noinline)) void
 
 ROW_KERNEL gelu_span(const float* __restrict x, float* __restrict out, int64_t n) {

@@ -1,1 +1,1 @@
-"""The `llm-pipeline` command and its verbs: one module per verb, each with `main(argv)` (see cli.COMMANDS)."""
+"""The `llm-pipeline` command: cli.py dispatches; each verb parses its own arguments in a module here (cli.COMMANDS)."""

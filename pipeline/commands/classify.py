@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.commands.models import is_model_uri, load_mlflow_model
-from pipeline.errors import reporting_errors
-from pipeline.layout import BPE_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR
+from pipeline.core.errors import reporting_errors
+from pipeline.core.layout import BPE_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR
 
 
 def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_DIR,
              params_path: Path | None = None) -> pd.DataFrame:
-    """Per text, column `label` and a column `p_<label>` per class (pipeline.mlflow_models.spam_classifier's
+    """Per text, column `label` and a column `p_<label>` per class (pipeline.registry.pyfuncs.spam_classifier's
     output), from a classifier folder or an MLflow model URI (e.g. models:/gpt-spam-classifier@champion,
     looked up in the store of `params_path`'s mlflow section).
 
@@ -25,7 +25,7 @@ def classify(texts: list[str], model: str = str(MODEL_DIR), bpe_dir: Path = BPE_
     # Imported here: `llm-pipeline classify --help` should not wait for torch.
     from gpt.classifier import load_classifier
     from gpt.tokenizer import load_tokenizer
-    from pipeline.mlflow_models.spam_classifier import predict_frame
+    from pipeline.registry.pyfuncs.spam_classifier import predict_frame
 
     classifier, spec = load_classifier(model)
     return predict_frame(classifier, spec, load_tokenizer(bpe_dir), texts)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         texts = read_texts(args)
         result = classify(texts, args.model, args.bpe, args.params)
     # Imported here, as in classify(): torch is loaded by now either way.
-    from pipeline.mlflow_models.spam_classifier import PROBABILITY_PREFIX
+    from pipeline.registry.pyfuncs.spam_classifier import PROBABILITY_PREFIX
 
     classes = {column: column.removeprefix(PROBABILITY_PREFIX) for column in result.columns
                if column.startswith(PROBABILITY_PREFIX)}

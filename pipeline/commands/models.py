@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pipeline.layout import BPE_DIR
+from pipeline.core.layout import BPE_DIR
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
@@ -50,8 +50,8 @@ def load_mlflow_model(uri: str, params_path: Path | None = Path("params.yaml")) 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.registry import missing_model_hint
-    from pipeline.tracking import absent_store, project_tracking, tracking_uri, use_project_store
+    from pipeline.registry.versions import missing_model_hint
+    from pipeline.registry.tracking import absent_store, project_tracking, tracking_uri, use_project_store
 
     store = tracking_uri(project_tracking(params_path))
     if absent_store(store):  # reading must not create one

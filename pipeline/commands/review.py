@@ -9,11 +9,12 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import DataError, reporting_errors
-from pipeline.policy import key_tags, measure, metric_label
-from pipeline.registry import missing_model_hint
-from pipeline.stages import TRAINERS, RegisteredModel as ModelSpec
-from pipeline.tracking import PARAMS_DIGEST_TAG, absent_store, configure, data_digests, differing_params, project_tracking, tracking_uri
+from pipeline.core.catalog import TRAINERS, ModelSpec
+from pipeline.core.errors import DataError, reporting_errors
+from pipeline.registry.policy import key_tags, measure, metric_label
+from pipeline.registry.tracking import (PARAMS_DIGEST_TAG, absent_store, configure, data_digests, differing_params,
+                                        project_tracking, tracking_uri)
+from pipeline.registry.versions import missing_model_hint
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")

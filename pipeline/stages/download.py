@@ -9,12 +9,12 @@ from tqdm import tqdm
 
 from gpt.files import atomic_dir, atomic_write_json, sha256_file
 from gpt.tokenizer import BPE_FILES
-from pipeline.fetch import (FetchError, MissingError, NetworkError, Source, env_offline, fetch_tracked, fetch_with_origin,
-                           resolve_mirror)
-from pipeline.layout import BPE_DIR, RAW, TRACKED
-from pipeline.params import (DOWNLOAD_SOURCES, FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError, Section,
-                             Str, load_params)
-from pipeline.stages import STAGES, command_line
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.layout import BPE_DIR, RAW, TRACKED
+from pipeline.core.params import (DOWNLOAD_SOURCES, FILENAME, SHA256, Bool, Float, Int, List, Named, ParamsError,
+                                  Section, Str, load_params)
+from pipeline.data.fetch import (FetchError, MissingError, NetworkError, Source, env_offline, fetch_tracked,
+                                 fetch_with_origin, resolve_mirror)
 
 MANIFEST = STAGES["download"].report
 HF_FILES = ("config.json", "model.safetensors")

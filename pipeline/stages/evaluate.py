@@ -12,17 +12,19 @@ from gpt.checkpoint import load_model
 from gpt.data import load_tokens
 from gpt.files import atomic_write_json, sha256_file
 from gpt.generate import generate_text
+from gpt.runtime import pick_device
 from gpt.tokenizer import load_tokenizer
-from gpt.train import evaluate_loss, pick_device, window_losses
-from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, PRETRAIN_TOKENS, SAMPLES
-from pipeline.params import DEVICE, Float, Int, List, Section, Str, load_params
-from pipeline.policy import standard_error
-from pipeline.registry import DIGEST_TAG, evaluation_tags, find_version, output_digest
-from pipeline.stages import STAGES, command_line
-from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+from gpt.train import evaluate_loss, window_losses
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.layout import BPE_DIR, PRETRAIN_TOKENS
+from pipeline.core.params import DEVICE, Float, Int, List, Section, Str, load_params
+from pipeline.registry.policy import standard_error
+from pipeline.registry.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+from pipeline.registry.versions import DIGEST_TAG, evaluation_tags, find_version, output_digest
 
-PRETRAIN = STAGES["pretrain"]  # the stage whose model this evaluates
-SAMPLES_FILE = SAMPLES / "evaluate.json"
+STAGE = STAGES["evaluate"]
+MODEL = STAGES[STAGE.evaluates].model  # the model this stage measures
+SAMPLES_FILE = MODEL.samples.path
 PARAMS = {
     "evaluate": Section(
         batch_size=Int(low=1),
@@ -51,11 +53,11 @@ def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
     cfg = params["evaluate"]
     device = pick_device(cfg["device"])
-    model = load_model(BASE_MODEL_DIR, device, drop_rate=0.0).eval()
+    model = load_model(MODEL.folder, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
-    digest = output_digest(BASE_MODEL_DIR)  # what a registered version of this model is tagged with
+    digest = output_digest(MODEL.folder)  # what a registered version of this model is tagged with
     # The run opens before any output is written: an unreachable tracking server leaves the old ones.
-    with stage_run("evaluate", cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
+    with stage_run(STAGE.name, cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
         val = val_scores(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
         train_loss = evaluate_loss(model, load_tokens(PRETRAIN_TOKENS / "train.bin"), cfg["batch_size"],
                                    cfg["max_batches"])
@@ -82,11 +84,11 @@ def main(params_path: Path) -> None:
         log_step_metrics(metrics, step=0)
         log_path(SAMPLES_FILE)
         # The registry entry of the evaluated model carries its evaluation, for review. A registry that lost
-        # it gets it back, with these tags from this stage's report, from promote (pipeline.registry).
-        version = find_version(mlflow.MlflowClient(), PRETRAIN.model.name, digest)
+        # it gets it back, with these tags from this stage's report, from promote (pipeline.registry.versions).
+        version = find_version(mlflow.MlflowClient(), MODEL.name, digest)
         if version is not None:
-            tag_model_version(PRETRAIN.model.name, version.version, evaluation_tags(metrics))
-    STAGES["evaluate"].write_results({**metrics, DIGEST_TAG: digest})
+            tag_model_version(MODEL.name, version.version, evaluation_tags(metrics))
+    STAGE.write_results({**metrics, DIGEST_TAG: digest})
 
 
 if __name__ == "__main__":

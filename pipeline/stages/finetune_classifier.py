@@ -12,40 +12,24 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from gpt.classifier import (
-    POSITIONS,
-    ClassifierSpec,
-    add_class_head,
-    classification_logits,
-    classification_metrics,
-    collate,
-    confusion_matrix,
-    encode_texts,
-    predict_logits,
-    save_classifier,
-)
+from gpt.classifier import (POSITIONS, ClassifierSpec, add_class_head, classification_logits, classification_metrics,
+                            collate, confusion_matrix, encode_texts, predict_logits, save_classifier)
 from gpt.data import EpochBatchSampler
 from gpt.files import atomic_write_json, sha256_file
 from gpt.finetune import select_trainable
 from gpt.model import GPTModel, count_parameters
+from gpt.runtime import pick_device
 from gpt.tokenizer import load_tokenizer
-from gpt.train import pick_device
-from pipeline.errors import DataError
-from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
-from pipeline.layout import (BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS as SPLITS_DIR, CLASSIFIER_MODEL_DIR as MODEL_DIR,
-                             PLOTS)
-from pipeline.params import Float, Int, Section, Str, load_params
-from pipeline.plots import plot_confusion, plot_curves, write_rows
-from pipeline.policy import standard_error
-from pipeline.registry import DIGEST_TAG, register_trained
-from pipeline.stages import STAGES, command_line
-from pipeline.tracking import (
-    MLFLOW_SECTION,
-    log_history,
-    log_path,
-    log_step_metrics,
-    stage_run,
-)
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.errors import DataError
+from pipeline.core.layout import (BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS as SPLITS_DIR,
+                                  CLASSIFIER_MODEL_DIR as MODEL_DIR, PLOTS)
+from pipeline.core.params import Float, Int, Section, Str, load_params
+from pipeline.registry.policy import standard_error
+from pipeline.registry.tracking import MLFLOW_SECTION, log_history, log_path, log_step_metrics, stage_run
+from pipeline.registry.versions import DIGEST_TAG, register_trained
+from pipeline.training.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
+from pipeline.training.plots import plot_confusion, plot_curves, write_rows
 
 STAGE = STAGES["finetune_classifier"]
 SPLITS = ("train", "val", "test")

@@ -14,21 +14,21 @@ from gpt.finetune import select_trainable
 from gpt.generate import BATCH_SIZE
 from gpt.instruct import Example, device_loss, encode_example, make_batches, mean_loss, respond_all, rouge_l_f1, token_f1
 from gpt.model import count_parameters
+from gpt.runtime import pick_device
 from gpt.tokenizer import load_tokenizer
-from gpt.train import pick_device
-from pipeline import judge
-from pipeline.errors import DataError
-from pipeline.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
-from pipeline.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCTION_TOKENS as SPLITS, PLOTS, SAMPLES
-from pipeline.params import Bool, Int, Section, load_params
-from pipeline.plots import plot_curves, write_rows
-from pipeline.policy import standard_error
-from pipeline.stages import STAGES, command_line
-from pipeline.registry import DIGEST_TAG, register_trained
-from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.errors import DataError
+from pipeline.core.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCTION_TOKENS as SPLITS, PLOTS
+from pipeline.core.params import Bool, Int, Section, load_params
+from pipeline.registry.policy import standard_error
+from pipeline.registry.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
+from pipeline.registry.versions import DIGEST_TAG, register_trained
+from pipeline.training import judge
+from pipeline.training.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
+from pipeline.training.plots import plot_curves, write_rows
 
 STAGE = STAGES["finetune_instruct"]
-RESPONSES_FILE = SAMPLES / "instruct_responses.json"
+RESPONSES_FILE = STAGE.model.samples.path
 FIELDS = ("instruction", "input", "output")
 PARAMS = {
     "finetune_instruct": Section(

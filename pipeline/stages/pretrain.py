@@ -7,6 +7,7 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
+import mlflow
 import torch
 from tqdm import tqdm
 
@@ -16,15 +17,15 @@ from gpt.data import load_tokens
 from gpt.files import atomic_write_json, sha256_file
 from gpt.generate import generate_text
 from gpt.model import PRESETS, GPTConfig, GPTModel, count_parameters
+from gpt.runtime import make_deterministic, pick_device, tune_malloc
 from gpt.tokenizer import load_tokenizer
-from gpt.train import (EXECUTION_SETTINGS, Trainer, TrainConfig, TrainState, make_deterministic, pick_device,
-                       tune_malloc)
-from pipeline.layout import BASE_MODEL_DIR, BPE_DIR, DATA, PLOTS, PRETRAIN_TOKENS, SAMPLES
-from pipeline.params import DEVICE, Bool, Int, Section, Str, config_specs, load_params
-from pipeline.plots import plot_curves, write_rows
-from pipeline.stages import STAGES, command_line
-from pipeline.registry import DIGEST_TAG, register_trained
-from pipeline.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
+from gpt.train import EXECUTION_SETTINGS, Trainer, TrainConfig, TrainState
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.layout import BASE_MODEL_DIR, BPE_DIR, DATA, PLOTS, PRETRAIN_TOKENS, SAMPLES
+from pipeline.core.params import DEVICE, Bool, Int, Section, Str, config_specs, load_params
+from pipeline.registry.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
+from pipeline.registry.versions import DIGEST_TAG, KERNELS_FACT, register_trained
+from pipeline.training.plots import plot_curves, write_rows
 
 STAGE = STAGES["pretrain"]
 CHECKPOINTS = DATA / "checkpoints" / "pretrain"
@@ -43,7 +44,7 @@ PARAMS = {
         sample_tokens=Int(low=1),
         device=DEVICE,
         pad_vocab=Bool(),  # GPTConfig.pad_vocab_to: 64 when true, else 1
-        deterministic=Bool(),  # see gpt.train.make_deterministic
+        deterministic=Bool(),  # see gpt.runtime.make_deterministic
     ),
     "mlflow": MLFLOW_SECTION,
 }
@@ -155,8 +156,12 @@ def main(params_path: Path) -> None:
         log_history(state.history)
         for path in (PLOTS / "pretrain_loss.png", PLOTS / "pretrain_loss.csv", SAMPLES_FILE):
             log_path(path)
-        version = register_trained(STAGE)
-        STAGE.write_results({**metrics, DIGEST_TAG: version.tags[DIGEST_TAG]})
+        # Whether the C++ kernels ran is a fact of this run, not of the model: the report, the run's params and
+        # the version's tags (its model card) hold it; the model folder's config.json does not.
+        facts = {KERNELS_FACT: trainer.cpu_kernels}
+        mlflow.log_params(facts)
+        version = register_trained(STAGE, facts)
+        STAGE.write_results({**metrics, **facts, DIGEST_TAG: version.tags[DIGEST_TAG]})
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
     # a failed run with new params keeps the resume point of the old ones.
     for stale in CHECKPOINTS.glob("*"):

@@ -10,31 +10,27 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from gpt.files import atomic_write_json, sha256_file
-from pipeline import policy
-from pipeline.errors import DataError
-from pipeline.layout import SAMPLES
-from pipeline.model_card import write_card
-from pipeline.params import load_params
-from pipeline.registry import CHALLENGER, CHAMPION, check_outputs, register_outputs
-from pipeline.stages import STAGES, TRAINERS, command_line
-from pipeline.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+from pipeline.core.catalog import EVALUATORS, STAGES, TRAINERS, ModelSpec, command_line
+from pipeline.core.errors import DataError
+from pipeline.core.params import load_params
+from pipeline.registry import policy
+from pipeline.registry.cards import write_card
+from pipeline.registry.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+from pipeline.registry.versions import CHALLENGER, CHAMPION, check_outputs, register_outputs
 
 STAGE = STAGES["promote"]
-# The training stages' reports name the versions to decide on; evaluate's are no version source but
-# change gpt-base's eval.* tags, so they are an input too.
-INPUTS = (*(stage.report for stage in TRAINERS.values()), STAGES["evaluate"].report)
-# The generators' sample outputs for their cards: (file, prompt fields, output field).
-SAMPLE_FILES = {"gpt-base": (SAMPLES / "evaluate.json", ("prompt",), "greedy"),
-                "gpt-instruct": (SAMPLES / "instruct_responses.json", ("instruction", "input"), "response")}
+# The training stages' reports name the versions to decide on; the evaluating stages' are no version source
+# but change their model's eval.* tags, so they are an input too.
+INPUTS = (*(stage.report for stage in TRAINERS.values()), *(stage.report for stage in EVALUATORS.values()))
 PARAMS = {"promote": policy.PARAMS, "mlflow": MLFLOW_SECTION}
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
 
 
-def samples(name: str) -> list[tuple[str, str]]:
+def samples(spec: ModelSpec) -> list[tuple[str, str]]:
     """Up to three (prompt, output) pairs of a generator's local sample file; none for other models."""
-    if name not in SAMPLE_FILES:
+    if spec.samples is None:
         return []
-    path, prompt_fields, output_field = SAMPLE_FILES[name]
+    path, prompt_fields, output_field = spec.samples.path, spec.samples.prompt_fields, spec.samples.output_field
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
         return [(" / ".join(r[f] for f in prompt_fields if r[f]), r[output_field]) for r in records[:3]]
@@ -114,7 +110,7 @@ def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
     rules = params["promote"]
     evaluated = check_outputs()  # every input is read before anything is registered or an alias moves
-    outputs = {name: samples(name) for name in TRAINERS}
+    outputs = {name: samples(stage.model) for name, stage in TRAINERS.items()}
     hashes = {path.name: sha256_file(path) for path in INPUTS}
     # Every training stage's output in the registry before any alias moves: found by content, or registered
     # now from data/models when the registry lacks it (emptied, replaced, or another machine's after dvc pull).

@@ -11,13 +11,15 @@ import tiktoken
 
 from gpt.files import atomic_dir, atomic_write_json, sha256_file
 from gpt.tokenizer import BPE_FILES, END_OF_TEXT_ID, load_tokenizer
-from pipeline import datasets
-from pipeline.corpus import write_corpus_tokens
-from pipeline.errors import DataError
-from pipeline.layout import BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS, INSTRUCTION_TOKENS, PRETRAIN_TOKENS, TOKENS
-from pipeline.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Bool, Float, Int, ParamsError, Section, Str, load_params
-from pipeline.schemas import class_counts, read_instructions, read_tables, require_valid, table_failures
-from pipeline.stages import STAGES, command_line
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.errors import DataError
+from pipeline.core.layout import (BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS, INSTRUCTION_TOKENS, PRETRAIN_TOKENS,
+                                  TOKENS)
+from pipeline.core.params import (CONTEXT_LENGTH, DOWNLOAD_SOURCES, Bool, Float, Int, ParamsError, Section, Str,
+                                  load_params)
+from pipeline.data import sources
+from pipeline.data.contracts import class_counts, read_instructions, read_tables, require_valid, table_failures
+from pipeline.data.corpus import write_corpus_tokens
 
 VALIDATE_REPORT = STAGES["validate"].report
 REPORT = STAGES["tokenize"].report
@@ -30,7 +32,7 @@ PARAMS = {
                                seed=Int(low=0), train_frac=FRACTION, val_frac=FRACTION),
         instructions=Section(train_frac=FRACTION, test_frac=FRACTION, shuffle=Bool(), seed=Int(low=0)),
     ),
-    datasets.SECTION: datasets.PARAMS,
+    sources.SECTION: sources.PARAMS,
     "download.sources": DOWNLOAD_SOURCES,
     "pretrain.context_length": CONTEXT_LENGTH,
 }
@@ -166,9 +168,9 @@ def main(params_path: Path) -> None:
     """Build data/tokens/ (all or nothing) and data/reports/tokenize.json."""
     params = load_params(params_path, PARAMS)
     _check_fractions(params, params_path.name)
-    cfg, data = params["tokenize"], params[datasets.SECTION]
-    datasets.require_tracked("tokenize", datasets.local_deps(data, params["download.sources"]))
-    files = {name: datasets.resolve(name, data[name]["sources"], params["download.sources"]) for name in datasets.NAMES}
+    cfg, data = params["tokenize"], params[sources.SECTION]
+    sources.require_tracked("tokenize", sources.local_deps(data, params["download.sources"]))
+    files = {name: sources.resolve(name, data[name]["sources"], params["download.sources"]) for name in sources.NAMES}
     hashes = require_validated([path for paths in files.values() for path in paths])
     enc = load_tokenizer(BPE_DIR)
     with atomic_dir(TOKENS) as staging:

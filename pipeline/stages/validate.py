@@ -8,18 +8,18 @@ import pandas as pd
 
 from gpt.files import atomic_write_json, sha256_file
 from gpt.tokenizer import load_tokenizer
-from pipeline import datasets
-from pipeline.corpus import check_corpus, describe_failure
-from pipeline.errors import DataError
-from pipeline.layout import BPE_DIR
-from pipeline.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Int, Section, load_params
-from pipeline.schemas import class_counts, read_instructions, read_tables, summarize, table_failures
-from pipeline.stages import STAGES, command_line
+from pipeline.core.catalog import STAGES, command_line
+from pipeline.core.errors import DataError
+from pipeline.core.layout import BPE_DIR
+from pipeline.core.params import CONTEXT_LENGTH, DOWNLOAD_SOURCES, Int, Section, load_params
+from pipeline.data import sources
+from pipeline.data.contracts import class_counts, read_instructions, read_tables, summarize, table_failures
+from pipeline.data.corpus import check_corpus, describe_failure
 
 REPORT = STAGES["validate"].report
 PARAMS = {
     "validate": Section(max_failures_reported=Int(low=0)),
-    datasets.SECTION: datasets.PARAMS,
+    sources.SECTION: sources.PARAMS,
     "download.sources": DOWNLOAD_SOURCES,
     "pretrain.context_length": CONTEXT_LENGTH,
 }
@@ -63,8 +63,8 @@ def check_instructions(files: list[Path], reading: dict, keep: int) -> tuple[dic
 def main(params_path: Path) -> None:
     """Validate every dataset, write the report (also on failure), then fail if any check failed."""
     params = load_params(params_path, PARAMS)
-    data, downloads = params[datasets.SECTION], params["download.sources"]
-    datasets.require_tracked("validate", datasets.local_deps(data, downloads))
+    data, downloads = params[sources.SECTION], params["download.sources"]
+    sources.require_tracked("validate", sources.local_deps(data, downloads))
     keep = params["validate"]["max_failures_reported"]
     min_tokens = params["pretrain.context_length"] + 1
 
@@ -81,7 +81,7 @@ def main(params_path: Path) -> None:
     report, inputs, problems = {}, {}, []
     for name, check in checks.items():
         try:
-            files = datasets.resolve(name, data[name]["sources"], downloads)
+            files = sources.resolve(name, data[name]["sources"], downloads)
             inputs.update({str(path): sha256_file(path) for path in files})
             summary, failures, problem = check(files)
         except DataError as exc:

@@ -1,0 +1,1 @@
+"""Data in: dataset sources, downloads, the contracts tables and instructions must meet, corpus tokenization."""

@@ -1,0 +1,1 @@
+"""The MLflow side: tracking runs, registering versions by content, the promotion policy, model cards, pyfuncs."""

@@ -1,0 +1,186 @@
+"""The pipeline's MLflow model registry: its aliases, and each training stage's output registered once, by content."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from gpt.checkpoint import read_config
+from gpt.errors import CheckpointError
+from pipeline.core.catalog import EVALUATORS, STAGES, TRAINERS, Stage
+from pipeline.core.errors import DataError
+from pipeline.core.layout import BPE_DIR
+from pipeline.core.params import read_yaml
+from pipeline.registry.tracking import configure, log_pyfunc, stage_run, tag_model_version
+
+# The promote stage owns these: champion serves, challenger is the newest version put up.
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+# A version is the model in one training stage's output folder: this tag holds output_digest(folder),
+# so the same output is never registered twice, whichever run or machine meets it first.
+DIGEST_TAG = "model_sha256"
+# How the version came to be: "training" (by the stage run that trained it) or "outputs" (registered later
+# from the stage's DVC outputs by `llm-pipeline register` or promote, after the registry lost it).
+REGISTERED_FROM_TAG = "registered_from"
+# Set on a version whose run was interrupted before its stage finished, when a rerun registered another output.
+LEFTOVER_TAG = "leftover"
+EVAL_PREFIX = "eval."  # an evaluating stage's figures on its model's version, e.g. eval.val_loss
+# Whether the C++ CPU kernels ran in the training ("on", "off", "unavailable (why)"): a fact of the run, in the
+# stage's report, the run's params and the version's tags, never in the model folder (whose digest is the version).
+KERNELS_FACT = "cpu_kernels_used"
+REGISTER_COMMAND = "llm-pipeline register"
+
+
+def champion_uri(stage: str) -> str:
+    """The MLflow URI of the model version in use for the model that `stage` trains."""
+    return f"models:/{STAGES[stage].model.name}@{CHAMPION}"
+
+
+def missing_model_hint() -> str:
+    """What to say wherever a registered model is missing: the command that registers the outputs there are."""
+    return (f"`{REGISTER_COMMAND}` registers the trained models in data/models without retraining "
+            "(`dvc repro` trains them first if there are none)")
+
+
+def output_digest(folder: Path) -> str:
+    """sha256 of an output model folder's config.json without extra.metrics (which hold wall times): the
+    weights' sha256, the architecture, a classifier's labels and the input hashes. Equal outputs, equal digest."""
+    try:
+        config = read_config(folder)
+    except (CheckpointError, OSError):
+        raise DataError(f"{folder}: missing or not a model folder; rerun the stage that writes it") from None
+    extra = {key: value for key, value in config.get("extra", {}).items() if key != "metrics"}
+    blob = json.dumps({**config, "extra": extra}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def report_digest(report: Path) -> str:
+    """The `model_sha256` a training stage (or evaluate) wrote to its report."""
+    if not report.is_file():
+        raise DataError(f"{report}: missing; run the {report.stem} stage first")
+    try:
+        digest = json.loads(report.read_text(encoding="utf-8"))[DIGEST_TAG]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise DataError(f"{report}: no {DIGEST_TAG}; rerun the {report.stem} stage") from None
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise DataError(f"{report}: {DIGEST_TAG} must be a sha256, got {digest!r}")
+    return digest
+
+
+def versions_of(client: mlflow.MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of registered model `name` (none if there is no such model), oldest first."""
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda v: int(v.version))
+
+
+def find_version(client: mlflow.MlflowClient, name: str, digest: str) -> ModelVersion | None:
+    """The version of `name` holding the output with `digest`, or None (the oldest, should there be two)."""
+    return next((v for v in versions_of(client, name) if v.tags.get(DIGEST_TAG) == digest), None)
+
+
+def evaluation_tags(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags an evaluating stage puts on its model's version: eval.<name> for each of its metrics."""
+    return {f"{EVAL_PREFIX}{name}": value for name, value in metrics.items() if name != DIGEST_TAG}
+
+
+def _register(stage: Stage, digest: str, registered_from: str, facts: Mapping[str, str]) -> ModelVersion:
+    # Inside the stage run that the version's lineage tags come from.
+    spec = stage.model
+    extra = read_config(spec.folder).get("extra", {})
+    flavour = importlib.import_module(spec.flavour)
+    tags = {**facts, DIGEST_TAG: digest, REGISTERED_FROM_TAG: registered_from}
+    if "base" in extra:
+        tags["base"] = extra["base"]
+    return log_pyfunc(flavour, {flavour.ARTIFACT: spec.folder, "bpe": BPE_DIR}, spec.name, tags,
+                      extra.get("metrics"), signature=flavour.folder_signature(spec.folder))
+
+
+def _mark_leftovers(client: mlflow.MlflowClient, name: str, current: ModelVersion) -> None:
+    # A version whose run never finished was registered by a stage killed (or failed) before DVC kept its
+    # outputs. Unless a finished run produced the same output (the rerun that reused it), or an alias points
+    # at it, it is a leftover.
+    aliased = {str(number) for number in client.get_registered_model(name).aliases.values()}
+    experiment = mlflow.active_run().info.experiment_id
+    for version in versions_of(client, name):
+        if version.version == current.version or str(version.version) in aliased or LEFTOVER_TAG in version.tags:
+            continue
+        try:
+            status = client.get_run(version.run_id).info.status if version.run_id else "FINISHED"
+        except MlflowException:  # the run was deleted
+            continue
+        finished = client.search_runs([experiment], f"tags.{DIGEST_TAG} = '{version.tags.get(DIGEST_TAG, '-')}' "
+                                      "AND attributes.status = 'FINISHED'", max_results=1)
+        if status != "FINISHED" and not finished:
+            tag_model_version(name, version.version, {
+                LEFTOVER_TAG: f"registered by run {version.run_id}, which did not finish its stage ({status}); "
+                              f"version {current.version} holds the stage's output"}, client)
+
+
+def register_trained(stage: Stage, facts: Mapping[str, str] | None = None) -> ModelVersion:
+    """In `stage`'s run: its output folder as a version of its model, tagged with the run's `facts` (e.g.
+    KERNELS_FACT), unless a version already holds that output (a rerun after the stage was killed, having
+    registered, before DVC kept its outputs). The run is tagged with the output's digest too: the run that
+    produced it."""
+    client, digest = mlflow.MlflowClient(), output_digest(stage.model.folder)
+    mlflow.set_tag(DIGEST_TAG, digest)
+    version = find_version(client, stage.model.name, digest)
+    if version is None:
+        version = _register(stage, digest, "training", facts or {})
+        _mark_leftovers(client, stage.model.name, version)
+    return version
+
+
+def ensure_registered(stage: Stage, params_path: Path, tracking: Mapping[str, Any] | None) -> tuple[ModelVersion, bool]:
+    """The version holding `stage`'s current output, registered now from that output if the registry lacks it
+    (in a run of its own, named and tagged as the stage, with the stage's params and the output's input
+    hashes); and whether it was registered now. MLflow must point at the store (tracking.configure)."""
+    digest = output_digest(stage.model.folder)
+    version = find_version(mlflow.MlflowClient(), stage.model.name, digest)
+    if version is not None:
+        return version, False
+    extra = read_config(stage.model.folder).get("extra", {})
+    # The section as params.yaml has it (the stage checked it when it trained): DVC runs this only with the
+    # training stage up to date, and `llm-pipeline register` checks that first.
+    params = read_yaml(params_path).get(stage.name) or {}
+    # The run's facts, as the stage reported them (check_outputs found the report describing this output).
+    report = json.loads(stage.report.read_text(encoding="utf-8")) if stage.report.is_file() else {}
+    facts = {KERNELS_FACT: report[KERNELS_FACT]} if KERNELS_FACT in report else {}
+    with stage_run(stage.name, params, extra.get("data"), tracking, extra.get("sizes")):
+        mlflow.set_tags({REGISTERED_FROM_TAG: "outputs", DIGEST_TAG: digest})
+        return _register(stage, digest, "outputs", facts), True
+
+
+def check_outputs() -> dict[str, str]:
+    """Check that every training stage's output folder holds the model its report describes, and that each
+    evaluating stage's report is there; return {model name: the digest of the model its evaluator measured}."""
+    for stage in TRAINERS.values():
+        if report_digest(stage.report) != output_digest(stage.model.folder):
+            raise DataError(f"{stage.model.folder} does not hold the model {stage.report} describes; "
+                            f"rerun the {stage.name} stage (dvc repro {stage.name})")
+    return {name: report_digest(stage.report) for name, stage in EVALUATORS.items()}
+
+
+def register_outputs(evaluated: Mapping[str, str], params_path: Path,
+                     tracking: Mapping[str, Any] | None) -> dict[str, tuple[ModelVersion, bool]]:
+    """Every training stage's output in the registry ({model: (version, registered now)}), each found by its
+    content or registered now (ensure_registered); an evaluated model's version tagged with its evaluator's
+    figures when `evaluated` (check_outputs' result, which must come first) names the digest of that output."""
+    configure(tracking)
+    versions = {name: ensure_registered(stage, params_path, tracking) for name, stage in TRAINERS.items()}
+    for name, digest in evaluated.items():
+        version = versions[name][0]
+        if digest == version.tags.get(DIGEST_TAG):
+            metrics = json.loads(EVALUATORS[name].report.read_text(encoding="utf-8"))
+            tag_model_version(name, version.version, evaluation_tags(metrics))
+    return versions

@@ -1,0 +1,1 @@
+"""What the training stages share: finetuning from the base model, the optional LLM judge, curves and plots."""
