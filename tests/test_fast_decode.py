@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from gpt import fast_decode
 from gpt.attention import KVCache
 from gpt.fast_decode import fused_step, use_fast_decode
 from gpt.generate import generate, generate_batch
 from gpt.lora import apply_lora
 from gpt.model import GPTConfig, GPTModel
+from gpt.native import load_kernel
 
 # Odd widths (head_dim 7, vocab 101) exercise the kernel's loop tails; 2 threads split rows and heads.
 ODD = dict(vocab_size=101, context_length=24, emb_dim=21, n_heads=3, n_layers=2, drop_rate=0.0)
@@ -93,7 +93,8 @@ def test_generate_takes_the_fused_step_and_decodes_the_same_tokens(monkeypatch):
     plain = generate(model, prompt, 30)  # runs past the context: the cropped window, uncached
     assert use_fast_decode(model)
     steps = []
-    real = fast_decode._kernel.Decoder
+    kernel = load_kernel("decode")  # the process's one build, which fused_step uses
+    real = kernel.Decoder
 
     class Counting:
         def __init__(self, *args):
@@ -102,7 +103,7 @@ def test_generate_takes_the_fused_step_and_decodes_the_same_tokens(monkeypatch):
         def step(self, *args):
             steps.append(args[1])
             return self.decoder.step(*args)
-    monkeypatch.setattr(fast_decode._kernel, "Decoder", Counting)
+    monkeypatch.setattr(kernel, "Decoder", Counting)
     fast = generate(model, prompt, 30)
     assert torch.equal(fast, plain)
     assert steps == list(range(4, 24))  # every one-token step inside the context, and only those

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from uuid import UUID
@@ -304,6 +305,8 @@ def test_a_locked_repository_names_its_holder_and_is_waited_for_not_retried(dvc_
     seen: list[str] = []
     try:
         _line_with(holder, "Running stage 'pretrain'", seen)
+        # Keep reading its progress bars: a full pipe would block the holder, and then its Ctrl-C, mid-write.
+        threading.Thread(target=lambda: seen.extend(holder.stdout), daemon=True).start()
         dvc_pids = {child.pid for child in psutil.Process(holder.pid).children(recursive=True)}
         holding = re.compile(rf"^(.+): error: {re.escape(str(repo))}: the DVC repository is locked by process "
                              r"(\d+) \((.*dvc repro pretrain)\); run again when it has finished, or pass "
