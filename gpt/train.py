@@ -256,8 +256,10 @@ class Trainer:
         wanted = cfg.cpu_kernels and self.device.type == "cpu"  # not built where they cannot apply
         # Whether the C++ kernels run in this training: "on", "off", or "unavailable (why)" where they were asked
         # for but could not be built. A fact of the run, for its report; not of the model.
-        self.cpu_kernels = "on" if use_cpu_kernels(model, wanted) else \
-            f"unavailable ({build_failure('train_ops')})" if wanted else "off"
+        if use_cpu_kernels(model, wanted):
+            self.cpu_kernels = "on"
+        else:
+            self.cpu_kernels = f"unavailable ({build_failure('train_ops')})" if wanted else "off"
         self.is_main = distributed.is_main()
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.context = model.cfg.context_length

@@ -1,4 +1,4 @@
-"""`llm-pipeline services up|down|status`: PostgreSQL, MLflow and Prefect servers and a worker on 127.0.0.1."""
+"""The team services (`llm-pipeline services`): PostgreSQL, MLflow and Prefect servers and a worker on 127.0.0.1."""
 from __future__ import annotations
 
 import hashlib
