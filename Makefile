@@ -8,7 +8,7 @@ LLM_PIPELINE_MIRROR ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/d
 export LLM_PIPELINE_MIRROR
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench
+.PHONY: setup pipeline test test-fast bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ pipeline: setup
 
 test: setup
 	pytest
+
+# The inner loop while developing (docs/development.md): every test not marked slow, in a few minutes.
+test-fast: setup
+	pytest -m "not slow"
 
 # One markdown table (docs/benchmarks.md); e.g. make bench BENCH_ARGS="--device cuda" or
 # BENCH_ARGS="--dvc-repo /tmp/dvc-scratch --dvc-target evaluate" after benchmarks/dvc_scratch.py.

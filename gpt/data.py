@@ -10,8 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.files import atomic_file
-
-TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit in 16 bits
+from gpt.tokenizer import TOKEN_DTYPE
 
 
 class TokenWindowDataset(Dataset):

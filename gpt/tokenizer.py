@@ -5,6 +5,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
@@ -13,6 +14,7 @@ from gpt.files import sha256_file
 
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
+TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit in 16 bits: how token files store them
 
 # The GPT-2 BPE files by name, with the sha256 tiktoken itself checks for its "gpt2" encoding.
 BPE_FILES = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -29,6 +30,90 @@ MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 # The promotion policy as params.yaml sets it (the promote params), for tests that promote directly.
 POLICY = yaml.safe_load((REPO / "params.yaml").read_text())["promote"]
 DEFAULT_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+# -- running in parallel (pytest-xdist, see docs/development.md) --------------------------------------
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... in a worker; None in a plain run
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKER and "OMP_NUM_THREADS" not in os.environ:
+    # The workers share the cores: torch's default (all of them, in every worker and every stage process
+    # it starts) would oversubscribe them, and OpenMP threads spinning at barriers then slow everyone down.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # and a test that pins more threads must not spin
+# The marker of tests that take more than ~10 s, left out by `make test-fast`; `slow(SECONDS)` says about how
+# long one takes on a 2-core machine (10 s where not said), so that a parallel run starts the longest first.
+SLOW = "slow"
+SLOW_DEFAULT_S = 10
+# Fixtures that take more than ~10 s to build, and about how long: a test that uses one is slow, however quick
+# it is itself.
+SLOW_FIXTURES = {"small_pipeline": 140, "prefect_api": 20}
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker more than there are CPUs, as the tests often wait on a subprocess or a server
+    (on 2 cores, 3 workers ran the training tests in 0.75 of the time 2 took; 4 were no faster); at most 6."""
+    return min(6, (os.cpu_count() or 1) + 1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{SLOW}(seconds={SLOW_DEFAULT_S}): takes more than ~10 s (itself, or a "
+                                       "fixture it needs); `make test-fast` leaves it out")
+
+
+# Tests that share an expensive fixture run on one worker, so that it is built once: the modules with a
+# module-scoped fixture, and these groups of modules. (A module missing here would only build its fixture twice:
+# pytest_collection_modifyitems refuses that.)
+SHARED_MODULES = {"test_dvc_stages": "small_pipeline", "test_registry_consistency": "small_pipeline",
+                  "test_team_mode": "services"}  # two team-mode tests at once would crowd 2 cores with servers
+MODULE_FIXTURES = {"test_bad_inputs", "test_corpus", "test_cpu_kernels", "test_fast_decode", "test_flows",
+                   "test_generate", "test_tokenize"}
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs together: a test's group of modules, its module, or the test alone."""
+    module = Path(nodeid.split("::")[0]).stem
+    return SHARED_MODULES.get(module) or (module if module in MODULE_FIXTURES else nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scope scheduling with our work units (its own `loadgroup` no longer takes effect under pytest 9,
+    which ignores the node ids it rewrites)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that need a slow fixture slow. Under xdist, order the work units longest first, so that
+    no long one starts last (the scheduler hands them out in this order)."""
+    for item in items:
+        if SLOW_FIXTURES.keys() & set(item.fixturenames):
+            item.add_marker(SLOW)
+    if not WORKER:
+        return
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        shared = "small_pipeline" in item.fixturenames or any(
+            definitions[-1].scope == "module" for definitions in item._fixtureinfo.name2fixturedefs.values())
+        if shared and work_unit(item.nodeid) == item.nodeid:
+            raise pytest.UsageError(f"{item.nodeid} shares an expensive fixture: add its module to "
+                                    "SHARED_MODULES or MODULE_FIXTURES in tests/conftest.py")
+        units.setdefault(work_unit(item.nodeid), []).append(item)
+    ordered = sorted(units.values(), key=lambda unit: -expected_seconds(unit))
+    items[:] = [item for unit in ordered for item in unit]
+
+
+def expected_seconds(unit: list[pytest.Item]) -> float:
+    """About how long a group of tests takes: its slow tests' marks, 1 s for any other, and each slow fixture
+    they use, once."""
+    marks = [[mark.args[0] if mark.args else SLOW_DEFAULT_S for mark in item.iter_markers(SLOW)] for item in unit]
+    fixtures = set().union(*(item.fixturenames for item in unit))
+    return sum(max(seconds, default=1) for seconds in marks) + sum(SLOW_FIXTURES.get(name, 0) for name in fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -149,11 +234,22 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+PORT_BLOCK = 500  # each xdist worker takes its ports from its own block below Linux's ephemeral range (32768+),
+_next_port = itertools.count()  # so neither another worker nor an outgoing connection can be handed the same one
+
+
 def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port that was free a moment ago, from this worker's block."""
+    first = 20000 + PORT_BLOCK * int(WORKER[2:] if WORKER else 0)
+    for _ in range(PORT_BLOCK):
+        port = first + next(_next_port) % PORT_BLOCK
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT after an earlier test
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK - 1}")
 
 
 def make_dvc_repo(root: Path, mirror: Path) -> tuple[Path, dict]:
@@ -251,13 +347,24 @@ QUICK_PRETRAIN = {
 }
 
 
-def tokenized(project: Path) -> Path:
-    """project with QUICK_PRETRAIN set and the validate and tokenize stages run."""
+@pytest.fixture(scope="session")
+def quick_tokens(tmp_path_factory: pytest.TempPathFactory, downloaded: Path) -> Path:
+    """A project with QUICK_PRETRAIN set and the validate and tokenize stages run, once: copy it (quick_project)."""
+    project = tmp_path_factory.mktemp("quick-tokens")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    shutil.copytree(downloaded / "data" / "raw", project / "data" / "raw")
     for key, value in QUICK_PRETRAIN.items():
         set_param(project, key, value)
     for stage in ("validate", "tokenize"):
         result = run_stage(project, stage)
         assert result.returncode == 0, result.stderr
+    return project
+
+
+@pytest.fixture
+def quick_project(project: Path, quick_tokens: Path) -> Path:
+    """A fresh project with QUICK_PRETRAIN set and the validate and tokenize stages run (a copy of quick_tokens)."""
+    shutil.copytree(quick_tokens, project, dirs_exist_ok=True)
     return project
 
 

@@ -417,6 +417,7 @@ def good_project(tmp_path_factory: pytest.TempPathFactory, downloaded: Path) -> 
     return root
 
 
+@pytest.mark.slow(7)
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_fails_in_one_line_and_keeps_outputs(case: Case, good_project: Path, mirror: Path,
                                                        tmp_path: Path):

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gpt.data import load_tokens
@@ -29,6 +30,7 @@ def book_data(mirror: Path, tmp_path: Path) -> tuple[dict, np.ndarray, np.ndarra
     return params["pretrain"], load_tokens(tmp_path / "train.bin"), load_tokens(tmp_path / "val.bin")
 
 
+@pytest.mark.slow(110)
 def test_first_steps_fall_to_the_unigram_entropy_and_are_the_books_printed_run(mirror, tmp_path):
     pretrain, train, val = book_data(mirror, tmp_path)
     # 11 updates: the book's steps 0 to 10, with its evaluations (after updates 1, 6 and 11).
@@ -78,6 +80,7 @@ def test_first_steps_fall_to_the_unigram_entropy_and_are_the_books_printed_run(m
         assert np.allclose(evaluated[step], book, atol=0.01), (step, evaluated[step], book)
 
 
+@pytest.mark.slow
 def test_masks_drawn_apart_give_the_notebook_runs_first_estimate(mirror, tmp_path):
     """The chapter's notebook ran on a Mac's GPU (MPS), whose dropout draws from the device's generator: the
     CPU generator then gives only the init and the loaders' draws. With dropout_seed the masks draw nothing

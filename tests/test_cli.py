@@ -40,6 +40,7 @@ def test_each_subcommand_has_its_own_help(tmp_path: Path, name: str):
     assert len(result.stdout.split("\n\n")[1].split()) >= 5, result.stdout
 
 
+@pytest.mark.slow(90)
 def test_generate_from_a_checkpoint_is_seeded(tmp_path: Path, bpe_dir: Path):
     shutil.copytree(bpe_dir, tmp_path / "data" / "raw" / "gpt2_bpe")
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import leftovers, set_param, stage_env, tokenized
+from conftest import leftovers, set_param, stage_env
 
 from gpt import distributed
 from gpt.checkpoint import weights_state_dict
@@ -53,13 +53,14 @@ def max_diff(ours: list[dict], theirs: list[dict], key: str) -> float:
 
 
 @pytest.fixture
-def ddp_project(raw_project: Path) -> Path:
-    project = tokenized(raw_project)
+def ddp_project(quick_project: Path) -> Path:
+    project = quick_project
     for key, value in DDP.items():
         set_param(project, key, value)
     return project
 
 
+@pytest.mark.slow(60)
 def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(ddp_project: Path, tmp_path: Path):
     single = tmp_path / "single"
     shutil.copytree(ddp_project, single)
@@ -97,6 +98,7 @@ def test_two_processes_give_the_one_process_curve_and_only_rank_0_writes(ddp_pro
     assert [int(v.version) for v in client.search_model_versions("name = 'gpt-base'")] == [1]
 
 
+@pytest.mark.slow(20)
 def test_batch_size_not_divisible_by_the_processes_is_one_clear_line(ddp_project: Path):
     set_param(ddp_project, "pretrain.batch_size", 5)
     result = run_pretrain(ddp_project, 2)
@@ -130,6 +132,7 @@ def test_trainer_refuses_an_uneven_split_and_an_unset_up_torchrun_launch(monkeyp
         Trainer(model, tokens, tokens, TrainConfig(batch_size=4, max_steps=1))
 
 
+@pytest.mark.slow
 def test_trainer_under_torchrun_matches_one_process_and_resumes_exactly(tmp_path: Path):
     """tests/ddp_worker.py: grad_accum 2 (no_sync), eval every 4 steps, crash + resume with dropout."""
     from ddp_worker import train

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import BIN, REPO, doc_blocks, doc_pages, own_data_examples, parse_page
@@ -304,6 +305,7 @@ def test_the_own_data_examples_are_read_from_docs_data():
     assert [list(example["datasets"]) for example in examples] == [["corpus"], ["classification"], ["instructions"]]
 
 
+@pytest.mark.slow(40)
 def test_every_documented_command_has_a_real_verb_and_real_options():
     assert len(doc_blocks(SHELL)) >= 10
     assert command_problems(REPO) == []

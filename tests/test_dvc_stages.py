@@ -19,6 +19,7 @@ def dvc_repo(tmp_path: Path, mirror: Path) -> tuple[Path, dict]:
     return make_dvc_repo(tmp_path, mirror)
 
 
+@pytest.mark.slow(30)
 def test_repro_then_noop_then_tokenize_only(dvc_repo):
     repo, env = dvc_repo
     first = sh(repo, env, str(DVC), "repro", "tokenize")
@@ -41,6 +42,7 @@ def test_repro_then_noop_then_tokenize_only(dvc_repo):
     assert not (repo / "data/metrics").exists()  # the data stages' statistics are reports, not metrics
 
 
+@pytest.mark.slow(80)
 def test_second_repro_fails_fast_on_the_lock_and_the_first_completes(dvc_repo):
     repo, env = dvc_repo
     for key, value in SMALL_TRAINING.items():  # download to pretrain: long enough to overlap the second
@@ -73,6 +75,7 @@ def test_second_repro_fails_fast_on_the_lock_and_the_first_completes(dvc_repo):
     assert leftovers(repo) == []
 
 
+@pytest.mark.slow(45)
 def test_full_pipeline_logs_runs_and_registers_gpt_base(small_pipeline, tmp_path, monkeypatch):
     import mlflow
 

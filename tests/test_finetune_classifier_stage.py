@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import POLICY, run_stage, set_param, stage_env, tokenized
+from conftest import POLICY, run_stage, set_param, stage_env
 from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, encode_texts, load_classifier, predict_logits
 from gpt.model import GPTConfig, GPTModel
@@ -72,8 +72,9 @@ def untrained_test_accuracy(project: Path, max_length: int, seed: int) -> float:
     return (predictions == torch.tensor([labels.index(x) for x in frame["label"]])).float().mean().item()
 
 
-def test_short_run_learns_registers_a_champion_and_classifies(raw_project: Path):
-    project = tokenized(raw_project)
+@pytest.mark.slow(120)
+def test_short_run_learns_registers_a_champion_and_classifies(quick_project: Path):
+    project = quick_project
     for key, value in QUICK.items():
         set_param(project, key, value)
     assert run_stage(project, "pretrain").returncode == 0
@@ -176,6 +177,7 @@ def three_class_project(project: Path, bpe_dir: Path) -> Path:
     return project
 
 
+@pytest.mark.slow(25)
 def test_three_classes_head_metrics_confusion_registry_and_pyfunc(three_class_project: Path, store: MlflowClient):
     project = three_class_project  # also the store fixture's cwd: the stage logs to project/mlflow.db
     result = run_stage(project, "finetune_classifier")

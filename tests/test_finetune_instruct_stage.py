@@ -55,6 +55,7 @@ def instruct_project(raw_project: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return project
 
 
+@pytest.mark.slow(25)
 def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fake_ollama,
                                                      monkeypatch, capsys):
     project = instruct_project

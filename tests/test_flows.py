@@ -28,7 +28,9 @@ from mlflow import MlflowClient
 from prefect import flow, get_client, task
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
-from prefect.logging.handlers import APILogHandler
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogHandler, APILogWorker
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 def deployed(client, name: str) -> bool:
@@ -53,7 +55,16 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     try:
         wait_until("prefect server", lambda: answers(f"{url}/health"), server, log)
         with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: home}):
-            yield url, home
+            try:
+                yield url, home
+            finally:
+                # Send the logs and events this process still holds while the server runs, and stop the
+                # temporary server that a log worker started outside these settings (a task's retries do):
+                # at exit Prefect would do both after pytest has closed its streams, with a traceback.
+                APILogWorker.drain_all()
+                EventsWorker.drain_all()
+                for temporary in list(SubprocessASGIServer._instances.values()):
+                    temporary.stop()
     finally:
         stop(server)
 
@@ -71,12 +82,18 @@ def dvc_repo(tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) -> t
     return repo, env
 
 
-def flow_logs(flow_run_id: UUID) -> str:
-    """Every log line of a flow run and its tasks, as stored by the Prefect server."""
-    APILogHandler().flush()
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
+def flow_logs(flow_run_id: UUID, timeout_s: float = 60) -> str:
+    """Every log line of a flow run and its tasks, as stored by the Prefect server, once its last line has
+    arrived: logs travel in batches, and a flush gives up after 5 s on a busy machine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        APILogHandler().flush()
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        text = "\n".join(log.message for log in logs)
+        if "Finished in state" in text or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
 
 
 def run_flow(flow, **parameters):
@@ -109,6 +126,7 @@ def test_plan_follows_dvc_yaml_and_only_download_retries(dvc_repo, capsys):
     assert capsys.readouterr().err.startswith("llm-pipeline flow: error: serve needs a Prefect server")
 
 
+@pytest.mark.slow(80)
 def test_flow_runs_and_dvc_repro_share_up_to_date(dvc_repo, prefect_api, capsys):
     repo, env = dvc_repo
     dvc = str(BIN / "dvc")
@@ -160,6 +178,7 @@ PROBE_STAGE = {  # a stage a flow must pick up from dvc.yaml; it records the run
 }
 
 
+@pytest.mark.slow(40)
 def test_served_deployment_runs_on_trigger(dvc_repo, prefect_api, tmp_path):
     repo, env = dvc_repo
     url, home = prefect_api
@@ -215,15 +234,13 @@ def trigger(repo: Path, env: dict) -> tuple[float, str]:
                  "--watch", "--watch-timeout", "300")
     assert "Flow run finished successfully in 'Completed'" in watched, watched
     run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", watched).group(1))
-    # The served process ships its logs in batches: wait for the flow's last line to arrive.
-    deadline = time.monotonic() + 60
-    while "Finished in state Completed" not in (logs := flow_logs(run_id)) and time.monotonic() < deadline:
-        time.sleep(1)
+    logs = flow_logs(run_id)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
     return (run.end_time - run.start_time).total_seconds(), logs
 
 
+@pytest.mark.slow(300)
 def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, mirror):
     """The three own-data examples of docs/data.md through `dvc repro`, then the served nightly deployment twice:
     nothing new skips every stage; a new labelled CSV in the folder retrains the classifier alone."""
@@ -291,6 +308,7 @@ def _line_with(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: fl
     pytest.fail(f"no line with {text!r}:\n{''.join(seen)}")
 
 
+@pytest.mark.slow(25)
 def test_a_locked_repository_names_its_holder_and_is_waited_for_not_retried(dvc_repo, prefect_api):
     """Two real concurrent runs: while `llm-pipeline run` trains, a second run and a flow run fail at once
     with one line naming the process that holds the lock; with --lock-wait a third waits, then runs."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO
@@ -17,6 +18,8 @@ from gpt.checkpoint import load_model
 from gpt.generate import generate_text
 from gpt.tokenizer import load_tokenizer
 from test_serving import invoke, served
+
+pytestmark = pytest.mark.slow  # every test here takes more than ~10 s
 
 # The last commit of the flat layout: its pyfuncs import pipeline.mlflow_models.* and gpt.train.pick_device.
 LEGACY_COMMIT = "55cb3b43eed4e0d6021eccbef9ba45a372d791b7"

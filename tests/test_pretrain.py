@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_stage, set_param, stage_env, tokenized
+from conftest import REPO, run_stage, set_param, stage_env
 from pipeline.core.presets import apply_preset
-
-@pytest.fixture
-def quick_project(raw_project: Path) -> Path:
-    return tokenized(raw_project)
-
 
 def checkpoint_step(project: Path) -> int:
     states = list((project / "data" / "checkpoints" / "pretrain").glob("*/trainer.json"))
@@ -57,13 +52,14 @@ def assert_same_run(ours: Path, theirs: Path, loss_rtol: float, weight_atol: flo
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= weight_atol
 
 
+@pytest.mark.slow(130)
 def test_kill_9_then_rerun_resumes_to_the_same_result(quick_project: Path, tmp_path: Path):
     reference = tmp_path / "reference"
     shutil.copytree(quick_project, reference)
-    assert run_stage(reference, "pretrain").returncode == 0
+    assert run_stage(reference, "pretrain", OMP_NUM_THREADS="2").returncode == 0
 
-    # The killed run uses one thread and the others the default, so the float noise between
-    # processes is always there, whatever this machine's CPU, and the tolerances must cover it.
+    # The killed run uses one thread and the others two (whatever a parallel test run sets), so the float
+    # noise between processes is always there, whatever this machine's CPU, and the tolerances must cover it.
     env = stage_env(None, LLM_PIPELINE_RUN_GROUP="kill-test", OMP_NUM_THREADS="1")
     process = subprocess.Popen([sys.executable, "-m", "pipeline.stages.pretrain"], cwd=quick_project, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -77,12 +73,13 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(quick_project: Path, tmp_p
     assert 6 <= killed_at < 40
     assert not (quick_project / "data" / "models" / "base").exists()
 
-    resumed = run_stage(quick_project, "pretrain")
+    resumed = run_stage(quick_project, "pretrain", OMP_NUM_THREADS="2")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the checkpoint at step {killed_at}" in resumed.stdout
     assert_same_run(quick_project, reference, LOSS_RTOL, WEIGHT_ATOL)
 
 
+@pytest.mark.slow(50)
 def test_deterministic_runs_are_bit_identical(quick_project: Path, tmp_path: Path):
     """pretrain.deterministic with a fixed thread count: two processes give the very same bits."""
     set_param(quick_project, "pretrain.deterministic", True)
@@ -96,6 +93,7 @@ def test_deterministic_runs_are_bit_identical(quick_project: Path, tmp_path: Pat
     assert (quick_project / "data/plots/pretrain_loss.csv").read_bytes() == (twin / "data/plots/pretrain_loss.csv").read_bytes()
 
 
+@pytest.mark.slow(40)
 def test_evaluate_reports_perplexity_and_samples(quick_project: Path):
     set_param(quick_project, "pretrain.max_steps", 4)
     assert run_stage(quick_project, "pretrain").returncode == 0

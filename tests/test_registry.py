@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 from conftest import BIN, REPO, answers, free_port, run_stage, set_param, stage_env, stop, wait_until
 from gpt.checkpoint import FORMAT
 from pipeline.commands import review
-from pipeline.core.catalog import STAGES, TRAINERS
+from pipeline.core.catalog import CHALLENGER, CHAMPION, STAGES, TRAINERS
 from pipeline.registry.tracking import log_path, params_digest, stage_run, version_tags
-from pipeline.registry.versions import CHALLENGER, CHAMPION, DIGEST_TAG, missing_model_hint, output_digest
+from pipeline.registry.versions import DIGEST_TAG, missing_model_hint, output_digest
 from pipeline.stages import promote
 from pipeline.stages.promote import INPUTS, PROMOTED
 
@@ -255,6 +255,7 @@ def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_
     assert store.get_model_version(name, second).description == card
 
 
+@pytest.mark.slow(25)
 def test_the_cards_plots_load_from_the_tracking_servers_ui(store: MlflowClient, tmp_path: Path):
     """A real `mlflow server` on the store answers the card's image links with the plot's bytes."""
     plot = tmp_path / "classifier_confusion.png"
@@ -280,6 +281,7 @@ def test_the_cards_plots_load_from_the_tracking_servers_ui(store: MlflowClient, 
         stop(server)
 
 
+@pytest.mark.slow
 def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     env = stage_env(None)

@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from conftest import BIN, answers, copy_repo, free_port, run_stage, sh, stage_env, stop, wait_until
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
-from pipeline.core.catalog import STAGES, TRAINERS
+from pipeline.core.catalog import CHAMPION, STAGES, TRAINERS
 from pipeline.registry.tracking import stage_run
-from pipeline.registry.versions import CHAMPION, DIGEST_TAG, LEFTOVER_TAG, REGISTERED_FROM_TAG, register_trained
+from pipeline.registry.versions import DIGEST_TAG, LEFTOVER_TAG, REGISTERED_FROM_TAG, register_trained
 
 LLM_PIPELINE = str(BIN / "llm-pipeline")
 # Tags whose values are wall times or speeds: two runs of the same params never agree on them.
@@ -57,6 +57,7 @@ def cli(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([LLM_PIPELINE, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow(60)
 def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
     repo, env = trained
     uri = f"sqlite:///{repo / 'mlflow.db'}"
@@ -96,6 +97,7 @@ def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
     assert classify.returncode == 0, classify.stderr
 
 
+@pytest.mark.slow(70)
 def test_a_fresh_tracking_server_gets_the_outputs_once(trained, tmp_path: Path):
     repo, env = trained
     port, log = free_port(), tmp_path / "server.log"
@@ -185,6 +187,7 @@ def run_killed(project: Path, stage: str, mirror: Path, seconds: float | None) -
     return f"killed after {time.monotonic() - start:.1f} s" if code == -signal.SIGKILL else f"ended ({code})"
 
 
+@pytest.mark.slow(40)
 @pytest.mark.parametrize("stage", KILLED)
 def test_kill_9_anywhere_then_rerun_leaves_the_uninterrupted_registry(baseline, stage, mirror, tmp_path):
     """Killed at a random point, then killed again right after the rerun first writes to the registry (it
@@ -220,6 +223,7 @@ with stage_run("pretrain", {"seed": 1}):
 """
 
 
+@pytest.mark.slow
 def test_a_killed_runs_version_that_no_output_holds_is_tagged_leftover(store: MlflowClient, tmp_path: Path, bpe_dir):
     """When the rerun after a kill trains another model (training that does not repeat bit for bit), the
     killed run's version stays, tagged leftover, and its run is ended as KILLED."""

@@ -29,6 +29,8 @@ from pipeline.registry.pyfuncs.spam_classifier import predict_frame, signature
 from pipeline.registry.tracking import log_pyfunc, stage_run
 from pipeline.stages import promote
 
+pytestmark = pytest.mark.slow  # every test here takes more than ~10 s
+
 MLFLOW = BIN / "mlflow"
 TEXTS = ["Ok lar... Joking wif u oni...", "WINNER!! You have won a 1000 cash prize. Call 09061701461 to claim now"]
 

@@ -62,6 +62,7 @@ def split(*rows: object) -> dict:
     return {"dataframe_split": {"columns": ["text"], "data": [[row] for row in rows]}}
 
 
+@pytest.mark.slow
 def test_served_classifier_rejects_bad_input_with_400(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     uri = classifier_champion(tmp_path, bpe_dir)
     with served(uri, tmp_path) as (base, _):
@@ -75,6 +76,7 @@ def test_served_classifier_rejects_bad_input_with_400(store: MlflowClient, tmp_p
         assert_rejected(base, split("hi", "x" * (MAX_TEXT_CHARS + 1)), "row 2", str(MAX_TEXT_CHARS))
 
 
+@pytest.mark.slow
 def test_served_generator_rejects_an_empty_prompt(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     torch.manual_seed(0)
     checkpoint = save_model(GPTModel(GPTConfig.from_preset("micro")), tmp_path / "checkpoint")
@@ -97,6 +99,7 @@ def test_check_texts_for_the_instruct_columns():
             check_texts(frame, ["instruction"], ["input"])
 
 
+@pytest.mark.slow
 def test_serve_stops_its_whole_server_on_sigterm(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     uri = classifier_champion(tmp_path, bpe_dir)
     port, log = free_port(), tmp_path / "serve.log"
@@ -123,6 +126,7 @@ def test_serve_stops_its_whole_server_on_sigterm(store: MlflowClient, tmp_path: 
                 process.kill()
 
 
+@pytest.mark.slow
 def test_serve_finds_its_tools_without_an_activated_venv(store: MlflowClient, tmp_path: Path, bpe_dir: Path):
     """As cron or systemd start it: the venv's script by its path, with a PATH that lacks the venv's bin
     folder, from which `mlflow models serve` would exec `uvicorn` by name."""

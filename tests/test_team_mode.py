@@ -69,7 +69,8 @@ def trigger(repo: Path, env: dict) -> str:
     return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 
 
-def wait_done(env: dict, run_ids: list[str], timeout_s: float = 240) -> list[dict]:
+def wait_done(env: dict, run_ids: list[str], timeout_s: float = 600) -> list[dict]:
+    # A guard against a run that never ends, not a speed check: the tests share the cores with other workers.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         runs = [flow_run(env, run_id) for run_id in run_ids]
@@ -79,6 +80,7 @@ def wait_done(env: dict, run_ids: list[str], timeout_s: float = 240) -> list[dic
     raise AssertionError(f"flow runs not done in {timeout_s} s: {[flow_run(env, r)['state_name'] for r in run_ids]}")
 
 
+@pytest.mark.slow(320)
 def test_a_worker_runs_the_deployment_and_a_second_clone_pulls_it_all(team, tmp_path: Path):
     repo, env, ports = team
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -128,6 +130,7 @@ def test_a_worker_runs_the_deployment_and_a_second_clone_pulls_it_all(team, tmp_
     assert predictions[0]["label"] == local.split("\t")[0]
 
 
+@pytest.mark.slow(200)
 def test_losing_the_tracking_server_mid_stage_fails_in_one_line_and_a_rerun_completes(team):
     repo, env, ports = team
     sh(repo, env, sys.executable, "-m", "dvc", "repro", "finetune_classifier")

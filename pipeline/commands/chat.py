@@ -8,7 +8,7 @@ from typing import Callable
 from pipeline.commands.models import add_model_options, is_model_uri, load_local_model, load_mlflow_model, parse_model_args
 from pipeline.core.errors import reporting_errors
 from pipeline.core.layout import INSTRUCT_MODEL_DIR
-from pipeline.registry.versions import champion_uri
+from pipeline.core.catalog import champion_uri
 
 
 Responder = Callable[[str, str], str]

@@ -10,7 +10,7 @@ from pipeline.core.processes import run_server, tool_env
 def main(argv: list[str] | None = None) -> None:
     """Serve an MLflow model from the project's store with `mlflow models serve` (POST /invocations);
     it binds 127.0.0.1 unless --host says otherwise."""
-    from pipeline.registry.versions import champion_uri
+    from pipeline.core.catalog import champion_uri
 
     parser = ArgumentParser(prog="llm-pipeline serve", description=main.__doc__)
     default = champion_uri("finetune_classifier")

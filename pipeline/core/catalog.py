@@ -28,6 +28,11 @@ class SampleFile:
     output_field: str
 
 
+# The promote stage owns these aliases: champion serves, challenger is the newest version put up.
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model a training stage registers in MLflow, and the version tags `promote` decides on.
@@ -131,6 +136,11 @@ TRAINERS: dict[str, Stage] = {stage.model.name: stage for stage in STAGES.values
 # The stages that measure a trained model, by the name of the model they measure.
 EVALUATORS: dict[str, Stage] = {STAGES[stage.evaluates].model.name: stage for stage in STAGES.values()
                                 if stage.evaluates}
+
+
+def champion_uri(stage: str) -> str:
+    """The MLflow URI of the model version in use for the model that `stage` trains."""
+    return f"models:/{STAGES[stage].model.name}@{CHAMPION}"
 
 
 def registered_by(stage: Stage) -> list[ModelSpec]:

@@ -17,9 +17,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import tiktoken
 
-from gpt.data import TOKEN_DTYPE
 from gpt.files import atomic_file
-from gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID
+from gpt.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, TOKEN_DTYPE
 from pipeline.core.errors import DataError
 from pipeline.data.encoding import encode_ids, safe_cuts
 

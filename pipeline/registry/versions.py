@@ -13,15 +13,12 @@ from mlflow.exceptions import MlflowException
 
 from gpt.checkpoint import read_config
 from gpt.errors import CheckpointError
-from pipeline.core.catalog import EVALUATORS, STAGES, TRAINERS, Stage
+from pipeline.core.catalog import EVALUATORS, TRAINERS, Stage
 from pipeline.core.errors import DataError
 from pipeline.core.layout import BPE_DIR
 from pipeline.core.params import read_yaml
 from pipeline.registry.tracking import configure, log_pyfunc, stage_run, tag_model_version
 
-# The promote stage owns these: champion serves, challenger is the newest version put up.
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 # A version is the model in one training stage's output folder: this tag holds output_digest(folder),
 # so the same output is never registered twice, whichever run or machine meets it first.
 DIGEST_TAG = "model_sha256"
@@ -35,11 +32,6 @@ EVAL_PREFIX = "eval."  # an evaluating stage's figures on its model's version, e
 # stage's report, the run's params and the version's tags, never in the model folder (whose digest is the version).
 KERNELS_FACT = "cpu_kernels_used"
 REGISTER_COMMAND = "llm-pipeline register"
-
-
-def champion_uri(stage: str) -> str:
-    """The MLflow URI of the model version in use for the model that `stage` trains."""
-    return f"models:/{STAGES[stage].model.name}@{CHAMPION}"
 
 
 def missing_model_hint() -> str:

@@ -10,13 +10,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from gpt.files import atomic_write_json, sha256_file
-from pipeline.core.catalog import EVALUATORS, STAGES, TRAINERS, ModelSpec, command_line
+from pipeline.core.catalog import CHALLENGER, CHAMPION, EVALUATORS, STAGES, TRAINERS, ModelSpec, command_line
 from pipeline.core.errors import DataError
 from pipeline.core.params import load_params
 from pipeline.registry import policy
 from pipeline.registry.cards import write_card
 from pipeline.registry.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
-from pipeline.registry.versions import CHALLENGER, CHAMPION, check_outputs, register_outputs
+from pipeline.registry.versions import check_outputs, register_outputs
 
 STAGE = STAGES["promote"]
 # The training stages' reports name the versions to decide on; the evaluating stages' are no version source
