@@ -91,19 +91,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests that need a slow fixture slow. Under xdist, order the work units longest first, so that
     no long one starts last (the scheduler hands them out in this order)."""
-    for item in items:
-        if SLOW_FIXTURES.keys() & set(item.fixturenames):
-            item.add_marker(SLOW)
-    if not WORKER:
-        return
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
-        shared = "small_pipeline" in item.fixturenames or any(
-            definitions[-1].scope == "module" for definitions in item._fixtureinfo.name2fixturedefs.values())
-        if shared and work_unit(item.nodeid) == item.nodeid:
+        slow_fixture = bool(SLOW_FIXTURES.keys() & set(item.fixturenames))
+        if slow_fixture:
+            item.add_marker(SLOW)
+        unit = work_unit(item.nodeid)
+        shared = slow_fixture or any(definitions[-1].scope == "module"
+                                     for definitions in item._fixtureinfo.name2fixturedefs.values())
+        if WORKER and shared and unit == item.nodeid:
             raise pytest.UsageError(f"{item.nodeid} shares an expensive fixture: add its module to "
                                     "SHARED_MODULES or MODULE_FIXTURES in tests/conftest.py")
-        units.setdefault(work_unit(item.nodeid), []).append(item)
+        units.setdefault(unit, []).append(item)
+    if not WORKER:
+        return
     ordered = sorted(units.values(), key=lambda unit: -expected_seconds(unit))
     items[:] = [item for unit in ordered for item in unit]
 
