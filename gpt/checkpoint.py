@@ -5,14 +5,19 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from gpt.errors import CheckpointError
 from gpt.files import atomic_dir, sha256_file
-from gpt.model import GPTConfig, GPTModel
+
+if TYPE_CHECKING:
+    # torch is imported where weights are read or written: reading a config (the registry, `review`,
+    # `promote`) must not pay seconds of torch's import.
+    import torch
+
+    from gpt.model import GPTModel
 
 FORMAT = "llm-pipeline-gpt/1"
 WEIGHTS = "model.safetensors"
@@ -33,6 +38,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     safetensors reports I/O errors as SafetensorError with the errno only in its text; as an
     OSError, atomic_dir names the output and the stages report it in one line.
     """
+    from safetensors.torch import save_file
+
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
@@ -76,6 +83,10 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def load_state(path: str | os.PathLike, model: GPTModel) -> None:
     """Load a checkpoint's weights into an existing model, refusing another architecture."""
+    from safetensors.torch import load_file
+
+    from gpt.model import GPTConfig
+
     path = Path(path)
     config = read_config(path)
     saved = GPTConfig.from_dict(config["model"])
@@ -110,6 +121,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **co
 
     `config_overrides` may change fields that do not affect the weights (drop_rate, use_sdpa).
     """
+    from gpt.model import GPTConfig, GPTModel
+
     config = read_config(path)
     cfg = GPTConfig.from_dict({**config["model"], **config_overrides})
     model = GPTModel(cfg)

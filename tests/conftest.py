@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -63,8 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # Tests that share an expensive fixture run on one worker, so that it is built once: the modules with a
 # module-scoped fixture, and these groups of modules. (A module missing here would only build its fixture twice:
 # pytest_collection_modifyitems refuses that.)
-SHARED_MODULES = {"test_dvc_stages": "small_pipeline", "test_registry_consistency": "small_pipeline",
-                  "test_team_mode": "services"}  # two team-mode tests at once would crowd 2 cores with servers
+SHARED_MODULES = {"test_dvc_stages": "small_pipeline", "test_registry_consistency": "small_pipeline"}
 MODULE_FIXTURES = {"test_bad_inputs", "test_corpus", "test_cpu_kernels", "test_fast_decode", "test_flows",
                    "test_generate", "test_tokenize"}
 
@@ -233,6 +233,24 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextmanager
+def mlflow_server(db: Path, log: Path) -> Iterator[str]:
+    """A real `mlflow server` on a sqlite store at db, on a free loopback port; yields its URL, then stops it.
+    One worker and no job runners (as `services up` starts it): the tests need neither, and each would import
+    MLflow again."""
+    port = free_port()
+    with log.open("w") as out:
+        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=db.parent,
+                                  env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until("mlflow server", lambda: answers(f"http://127.0.0.1:{port}/health"), server, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
 
 
 PORT_BLOCK = 500  # each xdist worker takes its ports from its own block below Linux's ephemeral range (32768+),

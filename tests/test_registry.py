@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import BIN, REPO, answers, free_port, run_stage, set_param, stage_env, stop, wait_until
+from conftest import REPO, mlflow_server, run_stage, set_param, stage_env
 from gpt.checkpoint import FORMAT
 from pipeline.commands import review
 from pipeline.core.catalog import CHALLENGER, CHAMPION, STAGES, TRAINERS
@@ -268,17 +268,9 @@ def test_the_cards_plots_load_from_the_tracking_servers_ui(store: MlflowClient, 
     promote.promote(store, "gpt-spam-classifier", version, rules())
     links = re.findall(r"!\[[^]]*\]\((get-artifact\?[^)]+)\)", store.get_model_version("gpt-spam-classifier", version).description)
     assert len(links) == 1
-    port, log = free_port(), tmp_path / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                   "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    try:
-        wait_until("mlflow server", lambda: answers(f"http://127.0.0.1:{port}/health"), server, log)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{links[0]}", timeout=30) as response:
+    with mlflow_server(tmp_path / "mlflow.db", tmp_path / "server.log") as url:
+        with urllib.request.urlopen(f"{url}/{links[0]}", timeout=30) as response:
             assert response.read() == plot.read_bytes()
-    finally:
-        stop(server)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import BIN, answers, copy_repo, free_port, run_stage, sh, stage_env, stop, wait_until
+from conftest import BIN, copy_repo, mlflow_server, run_stage, sh, stage_env
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
 from pipeline.core.catalog import CHAMPION, STAGES, TRAINERS
@@ -100,14 +100,7 @@ def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
 @pytest.mark.slow(70)
 def test_a_fresh_tracking_server_gets_the_outputs_once(trained, tmp_path: Path):
     repo, env = trained
-    port, log = free_port(), tmp_path / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                                   "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until("mlflow server", lambda: answers(f"http://127.0.0.1:{port}/health"), server, log)
-        url = f"http://127.0.0.1:{port}"
+    with mlflow_server(tmp_path / "server.db", tmp_path / "server.log") as url:
         served = {**env, "MLFLOW_TRACKING_URI": url}
         assert "no registered models in http" in cli(repo, served, "review").stdout
         result = cli(repo, served, "register")  # (running it twice is the sqlite test's)
@@ -122,8 +115,6 @@ def test_a_fresh_tracking_server_gets_the_outputs_once(trained, tmp_path: Path):
         assert "eval.val_loss" in base_tags and base_tags[REGISTERED_FROM_TAG] == "outputs"
         rows = cli(repo, served, "review").stdout.splitlines()[1:]
         assert sorted(row.split()[:2] for row in rows) == sorted([name, "1"] for name in TRAINERS)
-    finally:
-        stop(server)
 
 
 # -- killed anywhere -------------------------------------------------------------------------------------
