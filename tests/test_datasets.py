@@ -49,6 +49,27 @@ def test_bad_sources_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("entry", ["my-data/corpus", "my-data/corpus/*.txt"])
+def test_a_source_git_does_not_track_is_missing_from_an_experiments_copy_and_says_how_to_bring_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str):
+    """`dvc exp run --queue` and `--temp` run the stages in a copy of the workspace under .dvc/tmp/exps holding
+    what git tracks; DVC names the main workspace in $DVC_ROOT."""
+    main, copy = tmp_path / "project", tmp_path / "project/.dvc/tmp/exps/tmp1a2b"
+    (main / "my-data/corpus").mkdir(parents=True)
+    (main / "my-data/corpus/notes.txt").write_text("text\n")
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(main))
+    with pytest.raises(DataError) as error:
+        sources.resolve("corpus", [entry], DOWNLOADS)
+    assert str(error.value) == (f"datasets.corpus.sources: {entry!r} is not in this experiment's temporary "
+                                "workspace (DVC copies there only the files git tracks): commit it, or queue with "
+                                "`--copy-paths my-data/corpus`")
+    monkeypatch.setenv("DVC_ROOT", str(copy))  # a source missing from the project itself is named as before
+    with pytest.raises(DataError, match="is neither a name|matches no file"):
+        sources.resolve("corpus", [entry], DOWNLOADS)
+
+
 def test_dvc_yaml_tracks_local_sources_and_tracked_downloads(tmp_path: Path):
     """The generator writes each local source (a glob's fixed folder) into the deps of validate and tokenize,
     and marks download always_changed while a source is tracked; a stale dvc.yaml stops the stage."""

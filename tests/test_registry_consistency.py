@@ -117,6 +117,49 @@ def test_a_fresh_tracking_server_gets_the_outputs_once(trained, tmp_path: Path):
         assert sorted(row.split()[:2] for row in rows) == sorted([name, "1"] for name in TRAINERS)
 
 
+# -- experiments run elsewhere -----------------------------------------------------------------------------
+
+def queue_finished(repo: Path, env: dict, timeout_s: float = 900) -> list[str]:
+    """Wait until DVC's queue has nothing queued or running; the status of each of its experiments."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        # A table (task, name, created, status), a blank line, then the workers' status.
+        table = sh(repo, env, str(BIN / "dvc"), "queue", "status").split("\n\n")[0].splitlines()[1:]
+        states = [row.split()[-1] for row in table]
+        if not {"Queued", "Running"} & set(states):
+            return states
+        time.sleep(3)
+    raise AssertionError(f"DVC's queue did not finish in {timeout_s} s")
+
+
+@pytest.mark.slow(150)
+def test_queued_and_temp_experiments_register_in_the_projects_store(trained):
+    """`dvc exp run --queue` and `--temp` run the stages in a temporary copy under .dvc/tmp/exps: their runs and
+    versions still land in the project's own mlflow.db, beside what its workspace registered."""
+    repo, env = trained
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "the small pipeline's outputs")
+    dvc = str(BIN / "dvc")
+    sh(repo, env, dvc, "exp", "run", "--queue", "-S", "finetune_classifier.seed=1,2")
+    temp = sh(repo, env, dvc, "exp", "run", "--temp", "-n", "temp-five", "-S", "finetune_classifier.seed=5")
+    assert "Running stage 'finetune_classifier'" in temp and "Running stage 'pretrain'" not in temp
+    assert "the registry did not hold this output" not in temp  # it found the workspace's versions
+    sh(repo, env, dvc, "queue", "start", "-j", "1")
+    assert queue_finished(repo, env) == ["Success", "Success"]
+    assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = {int(v.version): v.tags for v in client.search_model_versions("name = 'gpt-spam-classifier'")}
+    assert sorted(versions) == [1, 2, 3, 4]
+    names = sorted(tags["dvc_exp"] for number, tags in versions.items() if number > 1)
+    assert "temp-five" in names and len(set(names)) == 3
+    shown = sh(repo, {**env, "COLUMNS": "5000"}, dvc, "exp", "show", "--no-pager")
+    assert all(name in shown for name in names)
+    assert [int(v.version) for v in client.search_model_versions("name = 'gpt-base'")] == [1]
+    review = cli(repo, env, "review", "--model", "gpt-spam-classifier")
+    assert sorted(row.split()[1] for row in review.stdout.splitlines()[1:]) == ["1", "2", "3", "4"], review.stdout
+
+
 # -- killed anywhere -------------------------------------------------------------------------------------
 
 CHAIN = ("pretrain", "evaluate", "finetune_classifier", "finetune_instruct", "promote")

@@ -1,9 +1,14 @@
 """Where the pipeline keeps its data: the folders under data/ that more than one stage or command uses."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.core.errors import DataError
+
+# DVC names the main workspace's root here in every stage it runs; in `dvc exp run --queue` and `--temp`
+# runs too, whose stages run in a temporary copy under .dvc/tmp/exps that is deleted afterwards.
+DVC_ROOT_ENV = "DVC_ROOT"
 
 DATA = Path("data")
 RAW = DATA / "raw"  # download's output: the verified source files
@@ -22,6 +27,12 @@ METRICS = DATA / "metrics"  # <stage>.json: the few numbers people compare (see 
 REPORTS = DATA / "reports"  # <stage>.json: everything else a stage found (statistics, hashes, versions)
 PLOTS = DATA / "plots"
 SAMPLES = DATA / "samples"
+
+
+def project_root() -> Path:
+    """The project's main workspace: where its own stores live (the embedded MLflow store and its artifacts).
+    DVC's root when DVC runs us, even in an experiment's temporary copy; else the current folder."""
+    return Path(os.environ.get(DVC_ROOT_ENV) or Path.cwd()).resolve()
 
 
 def raw_file(name: str) -> Path:

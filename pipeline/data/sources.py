@@ -15,7 +15,7 @@ from typing import Mapping
 import yaml
 
 from pipeline.core.errors import DataError
-from pipeline.core.layout import DATA, raw_file
+from pipeline.core.layout import DATA, project_root, raw_file
 from pipeline.core.params import List, Section, Str
 
 SECTION = "datasets"
@@ -91,7 +91,7 @@ def resolve(dataset: str, entries: list[str], downloads: Mapping) -> list[Path]:
         if is_glob(expanded):
             matched = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
             if not matched:
-                raise DataError(f"{where} matches no file")
+                raise _absent(where, entry, "matches no file")
             files += matched
         elif os.path.isdir(expanded):
             found = _folder_files(Path(expanded))
@@ -101,8 +101,18 @@ def resolve(dataset: str, entries: list[str], downloads: Mapping) -> list[Path]:
         elif os.path.isfile(expanded):
             files.append(Path(expanded))
         else:
-            raise DataError(f"{where} is neither a name in download.sources nor an existing file, folder or glob")
+            raise _absent(where, entry, "is neither a name in download.sources nor an existing file, folder or glob")
     return list(dict.fromkeys(files))
+
+
+def _absent(where: str, entry: str, what: str) -> DataError:
+    # In a DVC experiment's temporary workspace (`dvc exp run --queue` or `--temp`) a local source that git
+    # does not track is missing although the project has it: say so, and how to bring it along.
+    root = project_root()
+    if root != Path.cwd().resolve() and (root / local_dep(entry)).exists():
+        return DataError(f"{where} is not in this experiment's temporary workspace (DVC copies there only the "
+                         f"files git tracks): commit it, or queue with `--copy-paths {local_dep(entry)}`")
+    return DataError(f"{where} {what}")
 
 
 def require_tracked(stage: str, deps: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> None:

@@ -27,6 +27,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 import gpt
 import pipeline
 from pipeline.core.catalog import RUN_GROUP_ENV
+from pipeline.core.layout import project_root
 from pipeline.core.params import Section, Str, load_params
 from pipeline.core.processes import process_alive
 
@@ -59,9 +60,10 @@ class TrackingError(OSError):
 
 
 def tracking_uri(tracking: Mapping[str, Any] | None = None) -> str:
-    """$MLFLOW_TRACKING_URI, else the `mlflow.tracking_uri` param, else <cwd>/mlflow.db (sqlite)."""
+    """$MLFLOW_TRACKING_URI, else the `mlflow.tracking_uri` param, else the project's mlflow.db (sqlite), in the
+    main workspace even when DVC runs a stage in an experiment's temporary copy."""
     return (os.environ.get("MLFLOW_TRACKING_URI") or (tracking or {}).get("tracking_uri")
-            or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+            or f"sqlite:///{project_root() / 'mlflow.db'}")
 
 
 def absent_store(uri: str) -> bool:
@@ -100,7 +102,7 @@ def configure(tracking: Mapping[str, Any] | None = None) -> str:
     if experiment is not None:
         return experiment.experiment_id
     local = urlsplit(uri).scheme not in _SERVER_SCHEMES
-    artifacts = (Path.cwd().resolve() / "mlartifacts").as_uri() if local else None
+    artifacts = (project_root() / "mlartifacts").as_uri() if local else None
     return mlflow.MlflowClient().create_experiment(name, artifact_location=artifacts)
 
 
