@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from conftest import stage_env
 from gpt.checkpoint import load_model, save_model
 from gpt.generate import generate_text
 from gpt.model import GPTConfig, GPTModel
@@ -194,3 +196,38 @@ def test_gpt_model_is_registered_as_code_and_generates(store: MlflowClient, tmp_
     example = json.loads((logged[0].parent / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["prompt"]
 
+
+
+# Opens the store at $MLFLOW_TRACKING_URI (seconds), says it is ready, waits for the go file, then configures
+# the project's tracking (milliseconds); prints the experiment's id.
+CONFIGURE_AT_ONCE = """
+import os, sys, time
+from pathlib import Path
+import mlflow
+from pipeline.registry.tracking import configure
+mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments()
+Path(sys.argv[1]).touch()
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.005)
+print(configure({"experiment": "at-once"}))
+"""
+
+
+@pytest.mark.slow(20)
+def test_processes_creating_the_experiment_at_once_all_get_it(tmp_path: Path):
+    """Two runs' stages, or queued experiments, that start together: each looks for the experiment, most
+    find none, one creates it; the others read it back rather than fail."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the store's tables exist, as after any earlier run
+    go, env = tmp_path / "go", stage_env(None, MLFLOW_TRACKING_URI=uri)
+    processes = [subprocess.Popen([sys.executable, "-c", CONFIGURE_AT_ONCE, str(tmp_path / f"ready-{i}"), str(go)],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(4)]
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(4)):
+        assert all(process.poll() is None for process in processes)
+        time.sleep(0.01)
+    go.touch()
+    results = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 4, [err for _, err in results]
+    ids = {out.strip() for out, _ in results}
+    assert ids == {MlflowClient(uri).get_experiment_by_name("at-once").experiment_id}

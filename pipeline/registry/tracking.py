@@ -21,7 +21,9 @@ import mlflow
 import yaml
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 import gpt
@@ -103,7 +105,13 @@ def configure(tracking: Mapping[str, Any] | None = None) -> str:
         return experiment.experiment_id
     local = urlsplit(uri).scheme not in _SERVER_SCHEMES
     artifacts = (project_root() / "mlartifacts").as_uri() if local else None
-    return mlflow.MlflowClient().create_experiment(name, artifact_location=artifacts)
+    try:
+        return mlflow.MlflowClient().create_experiment(name, artifact_location=artifacts)
+    except MlflowException as exc:
+        # Another process created it since we looked (stages of two runs, or queued experiments, at once).
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def _git(*args: str) -> str | None:
