@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from pipeline.core.catalog import STAGES
+from pipeline.orchestration.services import MLFLOW_SERVER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's console scripts: dvc, prefect, llm-pipeline
@@ -244,7 +245,7 @@ def mlflow_server(db: Path, log: Path) -> Iterator[str]:
     with log.open("w") as out:
         server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=db.parent,
-                                  env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=out,
+                                  env={**os.environ, **MLFLOW_SERVER_ENV}, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until("mlflow server", lambda: answers(f"http://127.0.0.1:{port}/health"), server, log)

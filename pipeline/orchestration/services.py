@@ -27,6 +27,9 @@ WORK_POOL = "llm-pipeline"  # prefect.yaml's deployments name it
 DEFAULT_PORTS = {"postgres": 5433, "mlflow": 5050, "prefect": 4200}
 SERVERS = ("worker", "prefect", "mlflow")  # started last to first, stopped in this order
 START_TIMEOUT_S = 180.0
+# MLflow's server without job execution: it would start seven job-runner processes for its GenAI features'
+# queue, which the pipeline does not use, each importing MLflow (about 5 s of CPU each on 2 cores).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 STOP_GRACE_S = 20.0
 
 
@@ -184,9 +187,7 @@ def up(project: Path, ports: dict[str, int], deploy: bool = True) -> dict[str, A
         state["postgres"] = start_postgres(project, ports["postgres"], password)
         database = f"127.0.0.1:{ports['postgres']}"
         # The backend URI carries no password: libpq reads $PGPASSWORD, which no `ps` shows.
-        # Without job execution: MLflow would start seven job-runner processes for its GenAI features' queue,
-        # which the pipeline does not use, each importing MLflow (about 5 s of CPU each on 2 cores).
-        mlflow_env = {**tool_env(), "PGPASSWORD": password, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        mlflow_env = {**tool_env(), **MLFLOW_SERVER_ENV, "PGPASSWORD": password,
                       "MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{DB_USER}@{database}/mlflow"}
         state["pids"]["mlflow"] = _spawn("mlflow", [
             str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
