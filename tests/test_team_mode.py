@@ -82,7 +82,7 @@ def wait_done(env: dict, run_ids: list[str], timeout_s: float = 600) -> list[dic
 
 @pytest.mark.slow(420)
 def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_in_one_line(team, tmp_path: Path):
-    """One set of services (they take a minute to start on 2 cores) for the team's whole story: the worker's
+    """One set of services (up to a minute to start on 2 cores) for the team's whole story: the worker's
     runs, a second clone served from the remote, then the tracking server lost while a stage trains."""
     repo, env, ports = team
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
