@@ -4,16 +4,18 @@ Its parts, lowest first (LAYERS). A module imports from `gpt`, from its own part
 its own, never from a layer above or a sibling part of its layer (tests/test_architecture.py):
 
   core/           the stage catalog (catalog.py: STAGES, TRAINERS, ModelSpec), params.py and presets, the data/
-                  paths (layout.py), expected errors, and processes (liveness, process groups)
+                  paths (layout.py), expected errors, processes (liveness, process groups) and plain-text tables
   data/           dataset sources, downloads (fetch.py), the contracts tables and instructions meet, corpus
                   streaming and tokenization
-  registry/       MLflow: runs (tracking.py), versions by content digest and aliases (versions.py), the
-                  promotion policy, model cards, and the pyfuncs that serve the models
+  registry/       MLflow: runs (tracking.py), versions by content digest and aliases (versions.py), a lock
+                  per model for its writers (locks.py), the promotion policy, model cards, and the pyfuncs
+                  that serve the models
   training/       what the training stages share: finetuning from the base, the optional LLM judge, plots
   mlflow_models/  import shims only: versions registered before this layout run code that names these paths
   stages/         one module per dvc.yaml stage; `dvc repro` and the Prefect flows run them as
                   `python -m pipeline.stages.<module>`, and nothing imports them
-  orchestration/  Prefect flows, the team services, `dvc repro`'s environment and lock, dvc.yaml's generation
+  orchestration/  Prefect flows, the team services, `dvc repro`'s environment and lock, dvc.yaml's generation,
+                  sweeps on DVC's queue
   commands/       the `llm-pipeline` verbs: cli.py dispatches, one module per verb parses its arguments
 """
 

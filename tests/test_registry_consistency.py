@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import dvc.api
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -21,6 +22,8 @@ from conftest import BIN, copy_repo, mlflow_server, run_stage, sh, stage_env
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
 from pipeline.core.catalog import CHAMPION, STAGES, TRAINERS
+from pipeline.orchestration.sweeps import queue_states
+from pipeline.registry.locks import is_lock
 from pipeline.registry.tracking import stage_run
 from pipeline.registry.versions import DIGEST_TAG, LEFTOVER_TAG, REGISTERED_FROM_TAG, register_trained
 
@@ -36,6 +39,8 @@ def registry_state(uri: str) -> dict:
     client = MlflowClient(uri)
     state = {}
     for model in client.search_registered_models():
+        if is_lock(model):  # a kill -9 leaves a ticket until its lease ends: not what a reviewer sees
+            continue
         versions = client.search_model_versions(f"name = '{model.name}'")
         state[model.name] = {
             "aliases": {alias: str(number) for alias, number in model.aliases.items()}, "description": model.description,
@@ -97,14 +102,19 @@ def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
     assert classify.returncode == 0, classify.stderr
 
 
-@pytest.mark.slow(70)
-def test_a_fresh_tracking_server_gets_the_outputs_once(trained, tmp_path: Path):
+@pytest.mark.slow(80)
+def test_a_fresh_tracking_server_gets_the_outputs_once_from_two_clones_at_once(trained, tmp_path: Path):
     repo, env = trained
+    other = copy_repo(repo, tmp_path / "other")  # a second machine that pulled the same outputs
     with mlflow_server(tmp_path / "server.db", tmp_path / "server.log") as url:
         served = {**env, "MLFLOW_TRACKING_URI": url}
         assert "no registered models in http" in cli(repo, served, "review").stdout
-        result = cli(repo, served, "register")  # (running it twice is the sqlite test's)
-        assert result.returncode == 0, result.stderr
+        both = [subprocess.Popen([LLM_PIPELINE, "register"], cwd=clone, env=served, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for clone in (repo, other)]
+        outputs = [process.communicate(timeout=600) for process in both]
+        assert [process.returncode for process in both] == [0, 0], outputs
+        for name in TRAINERS:  # registered by one of them, found by the other
+            assert sum(f"{name}: registered version 1" in out for out, _ in outputs) == 1, outputs
         state = registry_state(url)
         assert {name: (model["aliases"], set(model["versions"])) for name, model in state.items()} == {
             name: ({CHAMPION: "1", "challenger": "1"}, {"1"}) for name in TRAINERS}
@@ -123,9 +133,7 @@ def queue_finished(repo: Path, env: dict, timeout_s: float = 900) -> list[str]:
     """Wait until DVC's queue has nothing queued or running; the status of each of its experiments."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        # A table (task, name, created, status), a blank line, then the workers' status.
-        table = sh(repo, env, str(BIN / "dvc"), "queue", "status").split("\n\n")[0].splitlines()[1:]
-        states = [row.split()[-1] for row in table]
+        states = list(queue_states(repo, env).values())
         if not {"Queued", "Running"} & set(states):
             return states
         time.sleep(3)
@@ -158,6 +166,38 @@ def test_queued_and_temp_experiments_register_in_the_projects_store(trained):
     assert [int(v.version) for v in client.search_model_versions("name = 'gpt-base'")] == [1]
     review = cli(repo, env, "review", "--model", "gpt-spam-classifier")
     assert sorted(row.split()[1] for row in review.stdout.splitlines()[1:]) == ["1", "2", "3", "4"], review.stdout
+
+
+@pytest.mark.slow(200)
+def test_a_sweep_queues_its_grid_runs_two_at_once_and_tabulates_what_dvc_and_the_registry_hold(trained):
+    repo, env = trained
+    sh(repo, env, "git", "add", "-A")
+    sh(repo, env, "git", "commit", "-q", "-m", "the small pipeline's outputs")
+    bad = cli(repo, env, "sweep", "-n", "bad", "-S", "finetune_classifier.seed=1,2", "-S", "finetune_classifier.lr=0")
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        "sweep: error: bad-1 (finetune_classifier.seed=1, finetune_classifier.lr=0): params.yaml: "
+        "finetune_classifier.lr must be in (0, 1], got 0"], bad.stderr
+    assert "bad-" not in sh(repo, env, str(BIN / "dvc"), "queue", "status")  # nothing was queued
+
+    swept = cli(repo, env, "sweep", "-n", "seeds", "-S", "finetune_classifier.seed=1,2", "-S", "promote.noise_z=0",
+                "-j", "2")  # two at once, on the embedded sqlite store
+    assert swept.returncode == 0, swept.stderr
+    header, *rows = [re.split(r"\s{2,}", line) for line in swept.stdout.strip().splitlines()]
+    assert header == ["experiment", "state", "changed params", "gpt-spam-classifier val_accuracy", "version",
+                      "decision"]
+    table = {row[0]: row for row in rows}
+    assert sorted(table) == ["seeds-1", "seeds-2"] and {row[1] for row in rows} == {"Success"}
+    values = [float(row[3].split(" ± ")[0]) for row in rows]
+    assert values == sorted(values, reverse=True)  # best first
+    shown = {row["Experiment"]: row for row in dvc.api.exp_show(repo=str(repo))}
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for name, row in table.items():
+        assert float(row[3].split(" ± ")[0]) == round(shown[name]["val_accuracy"], 4)  # dvc exp show agrees
+        assert f"finetune_classifier.seed={name[-1]}" in row[2] and "promote.noise_z=0" in row[2]
+        version = client.get_model_version("gpt-spam-classifier", row[4])
+        assert version.tags["dvc_exp"] == name and row[5].endswith(f"(version {row[4]})")
+        assert row[5].split()[0] in ("promoted", "kept")
+    assert cli(repo, env, "review", "--sweep", "seeds").stdout == swept.stdout
 
 
 # -- killed anywhere -------------------------------------------------------------------------------------
@@ -255,12 +295,25 @@ with stage_run("pretrain", {"seed": 1}):
     register_trained(STAGES["pretrain"])
     os.kill(os.getpid(), signal.SIGKILL)  # before DVC could keep the stage's outputs
 """
+# Another experiment's stage, at work: it registered its output and its run is still going.
+REGISTERED_AND_AT_WORK = """
+import sys, time
+from pathlib import Path
+from pipeline.core.catalog import STAGES
+from pipeline.registry.tracking import stage_run
+from pipeline.registry.versions import register_trained
+with stage_run("pretrain", {"seed": 0}):
+    register_trained(STAGES["pretrain"])
+    Path(sys.argv[1]).write_text("registered")
+    time.sleep(600)
+"""
 
 
 @pytest.mark.slow
 def test_a_killed_runs_version_that_no_output_holds_is_tagged_leftover(store: MlflowClient, tmp_path: Path, bpe_dir):
     """When the rerun after a kill trains another model (training that does not repeat bit for bit), the
-    killed run's version stays, tagged leftover, and its run is ended as KILLED."""
+    killed run's version stays, tagged leftover, and its run is ended as KILLED; the version of another
+    experiment's stage still at work is left alone."""
     folder = STAGES["pretrain"].model.folder
     shutil.copytree(bpe_dir, tmp_path / "data/raw/gpt2_bpe")
 
@@ -269,17 +322,30 @@ def test_a_killed_runs_version_that_no_output_holds_is_tagged_leftover(store: Ml
         save_model(GPTModel(GPTConfig(vocab_size=50257, context_length=8, emb_dim=8, n_heads=2, n_layers=1)), folder,
                    extra={"metrics": {"train_loss": 1.0 + seed}, "data": {"train.bin": "ab" * 32}})
 
+    save(0)
+    registered = tmp_path / "registered"
+    at_work = subprocess.Popen([sys.executable, "-c", REGISTERED_AND_AT_WORK, str(registered)], cwd=tmp_path,
+                               env=stage_env(None, LLM_PIPELINE_RUN_GROUP="exp-other"), stderr=subprocess.PIPE, text=True)
+    while not registered.exists():
+        assert at_work.poll() is None, at_work.stderr.read()
+        time.sleep(0.1)
     save(1)
     killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_REGISTERING], cwd=tmp_path, env=stage_env(None),
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     save(2)
-    with stage_run("pretrain", {"seed": 2}):
-        rerun = register_trained(STAGES["pretrain"])
-    first = store.get_model_version("gpt-base", "1")
-    assert str(rerun.version) == "2" and first.tags[DIGEST_TAG] != rerun.tags[DIGEST_TAG]
+    try:
+        with stage_run("pretrain", {"seed": 2}):
+            rerun = register_trained(STAGES["pretrain"])
+        live = store.get_model_version("gpt-base", "1")
+        assert store.get_run(live.run_id).info.status == "RUNNING" and LEFTOVER_TAG not in live.tags
+    finally:
+        at_work.kill()
+        at_work.wait()
+    first = store.get_model_version("gpt-base", "2")
+    assert str(rerun.version) == "3" and first.tags[DIGEST_TAG] != rerun.tags[DIGEST_TAG]
     assert first.tags[LEFTOVER_TAG] == (f"registered by run {first.run_id}, which did not finish its stage (KILLED); "
-                                        "version 2 holds the stage's output")
+                                        "version 3 holds the stage's output")
     run = store.get_run(first.run_id)
     assert run.info.status == "KILLED" and "ended without ending the run" in run.data.tags["interrupted"]
-    assert LEFTOVER_TAG not in store.get_model_version("gpt-base", "2").tags
+    assert LEFTOVER_TAG not in store.get_model_version("gpt-base", "3").tags

@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("pipeline.commands.generate:main", "continue prompts with the pretrained GPT"),
     "chat": ("pipeline.commands.chat:main", "ask the instruction-finetuned model"),
     "classify": ("pipeline.commands.classify:main", "classify texts, with the probability of every class"),
+    "sweep": ("pipeline.commands.sweep:main", "run a grid of params as DVC experiments on its queue; print one table"),
     "review": ("pipeline.commands.review:main", "print the registered models: versions, aliases, key metrics, lineage"),
     "dvc-yaml": ("pipeline.commands.dvc_yaml:main", "rewrite dvc.yaml's generated parts (cmd, params, metrics, code deps) from the stage catalog"),
     "serve": ("pipeline.commands.serve:main", "serve a registered model over HTTP on 127.0.0.1 (mlflow models serve)"),

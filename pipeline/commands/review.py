@@ -11,6 +11,9 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.core.catalog import TRAINERS, ModelSpec
 from pipeline.core.errors import DataError, reporting_errors
+from pipeline.core.tables import format_table
+from pipeline.orchestration import sweeps
+from pipeline.registry.locks import is_lock
 from pipeline.registry.policy import key_tags, measure, metric_label
 from pipeline.registry.tracking import (PARAMS_DIGEST_TAG, absent_store, configure, data_digests, differing_params,
                                         project_tracking, tracking_uri)
@@ -69,13 +72,6 @@ def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...
             tags.get("promotion.decision", "-"), _created(version), _commit(tags),
             tags.get("run_group", "-"), tags.get(PARAMS_DIGEST_TAG, "-")[:SHORT], " ".join(data) or "-",
             version.run_id or "-")
-
-
-def format_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS) -> str:
-    """Left-aligned columns under `columns`, two spaces apart."""
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [columns, *rows])
 
 
 def _marker(a: str, b: str) -> str:
@@ -187,13 +183,18 @@ def _resolve(model: RegisteredModel, versions: list[ModelVersion], ref: str) -> 
     raise DataError(f"{model.name} has no {what} (versions: {known}; aliases: {aliases})")
 
 
+def _models(client: mlflow.MlflowClient) -> list:
+    """The registered models people review: the pipeline's, without the locks that serialize their writes."""
+    return [model for model in _pages(client.search_registered_models) if not is_lock(model)]
+
+
 def compare(client: mlflow.MlflowClient, name: str, ref_a: str, ref_b: str, show_all: bool = False) -> str:
     """Versions `ref_a` and `ref_b` (numbers or aliases) of model `name` side by side: metrics, params
     of their stage runs (only those that differ unless `show_all`), data hashes and promotion decision."""
     try:
         model = client.get_registered_model(name)
     except MlflowException:
-        models = ", ".join(sorted(m.name for m in _pages(client.search_registered_models))) or "none"
+        models = ", ".join(sorted(m.name for m in _models(client))) or "none"
         raise DataError(f"no registered model named {name} in {client.tracking_uri} (models: {models}); "
                         f"{missing_model_hint()}") from None
     versions = _pages(client.search_model_versions, f"name = '{name}'")
@@ -222,7 +223,7 @@ def review(model: str | None = None, params_path: Path | None = Path("params.yam
         except MlflowException:
             return f"no registered model named {model} in {uri}; {missing_model_hint()}"
     else:
-        models = sorted(_pages(client.search_registered_models), key=lambda m: m.name)
+        models = sorted(_models(client), key=lambda m: m.name)
         if not models:
             return f"no registered models in {uri}; {missing_model_hint()}"
     rows, empty = [], []
@@ -231,7 +232,7 @@ def review(model: str | None = None, params_path: Path | None = Path("params.yam
         if not versions:
             empty.append(f"{registered.name}: no versions")
         rows += [version_row(registered, v) for v in sorted(versions, key=lambda v: int(v.version))]
-    return "\n".join(([format_table(rows)] if rows else []) + empty)
+    return "\n".join(([format_table(rows, COLUMNS)] if rows else []) + empty)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="show versions A and B of --model side by side (version numbers or aliases)")
     parser.add_argument("--all", action="store_true", help="with --compare: also the params both runs share")
+    parser.add_argument("--sweep", metavar="NAME", help="the table of `llm-pipeline sweep -n NAME` again "
+                        "(sorted by --model's key metric, default as sweep chooses)")
     args = parser.parse_args(argv)
     with reporting_errors("review"):
         # Checked here rather than by argparse, so bad input is one line like every other error.
@@ -250,7 +253,12 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--compare needs --model NAME")
         if args.all and not args.compare:
             raise ValueError("--all applies to --compare only")
-        print(review(args.model, args.params, tuple(args.compare) if args.compare else None, args.all))
+        if args.sweep and args.compare:
+            raise ValueError("--sweep and --compare are two different tables; give one")
+        if args.sweep:
+            print(sweeps.table(Path.cwd(), args.sweep, configure(project_tracking(args.params)), args.model))
+        else:
+            print(review(args.model, args.params, tuple(args.compare) if args.compare else None, args.all))
 
 
 if __name__ == "__main__":

@@ -229,10 +229,21 @@ def end_killed_runs(client: mlflow.MlflowClient, experiment_id: str, stage: str)
     query = (f"tags.stage = '{stage}' AND attributes.status = 'RUNNING' "
              f"AND tags.{HOST_TAG} = '{socket.gethostname()}'")
     for run in client.search_runs([experiment_id], query):
-        pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdecimal() and not process_alive(int(pid)):
+        if not run_may_be_running(run):
+            pid = run.data.tags[PID_TAG]
             client.set_tag(run.info.run_id, INTERRUPTED_TAG, f"process {pid} ended without ending the run")
             client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_may_be_running(run: mlflow.entities.Run) -> bool:
+    """Whether a RUNNING run's stage may still be at work: its process lives, or it runs on another host
+    (or names no process), which this one cannot tell. Runs in any other status are not running."""
+    if run.info.status != "RUNNING":
+        return False
+    pid = run.data.tags.get(PID_TAG, "")
+    if run.data.tags.get(HOST_TAG) != socket.gethostname() or not pid.isdecimal():
+        return True
+    return process_alive(int(pid))
 
 
 @contextmanager
@@ -355,6 +366,17 @@ def use_project_store(params_path: str | os.PathLike | None = "params.yaml") -> 
     """Point MLflow at the store the stages log to (see project_tracking), for commands that read
     models back; return the experiment id."""
     return configure(project_tracking(params_path))
+
+
+def versions_of(client: mlflow.MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of registered model `name` (none if there is no such model), oldest first."""
+    found, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda v: int(v.version))
 
 
 def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any],

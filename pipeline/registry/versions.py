@@ -17,7 +17,9 @@ from pipeline.core.catalog import EVALUATORS, TRAINERS, Stage
 from pipeline.core.errors import DataError
 from pipeline.core.layout import BPE_DIR
 from pipeline.core.params import read_yaml
-from pipeline.registry.tracking import configure, log_pyfunc, stage_run, tag_model_version
+from pipeline.registry.locks import model_lock
+from pipeline.registry.tracking import (configure, log_pyfunc, run_may_be_running, stage_run, tag_model_version,
+                                       versions_of)
 
 # A version is the model in one training stage's output folder: this tag holds output_digest(folder),
 # so the same output is never registered twice, whichever run or machine meets it first.
@@ -65,17 +67,6 @@ def report_digest(report: Path) -> str:
     return digest
 
 
-def versions_of(client: mlflow.MlflowClient, name: str) -> list[ModelVersion]:
-    """Every version of registered model `name` (none if there is no such model), oldest first."""
-    found, token = [], None
-    while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return sorted(found, key=lambda v: int(v.version))
-
-
 def find_version(client: mlflow.MlflowClient, name: str, digest: str) -> ModelVersion | None:
     """The version of `name` holding the output with `digest`, or None (the oldest, should there be two)."""
     return next((v for v in versions_of(client, name) if v.tags.get(DIGEST_TAG) == digest), None)
@@ -108,9 +99,12 @@ def _mark_leftovers(client: mlflow.MlflowClient, name: str, current: ModelVersio
         if version.version == current.version or str(version.version) in aliased or LEFTOVER_TAG in version.tags:
             continue
         try:
-            status = client.get_run(version.run_id).info.status if version.run_id else "FINISHED"
+            run = client.get_run(version.run_id) if version.run_id else None
         except MlflowException:  # the run was deleted
             continue
+        if run is None or run_may_be_running(run):  # another experiment's stage, at work now
+            continue
+        status = run.info.status
         finished = client.search_runs([experiment], f"tags.{DIGEST_TAG} = '{version.tags.get(DIGEST_TAG, '-')}' "
                                       "AND attributes.status = 'FINISHED'", max_results=1)
         if status != "FINISHED" and not finished:
@@ -126,10 +120,11 @@ def register_trained(stage: Stage, facts: Mapping[str, str] | None = None) -> Mo
     produced it."""
     client, digest = mlflow.MlflowClient(), output_digest(stage.model.folder)
     mlflow.set_tag(DIGEST_TAG, digest)
-    version = find_version(client, stage.model.name, digest)
-    if version is None:
-        version = _register(stage, digest, "training", facts or {})
-        _mark_leftovers(client, stage.model.name, version)
+    with model_lock(client, stage.model.name):
+        version = find_version(client, stage.model.name, digest)
+        if version is None:
+            version = _register(stage, digest, "training", facts or {})
+            _mark_leftovers(client, stage.model.name, version)
     return version
 
 
@@ -137,10 +132,16 @@ def ensure_registered(stage: Stage, params_path: Path, tracking: Mapping[str, An
     """The version holding `stage`'s current output, registered now from that output if the registry lacks it
     (in a run of its own, named and tagged as the stage, with the stage's params and the output's input
     hashes); and whether it was registered now. MLflow must point at the store (tracking.configure)."""
-    digest = output_digest(stage.model.folder)
-    version = find_version(mlflow.MlflowClient(), stage.model.name, digest)
-    if version is not None:
-        return version, False
+    client, digest = mlflow.MlflowClient(), output_digest(stage.model.folder)
+    with model_lock(client, stage.model.name):
+        version = find_version(client, stage.model.name, digest)
+        if version is not None:
+            return version, False
+        return _register_output(stage, digest, params_path, tracking), True
+
+
+def _register_output(stage: Stage, digest: str, params_path: Path,
+                     tracking: Mapping[str, Any] | None) -> ModelVersion:
     extra = read_config(stage.model.folder).get("extra", {})
     # The section as params.yaml has it (the stage checked it when it trained): DVC runs this only with the
     # training stage up to date, and `llm-pipeline register` checks that first.
@@ -150,7 +151,7 @@ def ensure_registered(stage: Stage, params_path: Path, tracking: Mapping[str, An
     facts = {KERNELS_FACT: report[KERNELS_FACT]} if KERNELS_FACT in report else {}
     with stage_run(stage.name, params, extra.get("data"), tracking, extra.get("sizes")):
         mlflow.set_tags({REGISTERED_FROM_TAG: "outputs", DIGEST_TAG: digest})
-        return _register(stage, digest, "outputs", facts), True
+        return _register(stage, digest, "outputs", facts)
 
 
 def check_outputs() -> dict[str, str]:

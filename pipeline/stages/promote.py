@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.params import load_params
 from pipeline.registry import policy
 from pipeline.registry.cards import write_card
+from pipeline.registry.locks import model_lock
 from pipeline.registry.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
 from pipeline.registry.versions import check_outputs, register_outputs
 
@@ -24,6 +26,7 @@ STAGE = STAGES["promote"]
 INPUTS = (*(stage.report for stage in TRAINERS.values()), *(stage.report for stage in EVALUATORS.values()))
 PARAMS = {"promote": policy.PARAMS, "mlflow": MLFLOW_SECTION}
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
+DECISION_TIME_TAG = "promotion.decision_time"  # seconds since the epoch: decisions in the order they were taken
 
 
 def samples(spec: ModelSpec) -> list[tuple[str, str]]:
@@ -59,7 +62,13 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: M
     so `@challenger` names the latest candidate and `@champion` the one in use. The decision is tagged
     on the version as promotion.decision, promotion.compared_with, promotion.reason.
     """
-    spec, version = TRAINERS[name].model, str(version)
+    with model_lock(client, name):  # the champion read here is the champion until the aliases move
+        return _decide(client, name, str(version), rules, sample_outputs)
+
+
+def _decide(client: mlflow.MlflowClient, name: str, version: str, rules: Mapping[str, Any],
+            sample_outputs: list[tuple[str, str]]) -> dict[str, Any]:
+    spec = TRAINERS[name].model
     candidate = _version(client, name, version)
     registered = client.get_registered_model(name)
     champion = _champion(client, registered.aliases, name)
@@ -89,7 +98,7 @@ def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: M
     if decision != ALREADY:  # a rerun keeps the tags and card of the decision that made it champion
         compared = "none" if champion is None else f"version {champion.version}"
         tag_model_version(name, version, {"promotion.decision": decision, "promotion.compared_with": compared,
-                                          "promotion.reason": reason}, client)
+                                          "promotion.reason": reason, DECISION_TIME_TAG: f"{time.time():.3f}"}, client)
         write_card(client, spec, candidate, champion, decision, verdict, rules, sample_outputs)
     if registered.description != spec.summary:
         client.update_registered_model(name, description=spec.summary)
