@@ -29,7 +29,7 @@ from pipeline.registry.tracking import versions_of
 LOCK_SUFFIX = ".lock"  # the lock of model `m` is registered model `m.lock`
 LOCK_TAG = "llm_pipeline.lock_of"  # on a lock model: the model it serializes
 EXPIRES_TAG = "expires"  # on a ticket: when its lease runs out (seconds since the epoch)
-HOLDER_TAG = "holder"  # on a ticket: host:pid, for people looking at the registry
+HOLDER_TAG = "holder"  # on a ticket: host:pid; a ticket whose process on this host is gone is not live
 LEASE_S = 30.0
 RENEW_EVERY_S = LEASE_S / 6
 POLL_S = 0.25
