@@ -61,7 +61,8 @@ def _live(ticket: ModelVersion, now: float) -> bool:
 def _create_lock_model(client: mlflow.MlflowClient, model: str) -> None:
     try:
         client.create_registered_model(lock_name(model), tags={LOCK_TAG: model},
-                                       description=f"Serializes registering and promoting {model}; see docs/registry.md")
+                                       description=f"Serializes registering and promoting {model} "
+                                                   "(docs/registry.md, many writers at once)")
     except MlflowException as exc:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
