@@ -143,68 +143,66 @@ def _metric_column(model: str) -> tuple[str, str]:
     return str(stage.metrics), key
 
 
-def _exp_rows(project: Path) -> list[dict[str, Any]]:
-    import dvc.api
-
-    return dvc.api.exp_show(repo=str(project))
-
-
-def experiments(project: Path, name: str, model: str) -> dict[str, tuple[str | None, float | None]]:
-    """{experiment: (state, key metric)} of sweep `name`'s experiments (`NAME-<i>`), from `dvc exp show`."""
-    path, key = _metric_column(model)
-    found = {}
-    for row in _exp_rows(project):
-        experiment = row.get("Experiment") or ""
-        if re.fullmatch(rf"{re.escape(name)}-\d+", experiment):
-            value = row.get(f"{path}:{key}", row.get(key))
-            found[experiment] = (row.get("State"), None if value is None else float(value))
+def _swept(rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, Mapping[str, Any]]:
+    """The `dvc exp show` rows of sweep `name`'s experiments (`NAME-<i>`), by name, in grid order."""
+    found = {row["Experiment"]: row for row in rows
+             if re.fullmatch(rf"{re.escape(name)}-\d+", row.get("Experiment") or "")}
     return dict(sorted(found.items(), key=lambda item: int(item[0].rsplit("-", 1)[1])))
 
 
-def registry_facts(experiment_id: str, names: Sequence[str], model: str) -> dict[str, dict[str, Any]]:
-    """{experiment: {changed, version, se, decision}} from the project's store (MLflow must point at it): the
-    finished runs of each experiment's training and promote stages, which carry its name."""
+def _runs_by_experiment(experiment_id: str, name: str) -> dict[str, list]:
+    """The finished MLflow runs of sweep `name`'s experiments (MLflow must point at the project's store), by
+    experiment: every stage run of `dvc exp run` carries the experiment's name (dvc_exp)."""
+    import mlflow
+
+    runs: dict[str, list] = {}
+    for run in mlflow.MlflowClient().search_runs(
+            [experiment_id], f"tags.dvc_exp LIKE '{name}-%' AND attributes.status = 'FINISHED'"):
+        runs.setdefault(run.data.tags["dvc_exp"], []).append(run)
+    return runs
+
+
+def _facts(runs: Sequence, model: str) -> dict[str, Any]:
+    """An experiment's version of `model` (found by its training run's digest), its key metric's standard
+    error and the decision of its promote stage."""
     import mlflow
 
     from pipeline.registry.versions import DIGEST_TAG, find_version
 
-    client, spec = mlflow.MlflowClient(), TRAINERS[model].model
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        runs = client.search_runs([experiment_id], f"tags.dvc_exp = '{name}' AND attributes.status = 'FINISHED'")
-        trained = next((r for r in runs if r.data.tags.get("stage") == TRAINERS[model].name), None)
-        promoted = next((r for r in runs if r.data.tags.get("stage") == "promote"), None)
-        version = find_version(client, model, trained.data.tags[DIGEST_TAG]) if trained else None
-        se = version.tags.get(f"{spec.val_tag}{SE_SUFFIX}") if version else None
-        out[name] = {"changed": next((r.data.tags.get("dvc_exp_changed", "") for r in runs), ""),
-                     "version": version.version if version else None, "se": None if se is None else float(se),
-                     "decision": promoted.data.params.get(f"decision.{model}") if promoted else None}
-    return out
+    trained = next((r for r in runs if r.data.tags.get("stage") == TRAINERS[model].name), None)
+    promoted = next((r for r in runs if r.data.tags.get("stage") == "promote"), None)
+    version = find_version(mlflow.MlflowClient(), model, trained.data.tags[DIGEST_TAG]) if trained else None
+    se = version.tags.get(f"{TRAINERS[model].model.val_tag}{SE_SUFFIX}") if version else None
+    return {"version": version.version if version else None, "se": None if se is None else float(se),
+            "decision": promoted.data.params.get(f"decision.{model}") if promoted else None}
 
 
 def table(project: Path, name: str, experiment_id: str, model: str | None = None) -> str:
     """Sweep `name` as one table, best first by the key metric of `model` (default: key_model of the params
-    its experiments changed): experiment, state, changed params, metric ± standard error, the registered
-    version and the decision of its promote stage."""
-    names = [row.get("Experiment") for row in _exp_rows(project)]
-    names = [n for n in names if n and re.fullmatch(rf"{re.escape(name)}-\d+", n)]
-    if not names:
+    its experiments changed): experiment, state, changed params, metric ± standard error (metric from
+    `dvc exp show`, the rest from the registry), the registered version and the decision of its promote stage."""
+    import dvc.api
+
+    found = _swept(dvc.api.exp_show(repo=str(project)), name)
+    if not found:
         raise DataError(f"no experiments named {name}-<n> in `dvc exp show` here")
+    runs = _runs_by_experiment(experiment_id, name)
+    changed = {experiment: next((r.data.tags.get("dvc_exp_changed", "") for r in runs.get(experiment, [])), "")
+               for experiment in found}
     if model is None:
-        changed = next((f["changed"] for f in registry_facts(experiment_id, names, DEFAULT_MODEL).values()
-                        if f["changed"]), "")
-        model = key_model([part.partition("=")[0] for part in changed.split("; ")])
+        model = key_model([part.partition("=")[0] for text in changed.values() for part in text.split("; ") if text])
     spec = TRAINERS[model].model
-    found = experiments(project, name, model)
-    facts = registry_facts(experiment_id, list(found), model)
-    label = metric_label(spec.val_tag)
+    path, key = _metric_column(model)
     rows = []
-    for experiment, (state, value) in found.items():
-        fact = facts[experiment]
+    for experiment, row in found.items():
+        value = row.get(f"{path}:{key}", row.get(key))
+        value = None if value is None else float(value)
+        fact = _facts(runs.get(experiment, []), model)
         metric = "-" if value is None else f"{value:.4f}" + ("" if fact["se"] is None else f" ± {fact['se']:.4f}")
         rows.append(((value is None, -(value or 0.0) if spec.higher_is_better else (value or 0.0)), (
-            experiment, state or "-", fact["changed"] or "-", metric, str(fact["version"] or "-"),
+            experiment, row.get("State") or "-", changed[experiment] or "-", metric, str(fact["version"] or "-"),
             fact["decision"] or "-")))
     rows.sort(key=lambda row: row[0])
-    columns = ("experiment", "state", "changed params", f"{model} {label}", "version", "decision")
+    columns = ("experiment", "state", "changed params", f"{model} {metric_label(spec.val_tag)}", "version",
+               "decision")
     return format_table([cells for _, cells in rows], columns)
