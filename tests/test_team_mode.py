@@ -14,11 +14,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dvc.api
 import pytest
 from mlflow import MlflowClient
 
 from conftest import BIN, SMALL_TRAINING, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
-from pipeline.orchestration.services import STATE_DIR, STATE_FILE
+from pipeline.orchestration.services import STATE_DIR, STATE_FILE, SWEEP_POOL
 from test_serving import invoke
 
 DVC, LLM_PIPELINE, PREFECT = str(BIN / "dvc"), str(BIN / "llm-pipeline"), str(BIN / "prefect")
@@ -32,8 +33,9 @@ def listening(port: int) -> bool:
 
 @pytest.fixture
 def team(tmp_path: Path, mirror: Path):
-    """Clone A of a small pipeline with a local DVC remote, its services up; yields (repo, env, ports)
-    with env pointing clients at the servers; brings everything down (and deletes it) after."""
+    """Clone A of a small pipeline with a local DVC remote and a bare git repository as origin, its services up;
+    yields (repo, env, ports) with env pointing clients at the servers; brings everything down (and deletes it)
+    after."""
     (tmp_path / "a").mkdir()
     repo, env = make_dvc_repo(tmp_path / "a", mirror)
     for key, value in SMALL_TRAINING.items():
@@ -41,6 +43,9 @@ def team(tmp_path: Path, mirror: Path):
     sh(repo, env, DVC, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
     sh(repo, env, "git", "add", "-A")
     sh(repo, env, "git", "commit", "-q", "-m", "small pipeline, shared remote")
+    sh(tmp_path, env, "git", "init", "-q", "--bare", str(tmp_path / "origin.git"))
+    sh(repo, env, "git", "remote", "add", "origin", str(tmp_path / "origin.git"))
+    sh(repo, env, "git", "push", "-q", "-u", "origin", "HEAD")
     ports = {"postgres": free_port(), "mlflow": free_port(), "prefect": free_port()}
     env.update(LLM_PIPELINE_DB_PASSWORD=secrets.token_urlsafe(16), PREFECT_HOME=str(tmp_path / "prefect-client"),
                MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports['mlflow']}",
@@ -80,7 +85,7 @@ def wait_done(env: dict, run_ids: list[str], timeout_s: float = 600) -> list[dic
     raise AssertionError(f"flow runs not done in {timeout_s} s: {[flow_run(env, r)['state_name'] for r in run_ids]}")
 
 
-@pytest.mark.slow(420)
+@pytest.mark.slow(520)
 def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_in_one_line(team, tmp_path: Path):
     """One set of services (up to a minute to start on 2 cores) for the team's whole story: the worker's
     runs, a second clone served from the remote, then the tracking server lost while a stage trains."""
@@ -108,8 +113,9 @@ def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_i
     sh(repo, env, DVC, "push")
     sh(repo, env, "git", "add", "-A")
     sh(repo, env, "git", "commit", "-q", "-m", "the worker's run")
+    sh(repo, env, "git", "push", "-q")
     clone = tmp_path / "b"
-    sh(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
+    sh(tmp_path, env, "git", "clone", "-q", str(tmp_path / "origin.git"), str(clone))
     sh(clone, env, DVC, "pull")
     assert "Data and pipelines are up to date." in sh(clone, env, DVC, "status")
     assert sh(clone, env, LLM_PIPELINE, "review") == sh(repo, env, LLM_PIPELINE, "review")
@@ -131,8 +137,10 @@ def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_i
         stop(server)
     assert predictions[0]["label"] == local.split("\t")[0]
 
-    # The tracking server lost mid-stage: one line, and no version half made (classifier version 1 is the
-    # worker's run's).
+    sweep_on_two_workers(repo, clone, env, tmp_path)
+
+    # The tracking server lost mid-stage: one line, and no version half made (classifier versions 1 to 3 are the
+    # worker's run's and the sweep's).
     set_param(repo, "finetune_classifier.epochs", 4)  # long enough to stop the server while it trains
     set_param(repo, "finetune_classifier.batch_size", 8)
     quick = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
@@ -152,8 +160,75 @@ def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_i
     sh(repo, env, LLM_PIPELINE, "services", "down")
     flags = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
     sh(repo, env, LLM_PIPELINE, "services", "up", "--no-deploy", *flags)
-    assert [v.version for v in client.search_model_versions("name = 'gpt-spam-classifier'")] == ["1"]
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'gpt-spam-classifier'")) == [1, 2, 3]
     sh(repo, env, sys.executable, "-m", "pipeline.stages.finetune_classifier")
     versions = client.search_model_versions("name = 'gpt-spam-classifier'")
-    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     assert all(v.tags.get("stage") == "finetune_classifier" and "data.train.csv.sha256" in v.tags for v in versions)
+
+
+def sweep_on_two_workers(repo: Path, clone_b: Path, env: dict, tmp_path: Path) -> None:
+    """A sweep from clone A run by two workers of the sweep pool, in clones B and C: each runs a point, pushes it to
+    origin and the DVC remote, and reports to the MLflow server; A pulls both and tabulates them."""
+    sweep = [LLM_PIPELINE, "sweep", "-n", "seeds", "-S", "finetune_classifier.seed=1,2", "-S", "promote.noise_z=0",
+             "--deployment"]
+
+    def refused() -> str:
+        done = subprocess.run(sweep, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        return done.stderr.strip()
+
+    set_param(repo, "promote.noise_z", 1)
+    assert refused() == ("sweep: error: uncommitted changes: the workers run the sweep on HEAD; commit (and push) "
+                         "them first")
+    sh(repo, env, "git", "checkout", "params.yaml")
+    assert refused() == (f"sweep: error: no worker polls work pool {SWEEP_POOL}: start one in each worker's clone "
+                         "with `llm-pipeline flow worker`")
+    clone_c = tmp_path / "c"
+    sh(tmp_path, env, "git", "clone", "-q", str(tmp_path / "origin.git"), str(clone_c))
+    workers = {}
+    for clone in (clone_b, clone_c):
+        with (tmp_path / f"worker-{clone.name}.log").open("w") as log:
+            workers[clone] = subprocess.Popen([LLM_PIPELINE, "flow", "worker", "--name", f"worker-{clone.name}"],
+                                              cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
+    try:
+        listed = urllib.request.Request(f"{env['PREFECT_API_URL']}/work_pools/{SWEEP_POOL}/workers/filter",
+                                        data=b"{}", headers={"Content-Type": "application/json"})
+
+        def both_online() -> bool:
+            with urllib.request.urlopen(listed, timeout=10) as response:
+                return [worker["status"] for worker in json.loads(response.read())] == ["ONLINE", "ONLINE"]
+
+        wait_until("two sweep workers", both_online, workers[clone_c], tmp_path / "worker-c.log")
+        swept = subprocess.run(sweep, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for worker in workers.values():
+            stop(worker)
+    assert swept.returncode == 0, swept.stderr + "".join(
+        (tmp_path / f"worker-{clone.name}.log").read_text()[-3000:] for clone in workers)
+    _, *rows = [re.split(r"\s{2,}", line) for line in swept.stdout.strip().splitlines()]
+    table = {row[0]: row for row in rows}
+    assert sorted(table) == ["seeds-1", "seeds-2"] and {row[1] for row in rows} == {"Success"}, swept.stdout
+
+    # Each worker ran a point in its own clone: the experiment's ref is there, and on origin.
+    ran = {clone.name: sh(clone, env, "git", "for-each-ref", "--format=%(refname:lstrip=-1)", "refs/exps").split()
+           for clone in workers}
+    assert sorted(ran["b"] + ran["c"]) == ["seeds-1", "seeds-2"] and ran["b"] and ran["c"], ran
+    on_origin = sh(repo, env, "git", "ls-remote", "origin", "refs/exps/*").split()[1::2]
+    assert sorted(ref.rsplit("/", 1)[1] for ref in on_origin) == ["seeds-1", "seeds-2"]
+
+    # Every point reached the server: its stage runs, a version tagged with its name, its decision; and the table
+    # agrees with `dvc exp show` in clone A, which pulled both.
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    shown = {row["Experiment"]: row for row in dvc.api.exp_show(repo=str(repo))}
+    for name, row in table.items():
+        runs = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id],
+                                  f"tags.dvc_exp = '{name}' AND attributes.status = 'FINISHED'")
+        assert {"finetune_classifier", "promote"} <= {run.data.tags.get("stage") for run in runs}, name
+        version = client.get_model_version("gpt-spam-classifier", row[4])
+        assert version.tags["dvc_exp"] == name and row[5].endswith(f"(version {row[4]})")
+        assert float(row[3].split(" ± ")[0]) == round(shown[name]["val_accuracy"], 4)
+    review = subprocess.run([LLM_PIPELINE, "review", "--sweep", "seeds"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert review.stdout == swept.stdout, review.stderr

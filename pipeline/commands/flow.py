@@ -1,7 +1,8 @@
-"""`llm-pipeline flow run|serve|list`: the Prefect flows of pipeline.orchestration.flows from the command line."""
+"""`llm-pipeline flow run|serve|worker|list`: the Prefect flows of pipeline.orchestration.flows from the command line."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import yaml
@@ -9,6 +10,7 @@ import yaml
 from pipeline.commands.repro import LOCK_WAIT_HELP
 from pipeline.core.errors import reporting_errors
 from pipeline.orchestration.dvc_repo import RepositoryBusy
+from pipeline.orchestration.services import SWEEP_POOL
 from pipeline.orchestration.flows import (DEFAULT_CRON, DEFAULT_DEPLOYMENT, DEFAULT_SERVE_LOCK_WAIT_S, PIPELINE_FLOW,
                                           FlowError, dvc_stages, pipeline_flow, plan, project_dir, serve, stage_flow)
 
@@ -35,6 +37,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     serve(args.cron, args.name, args.lock_wait)
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    from pipeline.orchestration.sweep_workers import run_worker
+
+    sys.exit(run_worker(args.project, args.pool, args.name))
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -71,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
                            help="how long a scheduled run waits for a repository another process holds "
                                 f"(default {DEFAULT_SERVE_LOCK_WAIT_S:g})")
     serve_cmd.set_defaults(handler=_cmd_serve)
+    worker = commands.add_parser("worker", help="run sweep points sent to the team's work pool, in this clone",
+                                 description=(
+        f"Start a Prefect process worker of work pool POOL (default {SWEEP_POOL}) for this clone, one flow run at "
+        "a time, until interrupted: it runs the points of `llm-pipeline sweep --deployment` as `dvc exp run --temp` "
+        "of the sweep's commit and pushes them to origin and the DVC remote. Needs PREFECT_API_URL and "
+        "MLFLOW_TRACKING_URI of the team's servers, a git remote origin and a default DVC remote."))
+    worker.add_argument("--pool", default=SWEEP_POOL, help=f"work pool (default: {SWEEP_POOL})")
+    worker.add_argument("--name", help="the worker's name (default: Prefect's)")
+    worker.add_argument("--project", help="the clone (default: the current folder)")
+    worker.set_defaults(handler=_cmd_worker)
     list_cmd = commands.add_parser("list", help="list the flows and the stages each runs", description=(
         "List the end-to-end flow and one flow per dvc.yaml stage, each with the stages it runs, in order."))
     list_cmd.add_argument("--project", help="project folder (default: the current one)")
@@ -79,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`llm-pipeline flow run|serve|list`; an expected error is one line on stderr and exit status 1."""
+    """`llm-pipeline flow run|serve|worker|list`; an expected error is one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
     with reporting_errors(PROG, FlowError, RepositoryBusy):
         args.handler(args)

@@ -199,11 +199,27 @@ def _pump(stream: IO[str], log: Callable[[str], None], lines: list[str]) -> None
             log(lines[-1])
 
 
-def _last_error(err: list[str], returncode: int) -> str:
+def last_error(err: list[str], returncode: int) -> str:
+    """The line that says why a DVC command failed."""
     lines = [line.strip() for line in err if line.strip()]
     # The stage's own error line says more than DVC's "ERROR: failed to reproduce" after it.
     own = [line for line in lines if not line.startswith(_DVC_WRAPPER)]
     return (own or lines or [f"exit status {returncode}"])[-1]
+
+
+def dvc_logged(args: Sequence[str], cwd: Path, env: Mapping[str, str]) -> tuple[int, list[str], list[str]]:
+    """Run `dvc ARGS` in cwd, its stdout logged line by line to the flow run's log at info level and its stderr
+    at warning level (it carries the stages' errors and DVC's complaints); (exit status, stdout, stderr lines)."""
+    logger = get_run_logger()
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
+        out: list[str] = []
+        err: list[str] = []
+        reader = threading.Thread(target=_pump, args=(proc.stderr, logger.warning, err), daemon=True)
+        reader.start()
+        _pump(proc.stdout, logger.info, out)
+        reader.join()
+    return proc.returncode, out, err
 
 
 @task(name="dvc repro", cache_policy=NO_CACHE)  # skipping an up-to-date stage is DVC's decision
@@ -213,21 +229,12 @@ def repro(stage: str, project: str, run_group: str, lock_wait_s: float = 0.0) ->
     the stage ran (False: DVC found it up to date or restored it from cache)."""
     logger = get_run_logger()
     wait_for_lock(Path(project), lock_wait_s, logger.info)
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    with subprocess.Popen(command, cwd=project, env=dvc_env(run_group), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
-        out: list[str] = []
-        err: list[str] = []
-        # stderr at warning level: it carries the stage's errors and DVC's own complaints.
-        reader = threading.Thread(target=_pump, args=(proc.stderr, logger.warning, err), daemon=True)
-        reader.start()
-        _pump(proc.stdout, logger.info, out)
-        reader.join()
-    if proc.returncode:
+    returncode, out, err = dvc_logged(["repro", "--single-item", stage], Path(project), dvc_env(run_group))
+    if returncode:
         busy = lock_error(Path(project), "\n".join(err))  # taken by another process after the check
         if busy is not None:
             raise busy
-        raise StageFailed(f"stage {stage} failed: {_last_error(err, proc.returncode)}",
+        raise StageFailed(f"stage {stage} failed: {last_error(err, returncode)}",
                           temporary=f"exited with {TEMPORARY_FAILURE}" in "\n".join(err))
     return any(line.startswith(f"Running stage '{stage}'") for line in out + err)
 

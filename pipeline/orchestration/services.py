@@ -24,6 +24,7 @@ PASSWORD_ENV = "LLM_PIPELINE_DB_PASSWORD"
 DB_USER = "llm_pipeline"
 DATABASES = ("mlflow", "prefect")
 WORK_POOL = "llm-pipeline"  # prefect.yaml's deployments name it
+SWEEP_POOL = "llm-pipeline-sweeps"  # and its sweep deployment: workers of their own clones (`llm-pipeline flow worker`)
 DEFAULT_PORTS = {"postgres": 5433, "mlflow": 5050, "prefect": 4200}
 SERVERS = ("worker", "prefect", "mlflow")  # started last to first, stopped in this order
 START_TIMEOUT_S = 180.0
@@ -204,8 +205,9 @@ def up(project: Path, ports: dict[str, int], deploy: bool = True) -> dict[str, A
               state["pids"]["mlflow"], project, "mlflow")
         _wait("Prefect server", lambda: _answers(f"{clients['PREFECT_API_URL']}/health") is not None,
               state["pids"]["prefect"], project, "prefect")
-        _run([str(BIN / "prefect"), "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"],
-             f"creating work pool {WORK_POOL}", env=prefect_env, cwd=project)
+        for pool in (WORK_POOL, SWEEP_POOL):
+            _run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", "--overwrite"],
+                 f"creating work pool {pool}", env=prefect_env, cwd=project)
         if deploy:
             _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], "prefect deploy --all",
                  env=prefect_env, cwd=project)

@@ -31,6 +31,7 @@ from pipeline.registry.policy import SE_SUFFIX, metric_label
 PARAMS_FILE = "params.yaml"
 POLL_S = 3.0
 DONE_STATES = ("Success", "Failed")
+WORKER_DEPLOYMENT = "sweep-point/sweep"  # prefect.yaml's deployment of pipeline.orchestration.sweep_workers
 DEFAULT_MODEL = "gpt-base"  # when the grid names no training stage's section: every model starts from it
 
 
@@ -97,7 +98,8 @@ def key_model(keys: Sequence[str]) -> str:
     return next((name for name, trainer in TRAINERS.items() if trainer.name in sections), DEFAULT_MODEL)
 
 
-def _dvc(project: Path, env: Mapping[str, str], *args: str) -> str:
+def dvc_output(project: Path, env: Mapping[str, str], *args: str) -> str:
+    """The stdout of `dvc ARGS` in project; a DataError with its last error line when it fails."""
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=dict(env), capture_output=True,
                             text=True)
     if result.returncode != 0:
@@ -109,7 +111,7 @@ def _dvc(project: Path, env: Mapping[str, str], *args: str) -> str:
 def queue_states(project: Path, env: Mapping[str, str]) -> dict[str, str]:
     """{experiment name: Queued, Running, Success or Failed} from `dvc queue status`."""
     # A table (task, name, created, status), a blank line, then the workers' status.
-    table = _dvc(project, env, "queue", "status").split("\n\n")[0].splitlines()[1:]
+    table = dvc_output(project, env, "queue", "status").split("\n\n")[0].splitlines()[1:]
     return {row.split()[1]: row.split()[-1] for row in table if len(row.split()) >= 3}
 
 
@@ -119,8 +121,8 @@ def run_grid(project: Path, name: str, sets: Sequence[str], points: Sequence[Poi
     env = tool_env()
     # Queue workers take their environment from `dvc queue start`, not from `dvc exp run --queue`.
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    _dvc(project, env, "exp", "run", "--queue", "-n", name, *(arg for s in sets for arg in ("-S", s)))
-    _dvc(project, env, "queue", "start", "-j", str(jobs))
+    dvc_output(project, env, "exp", "run", "--queue", "-n", name, *(arg for s in sets for arg in ("-S", s)))
+    dvc_output(project, env, "queue", "start", "-j", str(jobs))
     names = [point.name for point in points]
     with tqdm(total=len(names), desc=f"sweep {name}", unit="experiment") as bar:
         while True:
@@ -200,7 +202,8 @@ def table(project: Path, name: str, experiment_id: str, model: str | None = None
         fact = _facts(runs.get(experiment, []), model)
         metric = "-" if value is None else f"{value:.4f}" + ("" if fact["se"] is None else f" ± {fact['se']:.4f}")
         rows.append(((value is None, -(value or 0.0) if spec.higher_is_better else (value or 0.0)), (
-            experiment, row.get("State") or "-", changed[experiment] or "-", metric, str(fact["version"] or "-"),
+            # A pulled experiment has no queue state: it is a commit, which DVC makes only of a success.
+            experiment, row.get("State") or "Success", changed[experiment] or "-", metric, str(fact["version"] or "-"),
             fact["decision"] or "-")))
     rows.sort(key=lambda row: row[0])
     columns = ("experiment", "state", "changed params", f"{model} {metric_label(spec.val_tag)}", "version",
