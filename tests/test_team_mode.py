@@ -6,11 +6,13 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import BIN, SMALL_TRAINING, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
+from pipeline.core.http import basic_auth
 from pipeline.orchestration.services import STATE_DIR, STATE_FILE, SWEEP_POOL
 from test_serving import invoke
 
@@ -32,7 +35,7 @@ def listening(port: int) -> bool:
 
 
 @pytest.fixture
-def team(tmp_path: Path, mirror: Path):
+def team(tmp_path: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch):
     """Clone A of a small pipeline with a local DVC remote and a bare git repository as origin, its services up;
     yields (repo, env, ports) with env pointing clients at the servers; brings everything down (and deletes it)
     after."""
@@ -48,24 +51,40 @@ def team(tmp_path: Path, mirror: Path):
     sh(repo, env, "git", "push", "-q", "-u", "origin", "HEAD")
     ports = {"postgres": free_port(), "mlflow": free_port(), "prefect": free_port()}
     env.update(LLM_PIPELINE_DB_PASSWORD=secrets.token_urlsafe(16), PREFECT_HOME=str(tmp_path / "prefect-client"),
-               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports['mlflow']}",
-               PREFECT_API_URL=f"http://127.0.0.1:{ports['prefect']}/api")
+               LLM_PIPELINE_CREDENTIALS_DIR=str(tmp_path / "credentials"))
     flags = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
     try:
         up = sh(repo, env, LLM_PIPELINE, "services", "up", *flags)
-        assert f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}" in up
+        assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{ports['mlflow']}" in up
+        env.update(client_env(repo))  # as a team member's shell does: source .services/env
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this process's MLflow clients
+            monkeypatch.setenv(name, env[name])
         yield repo, env, ports
     finally:
         down = subprocess.run([LLM_PIPELINE, "services", "down", "--purge"], cwd=repo, env=env, capture_output=True,
                               text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert not [name for name, port in ports.items() if listening(port)]  # nothing is left listening
-    assert not (repo / STATE_DIR).exists()
+    assert not (repo / STATE_DIR).exists() and not (tmp_path / "credentials").exists()
+
+
+def client_env(repo: Path) -> dict[str, str]:
+    """The variables `.services/env` exports."""
+    lines = (repo / STATE_DIR / "env").read_text().splitlines()
+    return dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in lines)
+
+
+def prefect_api(env: dict, path: str, body: dict | None = None) -> dict | list:
+    """GET (or POST body to) the Prefect server's API as the service account."""
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}{path}", data=None if body is None else json.dumps(
+        body).encode(), headers={"Content-Type": "application/json",
+                                 "Authorization": basic_auth(*env["PREFECT_API_AUTH_STRING"].split(":", 1))})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def flow_run(env: dict, run_id: str) -> dict:
-    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10) as response:
-        return json.loads(response.read())
+    return prefect_api(env, f"/flow_runs/{run_id}")
 
 
 def trigger(repo: Path, env: dict) -> str:
@@ -85,7 +104,7 @@ def wait_done(env: dict, run_ids: list[str], timeout_s: float = 600) -> list[dic
     raise AssertionError(f"flow runs not done in {timeout_s} s: {[flow_run(env, r)['state_name'] for r in run_ids]}")
 
 
-@pytest.mark.slow(520)
+@pytest.mark.slow(560)
 def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_in_one_line(team, tmp_path: Path):
     """One set of services (up to a minute to start on 2 cores) for the team's whole story: the worker's
     runs, a second clone served from the remote, then the tracking server lost while a stage trains."""
@@ -100,6 +119,8 @@ def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_i
     # The server stores artifacts itself: clients upload and download through it.
     assert client.get_experiment_by_name("llm-pipeline").artifact_location.startswith("mlflow-artifacts:")
     assert any((repo / STATE_DIR / "mlartifacts").rglob("model.safetensors"))
+
+    only_who_belongs(repo, env, ports, tmp_path)
 
     # Two runs at once: the deployment's concurrency limit makes the second wait for the first.
     runs = wait_done(env, [trigger(repo, env), trigger(repo, env)])
@@ -193,12 +214,9 @@ def sweep_on_two_workers(repo: Path, clone_b: Path, env: dict, tmp_path: Path) -
                                               cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True)
     try:
-        listed = urllib.request.Request(f"{env['PREFECT_API_URL']}/work_pools/{SWEEP_POOL}/workers/filter",
-                                        data=b"{}", headers={"Content-Type": "application/json"})
-
         def both_online() -> bool:
-            with urllib.request.urlopen(listed, timeout=10) as response:
-                return [worker["status"] for worker in json.loads(response.read())] == ["ONLINE", "ONLINE"]
+            workers_of_pool = prefect_api(env, f"/work_pools/{SWEEP_POOL}/workers/filter", {})
+            return [worker["status"] for worker in workers_of_pool] == ["ONLINE", "ONLINE"]
 
         wait_until("two sweep workers", both_online, workers[clone_c], tmp_path / "worker-c.log")
         swept = subprocess.run(sweep, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -232,3 +250,87 @@ def sweep_on_two_workers(repo: Path, clone_b: Path, env: dict, tmp_path: Path) -
     review = subprocess.run([LLM_PIPELINE, "review", "--sweep", "seeds"], cwd=repo, env=env, capture_output=True,
                             text=True, timeout=120)
     assert review.stdout == swept.stdout, review.stderr
+
+
+def only_who_belongs(repo: Path, env: dict, ports: dict, tmp_path: Path) -> None:
+    """Both servers refuse anyone without the right credentials; people get roles; secrets stay private."""
+    mlflow_url, prefect_url = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]
+
+    def mlflow_status(user: str | None, password: str = "") -> int:
+        headers = {"Authorization": basic_auth(user, password)} if user else {}
+        request = urllib.request.Request(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers=headers)
+        return http_code(request)
+
+    def prefect_status(auth_string: str | None) -> int:
+        headers = {"Content-Type": "application/json"}
+        if auth_string:
+            headers["Authorization"] = basic_auth(*auth_string.split(":", 1))
+        return http_code(urllib.request.Request(f"{prefect_url}/flows/filter", data=b"{}", headers=headers))
+
+    assert mlflow_status(None) == 401 and mlflow_status("llm-pipeline", "wrong") == 401
+    assert mlflow_status("admin", "password1234") == 401  # MLflow's once-documented default admin password
+    assert mlflow_status(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == 200
+    assert prefect_status(None) == 401 and prefect_status("llm-pipeline:wrong") == 401
+    assert prefect_status(env["PREFECT_API_AUTH_STRING"]) == 200
+
+    # A client without credentials, or with wrong ones: one line naming the server and what to set.
+    anonymous = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_USER")}
+    anonymous.pop("MLFLOW_TRACKING_PASSWORD")
+    for who, client, said in (
+            ("nobody", anonymous, "requests without credentials"),
+            ("wrong", {**env, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "the password of user llm-pipeline")):
+        refused = subprocess.run([LLM_PIPELINE, "review"], cwd=repo, env=client, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 1 and refused.stderr.splitlines() == [
+            f"review: error: MLflow tracking server {mlflow_url} refused {said} (HTTP 401): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"], (who, refused.stderr)
+
+    # People: a reviewer (password generated into a mode-600 file) and a viewer (password from the environment).
+    added = sh(repo, env, LLM_PIPELINE, "services", "add-user", "alice", "--role", "reviewer")
+    alice_file = tmp_path / "credentials" / "users" / "alice"
+    assert f"its password is in {alice_file} (mode 600)" in added
+    bob_password = secrets.token_urlsafe(12)
+    sh(repo, {**env, "LLM_PIPELINE_USER_PASSWORD": bob_password}, LLM_PIPELINE, "services", "add-user", "bob",
+       "--role", "viewer")
+    alice = {**env, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": alice_file.read_text().strip()}
+    registry = MlflowClient(mlflow_url)
+    before = registry.get_registered_model("gpt-base").aliases
+    bob = {**env, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": bob_password}
+    for action in ("client.set_registered_model_alias('gpt-base', 'reviewed', '1')",
+                   "client.delete_model_version('gpt-base', '1')"):
+        viewer = subprocess.run([sys.executable, "-c", f"from mlflow import MlflowClient\nclient = MlflowClient()\n"
+                                 f"{action}"], env=bob, capture_output=True, text=True, timeout=120)
+        assert viewer.returncode == 1 and "error code 403" in viewer.stderr, viewer.stderr
+    # Through the pipeline: one line naming the permission the viewer lacks.
+    stage = subprocess.run([sys.executable, "-m", "pipeline.stages.promote"], cwd=repo, env=bob, capture_output=True,
+                           text=True, timeout=300)
+    assert stage.returncode == 1 and "Traceback" not in stage.stderr, stage.stderr
+    assert stage.stderr.strip().splitlines()[-1] == (
+        f"promote: error: MLflow tracking server {mlflow_url} refused user bob (HTTP 403) on model-versions/create: it "
+        "needs EDIT on the registered model (registering a version); the team's admin grants roles "
+        "(`llm-pipeline services add-user`)")  # the ticket of the model's lock, before any decision
+    assert registry.get_registered_model("gpt-base").aliases == before  # nothing changed
+    assert [version.version for version in registry.search_model_versions("name = 'gpt-base'")] == ["1"]
+    sh(repo, alice, sys.executable, "-c", "from mlflow import MlflowClient\n"
+       "MlflowClient().set_registered_model_alias('gpt-base', 'reviewed', '1')")
+    assert registry.get_registered_model("gpt-base").aliases == {**before, "reviewed": "1"}
+    registry.delete_registered_model_alias("gpt-base", "reviewed")
+
+    # Credential files: owner only, from the first byte; no secret on a command line `ps` shows.
+    private = [tmp_path / "credentials", *(tmp_path / "credentials").rglob("*"), repo / STATE_DIR / "env"]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in private} == {
+        path.name: "0o700" if path.is_dir() else "0o600" for path in private}
+    secret_values = [path.read_text().strip() for path in private if path.is_file() and "=" not in path.read_text()]
+    secret_values += [env["LLM_PIPELINE_DB_PASSWORD"], bob_password, env["PREFECT_API_AUTH_STRING"]]
+    commands = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+    assert "mlflow server --app-name basic-auth" in commands
+    assert not [value for value in secret_values if value in commands]
+
+
+def http_code(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

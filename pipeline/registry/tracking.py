@@ -8,8 +8,6 @@ import re
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +27,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 import gpt
 import pipeline
 from pipeline.core.catalog import RUN_GROUP_ENV
+from pipeline.core.http import basic_auth, http_status
 from pipeline.core.layout import project_root
 from pipeline.core.params import Section, Str, load_params
 from pipeline.core.processes import process_alive
@@ -75,16 +74,22 @@ def absent_store(uri: str) -> bool:
 
 
 def _check_reachable(uri: str) -> None:
-    # MLflow itself retries an unreachable server for minutes; fail fast with one clear line.
+    # MLflow itself retries an unreachable server for minutes; fail fast with one clear line, and tell a server
+    # that refuses these credentials from one that is not there.
     if urlsplit(uri).scheme not in ("http", "https"):
         return
-    try:
-        urllib.request.urlopen(uri, timeout=REACH_TIMEOUT_S).close()
-    except urllib.error.HTTPError as exc:
-        exc.close()  # an error status still proves a server is listening
-    except OSError as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    authorization = basic_auth(user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    code = http_status(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", authorization,
+                       REACH_TIMEOUT_S)
+    if code is None:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable (no answer within {REACH_TIMEOUT_S:g} s)")
+    if code == 401:
+        who = f"the password of user {user}" if user else "requests without credentials"
+        raise TrackingError(f"MLflow tracking server {uri} refused {who} (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+                            "and MLFLOW_TRACKING_PASSWORD")
+    if code == 403:
+        raise TrackingError(f"MLflow tracking server {uri} refused user {user} (HTTP 403): it may not read experiments")
 
 
 def configure(tracking: Mapping[str, Any] | None = None) -> str:
