@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import BIN, SMALL_TRAINING, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
-from pipeline.core.http import basic_auth
+from pipeline.core.http import basic_auth, http_status
 from pipeline.orchestration.services import STATE_DIR, STATE_FILE, SWEEP_POOL
 from test_serving import invoke
 
@@ -256,17 +255,13 @@ def only_who_belongs(repo: Path, env: dict, ports: dict, tmp_path: Path) -> None
     """Both servers refuse anyone without the right credentials; people get roles; secrets stay private."""
     mlflow_url, prefect_url = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]
 
-    def mlflow_status(user: str | None, password: str = "") -> int:
-        headers = {"Authorization": basic_auth(user, password)} if user else {}
-        request = urllib.request.Request(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
-                                         headers=headers)
-        return http_code(request)
+    def mlflow_status(user: str | None, password: str = "") -> int | None:
+        return http_status(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+                           basic_auth(user, password) if user else None)
 
-    def prefect_status(auth_string: str | None) -> int:
-        headers = {"Content-Type": "application/json"}
-        if auth_string:
-            headers["Authorization"] = basic_auth(*auth_string.split(":", 1))
-        return http_code(urllib.request.Request(f"{prefect_url}/flows/filter", data=b"{}", headers=headers))
+    def prefect_status(auth_string: str | None) -> int | None:
+        return http_status(f"{prefect_url}/flows/filter", basic_auth(*auth_string.split(":", 1)) if auth_string
+                           else None, json_body=b"{}")
 
     assert mlflow_status(None) == 401 and mlflow_status("llm-pipeline", "wrong") == 401
     assert mlflow_status("admin", "password1234") == 401  # MLflow's once-documented default admin password
@@ -328,9 +323,18 @@ def only_who_belongs(repo: Path, env: dict, ports: dict, tmp_path: Path) -> None
     assert not [value for value in secret_values if value in commands]
 
 
-def http_code(request: urllib.request.Request) -> int:
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+
+def test_processes_generating_one_secret_at_once_all_get_the_first_written(tmp_path: Path):
+    """Four processes asking for a credential that does not exist yet: one is written, mode 600, and all four
+    read that one (a later rename must not replace the secret another process already handed out)."""
+    code = ("import sys, time; from pathlib import Path; from pipeline.orchestration.access import secret\n"
+            "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+            "print(secret(Path(sys.argv[2]), 'service_password'))")
+    env = {**os.environ, "LLM_PIPELINE_CREDENTIALS_DIR": str(tmp_path / "credentials")}
+    start = str(time.time() + 3)  # all four past their imports, then at once
+    procs = [subprocess.Popen([sys.executable, "-c", code, start, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    seen = {proc.communicate(timeout=120)[0].strip() for proc in procs}
+    written = tmp_path / "credentials" / "service_password"
+    assert seen == {written.read_text().strip()} and oct(written.stat().st_mode & 0o777) == "0o600"
+    assert [path.name for path in (tmp_path / "credentials").iterdir()] == ["service_password"]  # no leftovers

@@ -13,9 +13,13 @@ def basic_auth(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-def http_status(url: str, authorization: str | None = None, timeout_s: float = TIMEOUT_S) -> int | None:
-    """The HTTP status of GET url (None: nothing answers there)."""
-    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+def http_status(url: str, authorization: str | None = None, timeout_s: float = TIMEOUT_S,
+                json_body: bytes | None = None) -> int | None:
+    """The HTTP status of GET url, or of POST json_body to it (None: nothing answers there)."""
+    headers = {"Authorization": authorization} if authorization else {}
+    if json_body is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=json_body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status

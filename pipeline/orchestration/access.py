@@ -51,19 +51,24 @@ def credentials_dir(project: Path) -> Path:
     return folder
 
 
-def write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str, keep_existing: bool = False) -> None:
     """Write text to path readable by its owner only, from the first byte: a mode-600 temporary file beside it,
-    then one rename."""
+    then one rename; with keep_existing, a path that exists (another process wrote it first) is left as it is."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), 0o600)  # whatever the umask
             handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
+        if keep_existing:
+            try:
+                os.link(tmp, path)  # atomic, and fails if path exists
+            except FileExistsError:
+                pass
+        else:
+            os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 def secret(project: Path, name: str, env: str | None = None) -> str:
@@ -72,7 +77,8 @@ def secret(project: Path, name: str, env: str | None = None) -> str:
         return os.environ[env]
     path = credentials_dir(project) / name
     if not path.is_file():
-        write_private(path, secrets.token_urlsafe(24))
+        # Two processes generating it at once must end with one secret, the first written, not one each.
+        write_private(path, secrets.token_urlsafe(24), keep_existing=True)
     return path.read_text(encoding="utf-8").strip()
 
 

@@ -83,7 +83,7 @@ def _check_reachable(uri: str) -> None:
     code = http_status(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", authorization,
                        REACH_TIMEOUT_S)
     if code is None:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable (no answer within {REACH_TIMEOUT_S:g} s)")
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable (refused, or no answer within {REACH_TIMEOUT_S:g} s)")
     if code == 401:
         who = f"the password of user {user}" if user else "requests without credentials"
         raise TrackingError(f"MLflow tracking server {uri} refused {who} (HTTP 401): set MLFLOW_TRACKING_USERNAME "
