@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import ast
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO, stage_env
@@ -84,3 +87,20 @@ def test_prefect_server_host_defaults_to_loopback(tmp_path: Path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_a_server_that_ignores_its_stop_signal_is_killed_after_the_grace(tmp_path: Path):
+    """run_server forwards SIGTERM to the group it started; a member that ignores it (a Prefect worker was seen
+    lingering) is killed grace_s later, so stopping the parent never leaves it running alone."""
+    pid_file = tmp_path / "pid"
+    child = (f"import os, signal, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)")
+    code = ("import sys; from pipeline.core.processes import run_server\n"
+            f"sys.exit(run_server([sys.executable, '-c', {child!r}], {{}}, 2.0))")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not psutil.pid_exists(int(pid_file.read_text()))

@@ -37,17 +37,23 @@ def run_server(command: list[str], env: dict[str, str], grace_s: float = 30.0) -
     # Its own session: a terminal's Ctrl-C reaches only us, and the group holds every process it starts
     # (mlflow starts uvicorn as a child, which would outlive mlflow alone).
     server = subprocess.Popen(command, env=env, start_new_session=True)
-    received: list[int] = []
+    received: list[tuple[int, float]] = []  # (signal, when)
 
     def forward(signum: int, frame: object) -> None:
-        received.append(signum)
+        received.append((signum, time.monotonic()))
         signal_group(server.pid, signal.SIGTERM)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
-    status = server.wait()
+    # Polled, not a plain wait(): a server that ignores the forwarded signal is killed grace_s later, so that
+    # stopping us never leaves it running without us.
+    while server.poll() is None:
+        time.sleep(0.2)
+        if received and time.monotonic() - received[0][1] > grace_s:
+            signal_group(server.pid, signal.SIGKILL)
+    status = server.returncode
     stop_group(server.pid, grace_s)  # whatever mlflow left behind when it exited
-    return 128 + received[0] if received else status
+    return 128 + received[0][0] if received else status
 
 
 def signal_group(pgid: int, signum: int) -> bool:

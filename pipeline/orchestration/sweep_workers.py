@@ -34,6 +34,7 @@ GIT_REMOTE = "origin"  # the repository every clone of the team shares
 CLONE_ENV = "LLM_PIPELINE_WORKER_CLONE"  # set by `llm-pipeline flow worker`: the clone its flow runs work in
 WORKER_LOCK = Path(".dvc") / "tmp" / "sweep-point.lock"
 POLL_S = 3.0
+WORKER_STOP_GRACE_S = 10.0  # a Prefect worker told to stop has been seen to linger: killed this long after
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
@@ -125,7 +126,8 @@ def run_worker(project: str | None, pool: str = SWEEP_POOL, name: str | None = N
     if not dvc_output(root, tool_env(), "remote", "default").strip():
         raise FlowError(f"{root}: no default DVC remote (dvc remote add -d NAME URL): points push their outputs there")
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"]
-    return run_server(command + (["--name", name] if name else []), {**tool_env(), CLONE_ENV: str(root)})
+    return run_server(command + (["--name", name] if name else []), {**tool_env(), CLONE_ENV: str(root)},
+                      WORKER_STOP_GRACE_S)
 
 
 # -- on the submitting clone ----------------------------------------------------------------------------------
