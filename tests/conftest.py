@@ -23,7 +23,7 @@ from typing import Callable, Iterator, NamedTuple
 import pytest
 import yaml
 
-from pipeline.core.catalog import STAGES
+from pipeline.core.catalog import STAGES, TRAINERS
 from pipeline.orchestration.services import MLFLOW_SERVER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +31,8 @@ BIN = Path(sys.executable).parent  # this venv's console scripts: dvc, prefect, 
 MIRROR_ENV = "LLM_PIPELINE_MIRROR"
 # The promotion policy as params.yaml sets it (the promote params), for tests that promote directly.
 POLICY = yaml.safe_load((REPO / "params.yaml").read_text())["promote"]
+NAMES = {role: trainer.model.default_name for role, trainer in TRAINERS.items()}  # the default registered names
+ROLES = {name: role for role, name in NAMES.items()}
 DEFAULT_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 

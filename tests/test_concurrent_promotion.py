@@ -21,10 +21,11 @@ from pipeline.stages.promote import DECISION_TIME_TAG, PROMOTED, promote
 
 pytestmark = pytest.mark.slow(150)
 
-MODEL = "gpt-spam-classifier"
-SPEC = TRAINERS[MODEL].model
+ROLE = "classifier"
+SPEC = TRAINERS[ROLE].model
+MODEL = SPEC.default_name
 WORKERS, ROUNDS = 4, 10
-RULES = {"decide_on": "val", "noise_z": 0.0, "margins": {name: 0.0 for name in TRAINERS}}
+RULES = {"decide_on": "val", "noise_z": 0.0, "margins": {role: 0.0 for role in TRAINERS}}
 # Each worker process imports the pipeline once, then promotes one version a round, all released at once
 # by the round's go file (the versions' metrics are known; the champion before the round is version 1).
 WORKER = """
@@ -38,7 +39,7 @@ for number in range(rounds):
     while not go.exists():
         time.sleep(0.005)
     task = json.loads(go.read_text())
-    record = promote(MlflowClient(task["uri"]), task["model"], task["versions"][me], task["rules"])
+    record = promote(MlflowClient(task["uri"]), task["role"], task["model"], task["versions"][me], task["rules"])
     (folder / f"done-{number}-{me}.tmp").write_text(json.dumps(record))
     (folder / f"done-{number}-{me}.tmp").rename(folder / f"done-{number}-{me}")
 """
@@ -93,7 +94,7 @@ def race(uri: str, folder: Path, rng: random.Random) -> None:
     try:
         for number in range(ROUNDS):
             values = candidates(client, rng)
-            task = {"uri": uri, "model": MODEL, "rules": RULES,
+            task = {"uri": uri, "role": ROLE, "model": MODEL, "rules": RULES,
                     "versions": {str(w): str(w + 2) for w in range(WORKERS)}}
             (folder / "go.tmp").write_text(json.dumps(task))
             (folder / "go.tmp").rename(folder / f"go-{number}")
@@ -136,7 +137,7 @@ def test_promotions_at_once_on_a_server_decide_one_after_another_and_a_killed_ho
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait()
             killed_at = time.time()
-            records.append(promote(client, MODEL, version, RULES))
+            records.append(promote(client, ROLE, MODEL, version, RULES))
             decided = float(client.get_model_version(MODEL, version).tags[DECISION_TIME_TAG])
             assert least < decided - killed_at < most, (where, decided - killed_at)
         check_serial(client, {v: values[v] for v in ("1", "2", "3")}, records)

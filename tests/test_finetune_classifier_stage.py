@@ -109,7 +109,7 @@ def test_short_run_learns_registers_a_champion_and_classifies(quick_project: Pat
         assert label == max(probabilities, key=probabilities.get)
 
     # The promote stage's step for this model: its first version becomes champion.
-    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "gpt-spam-classifier", 1, POLICY)
+    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "classifier", "gpt-spam-classifier", 1, POLICY)
     registered = classify(project, "--model", "models:/gpt-spam-classifier@champion", *TEXTS)
     assert registered.returncode == 0, registered.stderr
     assert registered.stdout == local.stdout  # the registered model is the local one

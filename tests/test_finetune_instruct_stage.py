@@ -97,7 +97,7 @@ def test_short_run_learns_scores_registers_and_chats(instruct_project: Path, fak
     # both answering the first test record exactly as the stage did (greedy, same prompt format).
     first = ["--input", test[0]["input"], "--max-new-tokens", "5", test[0]["instruction"]]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "gpt-instruct", 1, POLICY)  # the first: champion
+    promote(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), "instruct", "gpt-instruct", 1, POLICY)  # the first: champion
     try:
         chat.main(first)
         local = capsys.readouterr().out

@@ -289,7 +289,7 @@ def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, 
     registry = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert sorted(int(v.version) for v in registry.search_model_versions("name='gpt-spam-classifier'")) == [1, 2]
     assert len(registry.search_model_versions("name='gpt-base'")) == 1
-    decision = json.loads((repo / STAGES["promote"].report).read_text())["gpt-spam-classifier"]
+    decision = json.loads((repo / STAGES["promote"].report).read_text())["classifier"]
     assert decision["version"] == 2 and decision["decision"] in ("promoted", "kept")
 
     # dvc repro agrees: nothing to do, then the same four stages for the next file.

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, mlflow_server, run_stage, set_param, stage_env
+from conftest import NAMES, REPO, ROLES, mlflow_server, run_stage, set_param, stage_env
 from gpt.checkpoint import FORMAT
 from pipeline.commands import review
 from pipeline.core.catalog import CHALLENGER, CHAMPION, STAGES, TRAINERS
@@ -44,20 +44,20 @@ def aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 def rules(margin: float = 0.0, noise_z: float = 0.0, decide_on: str = "val") -> dict:
     """The promote params: the policy."""
-    return {"decide_on": decide_on, "noise_z": noise_z, "margins": {name: margin for name in TRAINERS}}
+    return {"decide_on": decide_on, "noise_z": noise_z, "margins": {role: margin for role in TRAINERS}}
 
 
 def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowClient):
     name = "gpt-spam-classifier"
     first = register(name, {"val_accuracy": 0.80, "test_accuracy": 0.5})
-    decision = promote.promote(store, name, first, rules(margin=0.05))
+    decision = promote.promote(store, ROLES[name], name, first, rules(margin=0.05))
     assert decision["decision"] == PROMOTED and decision["reason"].startswith("first version")
     assert aliases(store, name) == {CHAMPION: first, CHALLENGER: first}
     tags = store.get_model_version(name, first).tags
     assert (tags["promotion.decision"], tags["promotion.compared_with"]) == ("promoted", "none")
 
     worse = register(name, {"val_accuracy": 0.70, "test_accuracy": 0.99})  # its test score never decides
-    decision = promote.promote(store, name, worse, rules(margin=0.05))
+    decision = promote.promote(store, ROLES[name], name, worse, rules(margin=0.05))
     assert (decision["decision"], decision["champion"], decision["champion_value"]) == ("kept", 1, 0.80)
     assert aliases(store, name) == {CHAMPION: first, CHALLENGER: worse}
     tags = store.get_model_version(name, worse).tags
@@ -65,17 +65,17 @@ def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowCli
     assert tags["promotion.reason"] == "val_accuracy 0.7 vs 0.8 of version 1: worse by 0.1"
 
     within = register(name, {"val_accuracy": 0.83})  # better, but by less than the margin
-    assert promote.promote(store, name, within, rules(margin=0.05))["decision"] == "kept"
+    assert promote.promote(store, ROLES[name], name, within, rules(margin=0.05))["decision"] == "kept"
     assert aliases(store, name) == {CHAMPION: first, CHALLENGER: within}
     assert "not more than the margin 0.05" in store.get_model_version(name, within).tags["promotion.reason"]
 
     better = register(name, {"val_accuracy": 0.90})
-    decision = promote.promote(store, name, better, rules(margin=0.05))
+    decision = promote.promote(store, ROLES[name], name, better, rules(margin=0.05))
     assert (decision["decision"], decision["champion"]) == ("promoted", 4)
     assert aliases(store, name) == {CHAMPION: better, CHALLENGER: better}
     assert "more than the margin 0.05" in store.get_model_version(name, better).tags["promotion.reason"]
 
-    rerun = promote.promote(store, name, better, rules(margin=0.05))
+    rerun = promote.promote(store, ROLES[name], name, better, rules(margin=0.05))
     assert rerun["decision"] == "already_champion" and aliases(store, name)[CHAMPION] == better
     assert store.get_model_version(name, better).tags["promotion.decision"] == "promoted"  # the real decision stays
 
@@ -83,21 +83,21 @@ def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowCli
 def test_a_gain_within_the_noise_keeps_the_champion(store: MlflowClient):
     """The gain must exceed noise_z standard errors of the difference, sqrt(se_new² + se_champion²)."""
     name = "gpt-spam-classifier"
-    promote.promote(store, name, register(name, {"val_accuracy": 0.90, "val_accuracy_se": 0.03}), rules(noise_z=1.0))
+    promote.promote(store, ROLES[name], name, register(name, {"val_accuracy": 0.90, "val_accuracy_se": 0.03}), rules(noise_z=1.0))
     # +0.04 against a noise of sqrt(0.03² + 0.03²) = 0.0424: kept, however lucky it looks on test.
     lucky = register(name, {"val_accuracy": 0.94, "val_accuracy_se": 0.03, "test_accuracy": 1.0})
-    decision = promote.promote(store, name, lucky, rules(noise_z=1.0))
+    decision = promote.promote(store, ROLES[name], name, lucky, rules(noise_z=1.0))
     assert decision["decision"] == "kept" and decision["needed"] == pytest.approx(0.03 * 2 ** 0.5)
     assert store.get_model_version(name, lucky).tags["promotion.reason"] == (
         "val_accuracy 0.94 ± 0.03 vs 0.9 ± 0.03 of version 1: better by 0.04, not more than the noise 0.04243 "
         "(1 × the difference's standard error)")
     # The same gain measured more precisely (a larger split): sqrt(0.015² + 0.03²) = 0.0335 < 0.04, promoted.
     sharper = register(name, {"val_accuracy": 0.94, "val_accuracy_se": 0.015})
-    assert promote.promote(store, name, sharper, rules(noise_z=1.0))["decision"] == PROMOTED
-    assert promote.promote(store, name, sharper, rules(noise_z=2.0))["decision"] == "already_champion"
+    assert promote.promote(store, ROLES[name], name, sharper, rules(noise_z=1.0))["decision"] == PROMOTED
+    assert promote.promote(store, ROLES[name], name, sharper, rules(noise_z=2.0))["decision"] == "already_champion"
     # Beyond the noise (0.015) but within a larger margin: the margin is the bar.
     steady = register(name, {"val_accuracy": 0.98, "val_accuracy_se": 0.001})
-    decision = promote.promote(store, name, steady, rules(margin=0.05, noise_z=1.0))
+    decision = promote.promote(store, ROLES[name], name, steady, rules(margin=0.05, noise_z=1.0))
     assert decision["decision"] == "kept" and decision["needed"] == 0.05
     assert "not more than the margin 0.05" in decision["reason"]
 
@@ -105,14 +105,14 @@ def test_a_gain_within_the_noise_keeps_the_champion(store: MlflowClient):
 def test_decide_on_test_is_a_choice_and_a_champion_without_the_metric_is_replaced(store: MlflowClient):
     name = "gpt-instruct"
     old = register(name, {"rouge_l_f1": 0.30})  # registered before val ROUGE-L was measured
-    promote.promote(store, name, old, rules())
+    promote.promote(store, ROLES[name], name, old, rules())
     new = register(name, {"val_rouge_l_f1": 0.20, "val_rouge_l_f1_se": 0.02, "rouge_l_f1": 0.25})
-    decision = promote.promote(store, name, new, rules(noise_z=1.0))
+    decision = promote.promote(store, ROLES[name], name, new, rules(noise_z=1.0))
     assert decision["decision"] == PROMOTED
     assert decision["reason"] == "champion version 1 has no val_rouge_l_f1 (registered before it was measured)"
     # On test (the other choice), with no standard error on one side: it borrows the other's.
     third = register(name, {"val_rouge_l_f1": 0.10, "rouge_l_f1": 0.31, "rouge_l_f1_se": 0.02})
-    decision = promote.promote(store, name, third, rules(noise_z=1.0, decide_on="test"))
+    decision = promote.promote(store, ROLES[name], name, third, rules(noise_z=1.0, decide_on="test"))
     assert (decision["decision"], decision["metric"]) == ("promoted", "rouge_l_f1")
     assert decision["needed"] == pytest.approx(0.02 * 2 ** 0.5)
 
@@ -120,26 +120,28 @@ def test_decide_on_test_is_a_choice_and_a_champion_without_the_metric_is_replace
 def test_val_loss_is_lower_is_better_and_comes_from_the_evaluate_stage(store: MlflowClient):
     name = "gpt-base"
     first = register(name, {"val_loss": 5.0}, {"eval.val_loss": 4.0})
-    promote.promote(store, name, first, rules())
+    promote.promote(store, ROLES[name], name, first, rules())
     # pretrain's own val loss looks better, but evaluate's (whole split) decides: 4.1 > 4.0, kept.
     second = register(name, {"val_loss": 3.0}, {"eval.val_loss": 4.1})
-    assert promote.promote(store, name, second, rules())["decision"] == "kept"
+    assert promote.promote(store, ROLES[name], name, second, rules())["decision"] == "kept"
     third = register(name, {"val_loss": 3.0}, {"eval.val_loss": 3.9})
-    decision = promote.promote(store, name, third, rules())
+    decision = promote.promote(store, ROLES[name], name, third, rules())
     assert decision["decision"] == PROMOTED and decision["champion_value"] == 4.0
     assert aliases(store, name) == {CHAMPION: third, CHALLENGER: third}
 
     missing = register(name, {"val_loss": 1.0})  # not evaluated
     with pytest.raises(ValueError, match=r"^gpt-base: version 4 has no eval.val_loss tag to decide on"):
-        promote.promote(store, name, missing, rules())
+        promote.promote(store, ROLES[name], name, missing, rules())
     assert aliases(store, name)[CHALLENGER] == third  # nothing moved
 
 
 def write_stage_reports(versions: dict[str, str], samples: bool = True) -> None:
     """What the training stages leave for promote: each model's output folder (a config.json standing for the
-    version's model), its report naming the folder's digest, and the version tagged with that digest."""
+    version's model), its report naming the folder's digest, and the version (of the model by its default
+    name: `versions` maps names to version numbers) tagged with that digest."""
     client = MlflowClient()
-    for name, stage in TRAINERS.items():
+    for role, stage in TRAINERS.items():
+        name = NAMES[role]
         folder = stage.model.folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({"format": FORMAT, "weights_sha256": f"{name} {versions[name]}"}))
@@ -147,7 +149,7 @@ def write_stage_reports(versions: dict[str, str], samples: bool = True) -> None:
         client.set_model_version_tag(name, versions[name], DIGEST_TAG, digest)
         stage.report.parent.mkdir(parents=True, exist_ok=True)
         stage.report.write_text(json.dumps({DIGEST_TAG: digest}))
-    Path(INPUTS[-1]).write_text(json.dumps({DIGEST_TAG: output_digest(TRAINERS["gpt-base"].model.folder)}))
+    Path(INPUTS[-1]).write_text(json.dumps({DIGEST_TAG: output_digest(TRAINERS["base"].model.folder)}))
     if samples:
         for path, records in (
                 ("data/samples/evaluate.json", [{"prompt": f"p{i}", "greedy": f"g{i}", "sampled": "s"} for i in range(4)]),
@@ -167,7 +169,7 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     promote.main(Path("params.yaml"))
     first = capsys.readouterr().out.splitlines()
     assert first == [f"{name} version 1: promoted (champion: version 1; first version (no champion yet))"
-                     for name in TRAINERS]
+                     for name in NAMES.values()]
 
     worse = register("gpt-instruct", {"val_rouge_l_f1": 0.20, "rouge_l_f1": 0.3})
     write_stage_reports({"gpt-base": "1", "gpt-spam-classifier": "1", "gpt-instruct": worse})
@@ -177,8 +179,8 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     assert lines[2] == ("gpt-instruct version 2: kept (champion: version 1; "
                         "val_rouge_l_f1 0.2 vs 0.25 of version 1: worse by 0.05)")
     report = json.loads(STAGES["promote"].report.read_text())
-    assert report["gpt-instruct"] | {"reason": ""} == {
-        "version": 2, "decide_on": "val", "metric": "val_rouge_l_f1", "value": 0.2, "se": None,
+    assert report["instruct"] | {"reason": ""} == {
+        "model": "gpt-instruct", "version": 2, "decide_on": "val", "metric": "val_rouge_l_f1", "value": 0.2, "se": None,
         "test_metric": "rouge_l_f1", "test_value": 0.3, "higher_is_better": True, "champion_version": 1,
         "champion_value": 0.25, "gain": pytest.approx(-0.05), "needed": 0.0, "decision": "kept", "reason": "",
         "champion": 1}
@@ -187,13 +189,14 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     runs = store.search_runs([store.get_experiment_by_name("llm-pipeline").experiment_id], "tags.stage = 'promote'")
     run = max(runs, key=lambda r: r.info.start_time)
     assert run.data.tags["run_group"] == "g1" and "mlflow.parentRunId" in run.data.tags
-    assert run.data.params["decision.gpt-instruct"] == "kept (version 2)"
-    assert run.data.params["margins.gpt-base"] == "0.0" and run.data.params["decide_on"] == "val"
-    assert run.data.metrics["gpt-instruct.promoted"] == 0.0 and run.data.metrics["gpt-instruct.champion_version"] == 1
+    assert run.data.params["decision.instruct"] == "kept (version 2)"
+    assert run.data.params["models.instruct"] == "gpt-instruct"
+    assert run.data.params["margins.base"] == "0.0" and run.data.params["decide_on"] == "val"
+    assert run.data.metrics["instruct.promoted"] == 0.0 and run.data.metrics["instruct.champion_version"] == 1
     assert {f"data.{path.name}.sha256" for path in INPUTS} <= run.data.tags.keys()
     assert [a.path for a in store.list_artifacts(run.info.run_id)] == ["promote.json"]
-    for name, stage in TRAINERS.items():  # each registered model says what it is
-        assert store.get_registered_model(name).description == stage.model.summary
+    for role, stage in TRAINERS.items():  # each registered model says what it is
+        assert store.get_registered_model(NAMES[role]).description == stage.model.summary
 
     review.main([])
     table = capsys.readouterr().out.splitlines()
@@ -225,7 +228,7 @@ def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_
     params that differ, samples of a generator, and the plots of its run."""
     name = "gpt-instruct"
     first = register(name, {"val_rouge_l_f1": 0.20, "val_rouge_l_f1_se": 0.01, "rouge_l_f1": 0.21})
-    promote.promote(store, name, first, rules(noise_z=1.0), [("p", "q")])
+    promote.promote(store, ROLES[name], name, first, rules(noise_z=1.0), [("p", "q")])
     plot = tmp_path / "instruct_loss.png"
     plot.write_bytes(b"\x89PNG not really")
     with stage_run("finetune_instruct", {"lr": 0.2, "epochs": 2, "seed": 1}, {"train.bin": "cd" * 32},
@@ -234,9 +237,9 @@ def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_
         second = str(store.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=version_tags(
             None, {"val_rouge_l_f1": 0.25, "val_rouge_l_f1_se": 0.01, "rouge_l_f1": 0.23, "token_f1": 0.4})).version)
     samples = [("Rewrite: it is cold / x", "It is chilly."), ("b", ""), ("c", "d"), ("e", "never shown")]
-    promote.promote(store, name, second, rules(noise_z=1.0), samples)
+    promote.promote(store, ROLES[name], name, second, rules(noise_z=1.0), samples)
     card = store.get_model_version(name, second).description
-    assert card.startswith(f"**gpt-instruct, version {second}.** {TRAINERS[name].model.summary}")
+    assert card.startswith(f"**gpt-instruct, version {second}.** {TRAINERS['instruct'].model.summary}")
     assert "### Decision: promoted, now the champion" in card
     assert "val_rouge_l_f1 0.25 ± 0.01 vs 0.2 ± 0.01 of version 1: better by 0.05, more than the noise 0.01414" in card
     assert "| **val_rouge_l_f1** (decides) | 0.25 ± 0.01 | 0.2 ± 0.01 | +0.05 |" in card
@@ -251,7 +254,7 @@ def test_model_card_puts_a_version_beside_the_champion(store: MlflowClient, tmp_
     # The first version's card says there was nothing to compare with; a rerun leaves cards as they are.
     first_card = store.get_model_version(name, first).description
     assert "No champion to compare with." in first_card and "| **val_rouge_l_f1** (decides) | 0.2 ± 0.01 | - | - |" in first_card
-    promote.promote(store, name, second, rules(), [])
+    promote.promote(store, ROLES[name], name, second, rules(), [])
     assert store.get_model_version(name, second).description == card
 
 
@@ -265,7 +268,7 @@ def test_the_cards_plots_load_from_the_tracking_servers_ui(store: MlflowClient, 
         store.create_registered_model("gpt-spam-classifier")
         version = str(store.create_model_version("gpt-spam-classifier", f"runs:/{run.info.run_id}/model",
                                                  run_id=run.info.run_id, tags=version_tags(None, {"val_accuracy": 0.9})).version)
-    promote.promote(store, "gpt-spam-classifier", version, rules())
+    promote.promote(store, "classifier", "gpt-spam-classifier", version, rules())
     links = re.findall(r"!\[[^]]*\]\((get-artifact\?[^)]+)\)", store.get_model_version("gpt-spam-classifier", version).description)
     assert len(links) == 1
     with mlflow_server(tmp_path / "mlflow.db", tmp_path / "server.log") as url:
@@ -287,7 +290,8 @@ def test_review_of_an_empty_or_absent_store_says_so(tmp_path: Path):
     empty = subprocess.run([sys.executable, "-m", "pipeline.commands.review"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=120)
     assert empty.returncode == 0, empty.stderr
-    assert empty.stdout.startswith("no registered models in sqlite:///")
+    assert empty.stdout.startswith("no registered model of this project (gpt-base, gpt-spam-classifier, "
+                                   "gpt-instruct) in sqlite:///")
 
 
 def cells(text: str) -> dict[str, list[str]]:
@@ -302,10 +306,10 @@ def test_review_compares_two_versions_side_by_side(store: MlflowClient, tmp_path
         absent = review.review(name, versions=("1", "2"))
     assert absent.startswith("no MLflow store at sqlite:///") and "`llm-pipeline register`" in absent
     first = register(name, {"test_accuracy": 0.80, "test_macro_f1": 0.75, "val_accuracy": 0.7, "train_accuracy": 0.9})
-    promote.promote(store, name, first, rules())
+    promote.promote(store, ROLES[name], name, first, rules())
     second = register(name, {"test_accuracy": 0.90, "val_accuracy": 0.75, "train_accuracy": 0.9},
                       params={"lr": 0.2, "epochs": 2}, hashes={"train.bin": "cd" * 32, "classes.json": "ef" * 32})
-    promote.promote(store, name, second, rules())
+    promote.promote(store, ROLES[name], name, second, rules())
 
     review.main(["--model", name, "--compare", "1", "champion"])
     out = capsys.readouterr().out
@@ -351,13 +355,13 @@ def test_lower_is_better_and_a_missing_key_metric_shows_as_unknown(store: Mlflow
     (["--model", "gpt-base", "--compare", "1", "best"],
      "gpt-base has no alias best (versions: 1, 2; aliases: challenger=2, champion=1)"),
     (["--model", "gpt-nope", "--compare", "1", "2"],
-     "no registered model named gpt-nope in sqlite:///{db} (models: gpt-base); " + missing_model_hint()),
+     "no registered model named gpt-nope in sqlite:///{db} (this project's: gpt-base); " + missing_model_hint()),
     (["--compare", "1", "2"], "--compare needs --model NAME"),
     (["--model", "gpt-base", "--all"], "--all applies to --compare only"),
 ])
 def test_compare_of_what_is_not_there_is_one_line(store: MlflowClient, tmp_path: Path, capsys, argv, message):
     for loss in (4.0, 5.0):
-        promote.promote(store, "gpt-base", register("gpt-base", {}, {"eval.val_loss": loss}), rules())
+        promote.promote(store, "base", "gpt-base", register("gpt-base", {}, {"eval.val_loss": loss}), rules())
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         review.main(argv)
@@ -365,13 +369,17 @@ def test_compare_of_what_is_not_there_is_one_line(store: MlflowClient, tmp_path:
     assert capsys.readouterr().err.splitlines() == [f"review: error: {message.format(db=tmp_path.resolve() / 'mlflow.db')}"]
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    (-0.5, "params.yaml: promote.margins.gpt-base must be >= 0, got -0.5"),
-    ({"gpt-base": 0.0, "gpt-spam-classifier": 0.0, "gpt-instruct": 0.0, "gpt-other": 0.1},
-     "params.yaml: unknown key promote.margins.gpt-other (allowed: gpt-base, gpt-spam-classifier, gpt-instruct)"),
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("promote.margins.base", -0.5, "params.yaml: promote.margins.base must be >= 0, got -0.5"),
+    ("promote.margins", {"base": 0.0, "classifier": 0.0, "instruct": 0.0, "gpt-spam-classifier": 0.1},
+     "params.yaml: unknown key promote.margins.gpt-spam-classifier (allowed: base, classifier, instruct)"),
+    ("mlflow.models.instruct", "gpt-base",
+     "params.yaml: mlflow.models.base and mlflow.models.instruct are both 'gpt-base'; each model needs a name of its own"),
+    ("mlflow.models.classifier", "topic classifier",
+     r"params.yaml: mlflow.models.classifier must be a string matching [A-Za-z0-9][\w.-]{0,99}, got 'topic classifier'"),
 ])
-def test_bad_margin_is_one_line_naming_the_key(project: Path, value, message: str):
-    set_param(project, "promote.margins" if isinstance(value, dict) else "promote.margins.gpt-base", value)
+def test_bad_margin_or_model_name_is_one_line_naming_the_key(project: Path, key: str, value, message: str):
+    set_param(project, key, value)
     result = run_stage(project, "promote")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"promote: error: {message}"]
@@ -386,12 +394,15 @@ def test_missing_stage_report_is_one_line(project: Path):
 
 
 def test_the_declaration_matches_params_and_dvc_yaml():
-    """Registered names and key metrics live in pipeline.core.catalog alone; promote's margins and inputs follow it."""
-    assert {name: stage.name for name, stage in TRAINERS.items()} == {
-        "gpt-base": "pretrain", "gpt-spam-classifier": "finetune_classifier", "gpt-instruct": "finetune_instruct"}
+    """Model roles and key metrics live in pipeline.core.catalog alone; promote's margins, the registered names
+    (whose defaults params.yaml repeats) and promote's inputs follow it."""
+    assert {role: stage.name for role, stage in TRAINERS.items()} == {
+        "base": "pretrain", "classifier": "finetune_classifier", "instruct": "finetune_instruct"}
     assert STAGES["evaluate"].report in INPUTS
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert list(params["promote"]["margins"]) == list(TRAINERS)
+    assert params["mlflow"]["models"] == NAMES == {
+        "base": "gpt-base", "classifier": "gpt-spam-classifier", "instruct": "gpt-instruct"}
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)
     assert {str(path) for path in INPUTS} <= set(stages["promote"]["deps"])

@@ -2,6 +2,7 @@
 retraining or duplicates, and a stage killed anywhere leaves, after a rerun, the registry an uninterrupted run does."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -18,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import BIN, copy_repo, mlflow_server, run_stage, sh, stage_env
+from conftest import BIN, NAMES, copy_repo, mlflow_server, run_stage, set_param, sh, stage_env
 from gpt.checkpoint import save_model
 from gpt.model import GPTConfig, GPTModel
 from pipeline.core.catalog import CHAMPION, STAGES, TRAINERS
@@ -71,7 +72,7 @@ def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
     shutil.copy(repo / "mlflow.db", repo.parent / "before.db")
     before = registry_state(f"sqlite:///{repo.parent / 'before.db'}")
     assert {name: model["aliases"] for name, model in before.items()} == {
-        name: {CHAMPION: "1", "challenger": "1"} for name in TRAINERS}
+        name: {CHAMPION: "1", "challenger": "1"} for name in NAMES.values()}
 
     (repo / "mlflow.db").rename(repo.parent / "lost.db")  # out of the work tree: git stays clean
     assert "Data and pipelines are up to date" in sh(repo, env, str(BIN / "dvc"), "repro")  # DVC cannot tell
@@ -83,8 +84,8 @@ def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
 
     first = cli(repo, env, "register")
     assert first.returncode == 0, first.stderr
-    for name, stage in TRAINERS.items():
-        assert f"{name}: registered version 1 from {stage.model.folder} (the registry did not hold this output)" \
+    for role, stage in TRAINERS.items():
+        assert f"{NAMES[role]}: registered version 1 from {stage.model.folder} (the registry did not hold this output)" \
             in first.stdout
     after = registry_state(uri)
     for name, model in after.items():  # the same versions, aliases and metrics, now marked as registered later
@@ -102,29 +103,88 @@ def test_a_lost_sqlite_registry_is_registered_again_without_retraining(trained):
     assert classify.returncode == 0, classify.stderr
 
 
-@pytest.mark.slow(80)
+@pytest.mark.slow(130)
 def test_a_fresh_tracking_server_gets_the_outputs_once_from_two_clones_at_once(trained, tmp_path: Path):
+    """Two clones of one project register on a new server at once: each model once. Meanwhile a second project
+    with model names (and an experiment) of its own trains and registers on the same server; each project's
+    `review` shows only its own models."""
     repo, env = trained
     other = copy_repo(repo, tmp_path / "other")  # a second machine that pulled the same outputs
+    topics = copy_repo(repo, tmp_path / "topics")  # another project, trained (alike) under its own experiment
+    own = {"base": "topics-base", "classifier": "topic-classifier", "instruct": "topics-instruct"}
+    set_param(topics, "mlflow.experiment", "topics")
+    for role, name in own.items():
+        set_param(topics, f"mlflow.models.{role}", name)
     with mlflow_server(tmp_path / "server.db", tmp_path / "server.log") as url:
         served = {**env, "MLFLOW_TRACKING_URI": url}
-        assert "no registered models in http" in cli(repo, served, "review").stdout
+        assert "no registered model of this project (gpt-base, " in cli(repo, served, "review").stdout
+        training = subprocess.Popen([LLM_PIPELINE, "run"], cwd=topics, env=served, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
         both = [subprocess.Popen([LLM_PIPELINE, "register"], cwd=clone, env=served, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for clone in (repo, other)]
         outputs = [process.communicate(timeout=600) for process in both]
         assert [process.returncode for process in both] == [0, 0], outputs
-        for name in TRAINERS:  # registered by one of them, found by the other
+        for name in NAMES.values():  # registered by one of them, found by the other
             assert sum(f"{name}: registered version 1" in out for out, _ in outputs) == 1, outputs
         state = registry_state(url)
         assert {name: (model["aliases"], set(model["versions"])) for name, model in state.items()} == {
-            name: ({CHAMPION: "1", "challenger": "1"}, {"1"}) for name in TRAINERS}
+            name: ({CHAMPION: "1", "challenger": "1"}, {"1"}) for name in NAMES.values()}
         digests = {name: model["versions"]["1"][0][DIGEST_TAG] for name, model in state.items()}
         local = registry_state(f"sqlite:///{repo / 'mlflow.db'}")
         assert digests == {name: model["versions"]["1"][0][DIGEST_TAG] for name, model in local.items()}
         base_tags = state["gpt-base"]["versions"]["1"][0]
         assert "eval.val_loss" in base_tags and base_tags[REGISTERED_FROM_TAG] == "outputs"
-        rows = cli(repo, served, "review").stdout.splitlines()[1:]
-        assert sorted(row.split()[:2] for row in rows) == sorted([name, "1"] for name in TRAINERS)
+
+        trained_out = training.communicate(timeout=900)[0]
+        assert training.returncode == 0, trained_out
+        assert "now registered as" not in trained_out  # the other project's models are not its earlier names
+        both_projects = registry_state(url)
+        assert {name: both_projects[name] for name in state} == state  # the first project's models untouched
+        assert set(both_projects) == {*NAMES.values(), *own.values()}
+        assert both_projects["topic-classifier"]["aliases"] == {CHAMPION: "1", "challenger": "1"}
+        assert both_projects["topic-classifier"]["versions"]["1"][0][REGISTERED_FROM_TAG] == "training"
+        for clone, names in ((repo, NAMES), (topics, own)):
+            rows = cli(clone, served, "review").stdout.splitlines()
+            assert sorted(row.split()[:2] for row in rows[1:]) == sorted([name, "1"] for name in names.values())
+        client = MlflowClient(url)
+        experiments = {name: client.get_run(client.get_model_version(name, "1").run_id).info.experiment_id
+                       for name in (NAMES["classifier"], own["classifier"])}
+        assert experiments == {NAMES["classifier"]: client.get_experiment_by_name("llm-pipeline").experiment_id,
+                               own["classifier"]: client.get_experiment_by_name("topics").experiment_id}
+        classify = cli(topics, served, "classify", "--model", "models:/topic-classifier@champion", "Win a prize now")
+        assert classify.returncode == 0 and classify.stdout.split("\t")[0] in ("ham", "spam"), classify.stderr
+
+
+@pytest.mark.slow(40)
+def test_a_renamed_model_is_registered_under_its_new_name_without_retraining(trained):
+    """Renaming reruns promote alone, which registers the trained output under the new name and prints one
+    line naming the old registered model and its versions; those stay as they were."""
+    repo, env = trained
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    shutil.copy(repo / "mlflow.db", repo.parent / "before.db")
+    before = registry_state(f"sqlite:///{repo.parent / 'before.db'}")
+    set_param(repo, "mlflow.models.classifier", "topic-classifier")
+    assert set(json.loads(sh(repo, env, str(BIN / "dvc"), "status", "--json"))) == {"promote"}
+    out = sh(repo, env, LLM_PIPELINE, "run")
+    notices = [line for line in out.splitlines() if "now registered as" in line]
+    assert notices == ["the classifier model is now registered as topic-classifier (mlflow.models.classifier); "
+                       "registered before as gpt-spam-classifier (version 1), left as it was"]
+    assert "Running stage 'promote'" in out
+    for stage in ("pretrain", "finetune_classifier", "finetune_instruct"):
+        assert f"Running stage '{stage}'" not in out
+    after = registry_state(uri)
+    assert {name: after[name] for name in before} == before  # the old model, its versions and aliases untouched
+    new = after["topic-classifier"]
+    assert new["aliases"] == {CHAMPION: "1", "challenger": "1"}
+    tags = new["versions"]["1"][0]
+    assert tags[REGISTERED_FROM_TAG] == "outputs"
+    assert tags[DIGEST_TAG] == before["gpt-spam-classifier"]["versions"]["1"][0][DIGEST_TAG]  # the same model
+    review = cli(repo, env, "review").stdout.splitlines()
+    assert sorted(row.split()[0] for row in review[1:-1]) == ["gpt-base", "gpt-instruct", "topic-classifier"]
+    assert review[-1] == ("earlier names of this project's models, left as they were (--model NAME shows one): "
+                          "gpt-spam-classifier (classifier, 1 version)")
+    again = sh(repo, env, LLM_PIPELINE, "register")
+    assert "now registered as" not in again and registry_state(uri) == after  # said once; nothing more registered
 
 
 # -- experiments run elsewhere -----------------------------------------------------------------------------
@@ -292,7 +352,7 @@ from pipeline.core.catalog import STAGES
 from pipeline.registry.tracking import stage_run
 from pipeline.registry.versions import register_trained
 with stage_run("pretrain", {"seed": 1}):
-    register_trained(STAGES["pretrain"])
+    register_trained(STAGES["pretrain"], None)
     os.kill(os.getpid(), signal.SIGKILL)  # before DVC could keep the stage's outputs
 """
 # Another experiment's stage, at work: it registered its output and its run is still going.
@@ -303,7 +363,7 @@ from pipeline.core.catalog import STAGES
 from pipeline.registry.tracking import stage_run
 from pipeline.registry.versions import register_trained
 with stage_run("pretrain", {"seed": 0}):
-    register_trained(STAGES["pretrain"])
+    register_trained(STAGES["pretrain"], None)
     Path(sys.argv[1]).write_text("registered")
     time.sleep(600)
 """
@@ -336,7 +396,7 @@ def test_a_killed_runs_version_that_no_output_holds_is_tagged_leftover(store: Ml
     save(2)
     try:
         with stage_run("pretrain", {"seed": 2}):
-            rerun = register_trained(STAGES["pretrain"])
+            rerun = register_trained(STAGES["pretrain"], None)
         live = store.get_model_version("gpt-base", "1")
         assert store.get_run(live.run_id).info.status == "RUNNING" and LEFTOVER_TAG not in live.tags
     finally:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import POLICY, BIN, answers, free_port, stage_env, stop, wait_until
+from conftest import POLICY, ROLES, BIN, answers, free_port, stage_env, stop, wait_until
 from gpt.checkpoint import load_model, save_model
 from gpt.classifier import ClassifierSpec, add_class_head, save_classifier
 from gpt.generate import generate_text
@@ -75,7 +75,7 @@ def register_champion(name: str, log) -> str:
     """Log and register a version inside a stage run with log(), promote it (the first: champion)."""
     with stage_run("serve-test", {}):
         version = log()
-    promote.promote(MlflowClient(), name, version.version, POLICY)
+    promote.promote(MlflowClient(), ROLES[name], name, version.version, POLICY)
     return f"models:/{name}@champion"
 
 
@@ -125,7 +125,7 @@ def test_generator_champion_is_served_with_no_fixed_length(store: MlflowClient, 
     with stage_run("serve-test", {}):
         log_pyfunc(instruct_generator, {"checkpoint": checkpoint, "bpe": bpe_dir}, "gpt-instruct", None,
                    {"rouge_l_f1": 0.1})
-    promote.promote(MlflowClient(), "gpt-instruct", 1, POLICY)
+    promote.promote(MlflowClient(), "instruct", "gpt-instruct", 1, POLICY)
     instruct = mlflow.pyfunc.load_model("models:/gpt-instruct@champion")
     answer = instruct.predict(pd.DataFrame({"instruction": ["Name a color.", "Fix: freind"], "input": ["", "x"]}),
                               params={"max_new_tokens": 4})

@@ -136,8 +136,9 @@ def test_only_changed_tracked_files_make_the_work_tree_dirty(tmp_path: Path, mon
 def test_tracking_config_order_and_params_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    section = check({"experiment": "llm-pipeline"}, MLFLOW_SECTION, "mlflow")
-    assert section == {"tracking_uri": None, "experiment": "llm-pipeline"}
+    models = {"base": "b", "classifier": "c", "instruct": "i"}
+    section = check({"experiment": "llm-pipeline", "models": models}, MLFLOW_SECTION, "mlflow")
+    assert section == {"tracking_uri": None, "experiment": "llm-pipeline", "models": models}
     assert tracking_uri(section) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert tracking_uri({"tracking_uri": "sqlite:////x.db"}) == "sqlite:////x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env.db")

@@ -8,7 +8,6 @@ from typing import Callable
 from pipeline.commands.models import add_model_options, is_model_uri, load_local_model, load_mlflow_model, parse_model_args
 from pipeline.core.errors import reporting_errors
 from pipeline.core.layout import INSTRUCT_MODEL_DIR
-from pipeline.core.catalog import champion_uri
 
 
 Responder = Callable[[str, str], str]
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     """One answer when an instruction is given; otherwise one per line of stdin until EOF or an empty line."""
     parser = argparse.ArgumentParser(prog="llm-pipeline chat", description=__doc__)
     parser.add_argument("instruction", nargs="?", help="the instruction; omit it to read instructions from stdin")
-    add_model_options(parser, str(INSTRUCT_MODEL_DIR), champion_uri("finetune_instruct"))
+    add_model_options(parser, str(INSTRUCT_MODEL_DIR), "instruct")
     parser.add_argument("--input", default="", help="the optional input that goes with each instruction")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     args = parse_model_args(parser, argv)

@@ -8,7 +8,6 @@ from typing import Callable
 from pipeline.commands.models import add_model_options, is_model_uri, load_local_model, load_mlflow_model, parse_model_args
 from pipeline.core.errors import reporting_errors
 from pipeline.core.layout import BASE_MODEL_DIR as MODEL_DIR
-from pipeline.core.catalog import champion_uri
 
 Generator = Callable[[list[str]], list[str]]  # prompts to their continuations
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     """Print each prompt followed by its continuation; an expected error is one line and exit status 1."""
     parser = argparse.ArgumentParser(prog="llm-pipeline generate", description=__doc__)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: one per line of stdin)")
-    add_model_options(parser, str(MODEL_DIR), champion_uri("pretrain"))
+    add_model_options(parser, str(MODEL_DIR), "base")
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")

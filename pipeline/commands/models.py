@@ -15,10 +15,12 @@ def is_model_uri(model: str) -> bool:
     return model.startswith(MODEL_URI_SCHEMES)
 
 
-def add_model_options(parser: argparse.ArgumentParser, default: str, example_uri: str) -> None:
-    """--model (a checkpoint folder or an MLflow URI) and --fast-decode, for the generating commands."""
+def add_model_options(parser: argparse.ArgumentParser, default: str, role: str) -> None:
+    """--model (a checkpoint folder or an MLflow URI) and --fast-decode, for the commands that generate with the
+    `role` model."""
     parser.add_argument("--model", default=default,
-                        help=f"checkpoint folder or MLflow URI such as {example_uri} (default: {default})")
+                        help=f"checkpoint folder or MLflow URI such as models:/NAME@champion (NAME: params.yaml's "
+                             f"mlflow.models.{role}) (default: {default})")
     parser.add_argument("--fast-decode", action="store_true",
                         help="decode on CPU with gpt.fast_decode's fused C++ step (several times PyTorch's "
                              "speed on large models; built on first use, ~20 s, needs a C++ compiler)")

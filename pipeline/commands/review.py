@@ -13,11 +13,10 @@ from pipeline.core.catalog import TRAINERS, ModelSpec
 from pipeline.core.errors import DataError, reporting_errors
 from pipeline.core.tables import format_table
 from pipeline.orchestration import sweeps
-from pipeline.registry.locks import is_lock
 from pipeline.registry.policy import key_tags, measure, metric_label
-from pipeline.registry.tracking import (PARAMS_DIGEST_TAG, absent_store, configure, data_digests, differing_params,
-                                        project_tracking, tracking_uri)
-from pipeline.registry.versions import missing_model_hint
+from pipeline.registry.tracking import (PARAMS_DIGEST_TAG, absent_store, all_pages, configure, data_digests,
+                                        differing_params, experiment_name, model_names, project_tracking, tracking_uri)
+from pipeline.registry.versions import ROLE_TAG, earlier_names, missing_model_hint
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")
@@ -34,16 +33,6 @@ def _number(value: str) -> str:
     return f"{number:.0f}" if abs(number) >= 1000 else f"{number:.4g}"
 
 
-def _pages(search, *args, **kwargs) -> list:
-    found, token = [], None
-    while True:
-        page = search(*args, page_token=token, **kwargs)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found
-
-
 def _aliases(model: RegisteredModel, version: ModelVersion) -> str:
     return ",".join(sorted(alias for alias, number in model.aliases.items()
                            if str(number) == str(version.version))) or "-"
@@ -57,11 +46,16 @@ def _commit(tags: dict[str, str]) -> str:
     return tags.get("git_commit", "-")[:SHORT] + ("+dirty" if tags.get("git_dirty") == "true" else "")
 
 
-def version_row(model: RegisteredModel, version: ModelVersion) -> tuple[str, ...]:
-    """The table row of one version."""
+def model_spec(model: RegisteredModel, names: dict[str, str]) -> ModelSpec | None:
+    """What the catalog says of a registered model: by its role tag, else by its name among `names` ({role:
+    registered name}); None for a model that is not the pipeline's."""
+    role = model.tags.get(ROLE_TAG) or {name: role for role, name in names.items()}.get(model.name)
+    return TRAINERS[role].model if role in TRAINERS else None
+
+
+def version_row(model: RegisteredModel, version: ModelVersion, spec: ModelSpec | None) -> tuple[str, ...]:
+    """The table row of one version of `model` (`spec`: what the catalog says of it, if anything)."""
     tags = version.tags
-    trainer = TRAINERS.get(model.name)
-    spec = trainer.model if trainer else None
     key, others = "-", []
     if spec is not None:
         keys = key_tags(spec)  # val first: it decides
@@ -110,9 +104,7 @@ def _key_rows(spec: ModelSpec, a: ModelVersion, b: ModelVersion) -> list[tuple[s
     return rows
 
 
-def _metric_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
-    trainer = TRAINERS.get(model.name)
-    spec = trainer.model if trainer else None
+def _metric_rows(spec: ModelSpec | None, a: ModelVersion, b: ModelVersion) -> list[tuple[str, ...]]:
     rows, in_key_row = [("metrics", "", "", "")], set()
     if spec is not None:
         rows += _key_rows(spec, a, b)
@@ -183,62 +175,73 @@ def _resolve(model: RegisteredModel, versions: list[ModelVersion], ref: str) -> 
     raise DataError(f"{model.name} has no {what} (versions: {known}; aliases: {aliases})")
 
 
-def _models(client: mlflow.MlflowClient) -> list:
-    """The registered models people review: the pipeline's, without the locks that serialize their writes."""
-    return [model for model in _pages(client.search_registered_models) if not is_lock(model)]
-
-
-def compare(client: mlflow.MlflowClient, name: str, ref_a: str, ref_b: str, show_all: bool = False) -> str:
-    """Versions `ref_a` and `ref_b` (numbers or aliases) of model `name` side by side: metrics, params
-    of their stage runs (only those that differ unless `show_all`), data hashes and promotion decision."""
+def _registered(client: mlflow.MlflowClient, name: str) -> RegisteredModel | None:
     try:
-        model = client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException:
-        models = ", ".join(sorted(m.name for m in _models(client))) or "none"
-        raise DataError(f"no registered model named {name} in {client.tracking_uri} (models: {models}); "
-                        f"{missing_model_hint()}") from None
-    versions = _pages(client.search_model_versions, f"name = '{name}'")
+        return None
+
+
+def compare(client: mlflow.MlflowClient, name: str, ref_a: str, ref_b: str, names: dict[str, str],
+            show_all: bool = False) -> str:
+    """Versions `ref_a` and `ref_b` (numbers or aliases) of model `name` side by side: metrics, params
+    of their stage runs (only those that differ unless `show_all`), data hashes and promotion decision.
+    `names` ({role: registered name}) are the project's models."""
+    model = _registered(client, name)
+    if model is None:
+        models = ", ".join(n for n in names.values() if _registered(client, n)) or "none"
+        raise DataError(f"no registered model named {name} in {client.tracking_uri} (this project's: {models}); "
+                        f"{missing_model_hint()}")
+    versions = all_pages(client.search_model_versions, f"name = '{name}'")
     a, b = _resolve(model, versions, ref_a), _resolve(model, versions, ref_b)
-    rows = (_metric_rows(model, a, b) + _param_rows(client, a, b, show_all) + _data_rows(a, b)
+    rows = (_metric_rows(model_spec(model, names), a, b) + _param_rows(client, a, b, show_all) + _data_rows(a, b)
             + _decision_rows(model, a, b))
     columns = ("", f"A (version {a.version})", f"B (version {b.version})", "B - A")
     return f"{name}: A = {ref_a}, B = {ref_b}\n{format_table(rows, columns)}"
 
 
+def _earlier(client: mlflow.MlflowClient, names: dict[str, str], experiment: str) -> list[str]:
+    """A line naming the registered models this project's models had as names before, if any."""
+    earlier = [f"{old} ({role}, {len(numbers)} version{'' if len(numbers) == 1 else 's'})" for role, name in names.items()
+               for old, numbers in earlier_names(client, role, name, experiment).items()]
+    return [f"earlier names of this project's models, left as they were (--model NAME shows one): "
+            f"{', '.join(earlier)}"] if earlier else []
+
+
 def review(model: str | None = None, params_path: Path | None = Path("params.yaml"),
            versions: tuple[str, str] | None = None, show_all: bool = False) -> str:
-    """The table of the registered models (only `model` if given), or a message saying there are none;
-    with `versions` (A, B), those two versions of `model` compared (see compare)."""
+    """The table of the project's registered models (those params_path's mlflow.models names; only `model` if
+    given, which may be any registered model), or a message saying there are none; with `versions` (A, B),
+    those two versions of `model` compared (see compare)."""
     tracking = project_tracking(params_path)
-    uri = tracking_uri(tracking)
+    names, uri = model_names(tracking), tracking_uri(tracking)
     if absent_store(uri):  # reading must not create one
         return f"no MLflow store at {uri}; {missing_model_hint()}"
     configure(tracking)
     client = mlflow.MlflowClient()
     if versions is not None:
-        return compare(client, model, *versions, show_all=show_all)
-    if model is not None:
-        try:
-            models = [client.get_registered_model(model)]
-        except MlflowException:
-            return f"no registered model named {model} in {uri}; {missing_model_hint()}"
-    else:
-        models = sorted(_models(client), key=lambda m: m.name)
-        if not models:
-            return f"no registered models in {uri}; {missing_model_hint()}"
-    rows, empty = [], []
+        return compare(client, model, *versions, names=names, show_all=show_all)
+    found = {name: _registered(client, name) for name in ([model] if model is not None else names.values())}
+    models = [registered for registered in found.values() if registered is not None]
+    if not models:
+        what = f"named {model}" if model is not None else f"of this project ({', '.join(names.values())})"
+        return f"no registered model {what} in {uri}; {missing_model_hint()}"
+    rows, empty = [], [f"{name}: not registered" for name, registered in found.items() if registered is None]
     for registered in models:
-        versions = _pages(client.search_model_versions, f"name = '{registered.name}'")
+        versions = all_pages(client.search_model_versions, f"name = '{registered.name}'")
         if not versions:
             empty.append(f"{registered.name}: no versions")
-        rows += [version_row(registered, v) for v in sorted(versions, key=lambda v: int(v.version))]
-    return "\n".join(([format_table(rows, COLUMNS)] if rows else []) + empty)
+        spec = model_spec(registered, names)
+        rows += [version_row(registered, v, spec) for v in sorted(versions, key=lambda v: int(v.version))]
+    earlier = _earlier(client, names, experiment_name(tracking)) if model is None else []
+    return "\n".join(([format_table(rows, COLUMNS)] if rows else []) + empty + earlier)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Print the review table; an expected error is one line on stderr and exit status 1."""
     parser = argparse.ArgumentParser(prog="llm-pipeline review", description=__doc__)
-    parser.add_argument("--model", metavar="NAME", help="only this registered model (default: all)")
+    parser.add_argument("--model", metavar="NAME", help="only this registered model (default: the project's, "
+                        "as params.yaml's mlflow.models names them)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file whose mlflow section locates the registry (default: params.yaml, if present)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
@@ -256,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.sweep and args.compare:
             raise ValueError("--sweep and --compare are two different tables; give one")
         if args.sweep:
-            print(sweeps.table(Path.cwd(), args.sweep, configure(project_tracking(args.params)), args.model))
+            tracking = project_tracking(args.params)
+            print(sweeps.table(Path.cwd(), args.sweep, configure(tracking), model_names(tracking), args.model))
         else:
             print(review(args.model, args.params, tuple(args.compare) if args.compare else None, args.all))
 

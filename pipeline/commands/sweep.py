@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.core.catalog import TRAINERS
 from pipeline.core.errors import DataError, reporting_errors
 from pipeline.orchestration import sweeps
-from pipeline.registry.tracking import configure, project_tracking
+from pipeline.registry.tracking import configure, model_names, project_tracking
 
 NAME = re.compile(r"[A-Za-z][\w.-]{0,80}")  # DVC's experiment names are git refs: no spaces, no slashes
 
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the points on the Prefect workers of a deployment's pool, each worker in its own "
                         f"clone and one point at a time, instead of DVC's queue here (default deployment: "
                         f"{sweeps.WORKER_DEPLOYMENT}); HEAD must be committed and pushed")
-    parser.add_argument("--model", choices=TRAINERS, help="the model whose key metric sorts the table "
-                        f"(default: the first training stage's whose params change, else {sweeps.DEFAULT_MODEL})")
+    parser.add_argument("--model", choices=TRAINERS, help="the model (by role) whose key metric sorts the table "
+                        f"(default: the first training stage's whose params change, else {sweeps.DEFAULT_ROLE})")
     args = parser.parse_args(argv)
     with reporting_errors("sweep"):
         if not NAME.fullmatch(args.name):
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             states = sweeps.run_grid(project, args.name, args.sets, points, args.jobs)
             logs = {point: f"dvc queue logs {point}" for point, state in states.items() if state != "Success"}
-        print(sweeps.table(project, args.name, configure(project_tracking()), args.model))
+        tracking = project_tracking()
+        print(sweeps.table(project, args.name, configure(tracking), model_names(tracking), args.model))
         if logs:
             first = next(iter(logs))
             raise DataError(f"{len(logs)} of {len(points)} experiments failed: {', '.join(logs)} "

@@ -37,11 +37,13 @@ CHALLENGER = "challenger"
 class ModelSpec:
     """A model a training stage registers in MLflow, and the version tags `promote` decides on.
 
-    Each metric tag `t` has its standard error in tag `t_se`, which the promotion policy reads as the
-    metric's noise (pipeline.registry.policy).
+    A model is known by its role; its registered name is a param (mlflow.models.<role>), so that projects
+    sharing one server keep their models apart. Each metric tag `t` has its standard error in tag `t_se`,
+    which the promotion policy reads as the metric's noise (pipeline.registry.policy).
     """
 
-    name: str
+    role: str                  # what the model is for, and the key of everything said about it
+    default_name: str          # its registered name where no params file names it (params.yaml's default too)
     summary: str               # the registered model's description in MLflow
     higher_is_better: bool
     val_tag: str               # the key metric on the validation split: what promote decides on
@@ -103,7 +105,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("pretrain", "pipeline.stages.pretrain", METRICS / "pretrain.json", REPORTS / "pretrain.json",
           compared=("train_loss",), launcher_env=PRETRAIN_LAUNCH_ENV, model=ModelSpec(
               # evaluate tags the version with the loss over the whole val split; the corpus has no test split.
-              "gpt-base", "The pretrained GPT: a text generator, and the base the finetuning stages start from.",
+              "base", "gpt-base", "The pretrained GPT: a text generator, and the base the finetuning stages start from.",
               higher_is_better=False, val_tag="eval.val_loss", test_tag="eval.val_loss",
               others=("eval.val_perplexity", "metric.train_loss", "metric.steps", "metric.tokens_per_s"),
               folder=BASE_MODEL_DIR, flavour="pipeline.registry.pyfuncs.gpt_generator",
@@ -113,7 +115,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("finetune_classifier", "pipeline.stages.finetune_classifier", METRICS / "finetune_classifier.json",
           REPORTS / "finetune_classifier.json", ("val_accuracy", "test_accuracy", "test_macro_f1"),
           model=ModelSpec(
-              "gpt-spam-classifier", "The GPT base finetuned to classify texts (by default SMS messages as ham or "
+              "classifier", "gpt-spam-classifier", "The GPT base finetuned to classify texts (by default SMS messages as ham or "
               "spam); returns each text's label and class probabilities.",
               higher_is_better=True, val_tag="metric.val_accuracy", test_tag="metric.test_accuracy",
               others=("metric.test_macro_f1", "metric.train_accuracy"),
@@ -122,7 +124,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           REPORTS / "finetune_instruct.json", ("val_rouge_l_f1", "rouge_l_f1", "test_loss", "judge_score"),
           model=ModelSpec(
               # The instruction score: mean ROUGE-L F1 of greedy responses against the references.
-              "gpt-instruct", "The GPT base finetuned to follow instructions (Alpaca-style prompt); returns "
+              "instruct", "gpt-instruct", "The GPT base finetuned to follow instructions (Alpaca-style prompt); returns "
               "a greedy or sampled response.",
               higher_is_better=True, val_tag="metric.val_rouge_l_f1", test_tag="metric.rouge_l_f1",
               others=("metric.token_f1", "metric.test_loss", "metric.judge_score"),
@@ -131,16 +133,16 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     # Last, so `models:/<name>@champion` is settled once `dvc repro` ends.
     Stage("promote", "pipeline.stages.promote", report=REPORTS / "promote.json"),
 )}
-# The registered models, each with the stage that trains it.
-TRAINERS: dict[str, Stage] = {stage.model.name: stage for stage in STAGES.values() if stage.model}
-# The stages that measure a trained model, by the name of the model they measure.
-EVALUATORS: dict[str, Stage] = {STAGES[stage.evaluates].model.name: stage for stage in STAGES.values()
+# The registered models' training stages, by role.
+TRAINERS: dict[str, Stage] = {stage.model.role: stage for stage in STAGES.values() if stage.model}
+# The stages that measure a trained model, by the role of the model they measure.
+EVALUATORS: dict[str, Stage] = {STAGES[stage.evaluates].model.role: stage for stage in STAGES.values()
                                 if stage.evaluates}
 
 
-def champion_uri(stage: str) -> str:
-    """The MLflow URI of the model version in use for the model that `stage` trains."""
-    return f"models:/{STAGES[stage].model.name}@{CHAMPION}"
+def champion_uri(name: str) -> str:
+    """The MLflow URI of the version in use of registered model `name`."""
+    return f"models:/{name}@{CHAMPION}"
 
 
 def registered_by(stage: Stage) -> list[ModelSpec]:

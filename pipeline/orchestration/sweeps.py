@@ -32,7 +32,7 @@ PARAMS_FILE = "params.yaml"
 POLL_S = 3.0
 DONE_STATES = ("Success", "Failed")
 WORKER_DEPLOYMENT = "sweep-point/sweep"  # prefect.yaml's deployment of pipeline.orchestration.sweep_workers
-DEFAULT_MODEL = "gpt-base"  # when the grid names no training stage's section: every model starts from it
+DEFAULT_ROLE = "base"  # when the grid names no training stage's section: every model starts from it
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,19 @@ def check_grid(project: Path, points: Sequence[Point]) -> None:
 
 
 def key_model(keys: Sequence[str]) -> str:
-    """The model a sweep is judged by: that of the first training stage (in pipeline order) whose section a
-    changed key is in, else gpt-base, which every other model starts from."""
+    """The role of the model a sweep is judged by: that of the first training stage (in pipeline order) whose
+    section a changed key is in, else the base model, which every other model starts from."""
     sections = {key.split(".")[0] for key in keys}
-    return next((name for name, trainer in TRAINERS.items() if trainer.name in sections), DEFAULT_MODEL)
+    return next((role for role, trainer in TRAINERS.items() if trainer.name in sections), DEFAULT_ROLE)
+
+
+def role_of(model: str, names: Mapping[str, str]) -> str:
+    """The role of `model`, given as a role or as one of `names` ({role: registered name})."""
+    roles = {name: role for role, name in names.items()}
+    if model not in names and model not in roles:
+        raise DataError(f"--model {model}: not a model of this project (roles: {', '.join(names)}; "
+                        f"names: {', '.join(roles)})")
+    return model if model in names else roles[model]
 
 
 def dvc_output(project: Path, env: Mapping[str, str], *args: str) -> str:
@@ -137,11 +146,11 @@ def run_grid(project: Path, name: str, sets: Sequence[str], points: Sequence[Poi
             time.sleep(POLL_S)
 
 
-def _metric_column(model: str) -> tuple[str, str]:
-    """(metrics file, key) of `model`'s key metric on the validation split, as `dvc exp show` has it."""
-    spec = TRAINERS[model].model
+def _metric_column(role: str) -> tuple[str, str]:
+    """(metrics file, key) of the `role` model's key metric on the validation split, as `dvc exp show` has it."""
+    spec = TRAINERS[role].model
     prefix, key = spec.val_tag.split(".", 1)
-    stage = EVALUATORS[model] if prefix == "eval" else TRAINERS[model]
+    stage = EVALUATORS[role] if prefix == "eval" else TRAINERS[role]
     return str(stage.metrics), key
 
 
@@ -164,25 +173,26 @@ def _runs_by_experiment(experiment_id: str, name: str) -> dict[str, list]:
     return runs
 
 
-def _facts(runs: Sequence, model: str) -> dict[str, Any]:
-    """An experiment's version of `model` (found by its training run's digest), its key metric's standard
-    error and the decision of its promote stage."""
+def _facts(runs: Sequence, role: str, name: str) -> dict[str, Any]:
+    """An experiment's version of the `role` model, registered as `name` (found by its training run's digest),
+    its key metric's standard error and the decision of its promote stage."""
     import mlflow
 
     from pipeline.registry.versions import DIGEST_TAG, find_version
 
-    trained = next((r for r in runs if r.data.tags.get("stage") == TRAINERS[model].name), None)
+    trained = next((r for r in runs if r.data.tags.get("stage") == TRAINERS[role].name), None)
     promoted = next((r for r in runs if r.data.tags.get("stage") == "promote"), None)
-    version = find_version(mlflow.MlflowClient(), model, trained.data.tags[DIGEST_TAG]) if trained else None
-    se = version.tags.get(f"{TRAINERS[model].model.val_tag}{SE_SUFFIX}") if version else None
+    version = find_version(mlflow.MlflowClient(), name, trained.data.tags[DIGEST_TAG]) if trained else None
+    se = version.tags.get(f"{TRAINERS[role].model.val_tag}{SE_SUFFIX}") if version else None
     return {"version": version.version if version else None, "se": None if se is None else float(se),
-            "decision": promoted.data.params.get(f"decision.{model}") if promoted else None}
+            "decision": promoted.data.params.get(f"decision.{role}") if promoted else None}
 
 
-def table(project: Path, name: str, experiment_id: str, model: str | None = None) -> str:
-    """Sweep `name` as one table, best first by the key metric of `model` (default: key_model of the params
-    its experiments changed): experiment, state, changed params, metric ± standard error (metric from
-    `dvc exp show`, the rest from the registry), the registered version and the decision of its promote stage."""
+def table(project: Path, name: str, experiment_id: str, names: Mapping[str, str], model: str | None = None) -> str:
+    """Sweep `name` as one table, best first by the key metric of `model` (a role or one of `names`, {role:
+    registered name}; default: key_model of the params its experiments changed): experiment, state, changed
+    params, metric ± standard error (metric from `dvc exp show`, the rest from the registry), the registered
+    version and the decision of its promote stage."""
     import dvc.api
 
     found = _swept(dvc.api.exp_show(repo=str(project)), name)
@@ -192,20 +202,22 @@ def table(project: Path, name: str, experiment_id: str, model: str | None = None
     changed = {experiment: next((r.data.tags.get("dvc_exp_changed", "") for r in runs.get(experiment, [])), "")
                for experiment in found}
     if model is None:
-        model = key_model([part.partition("=")[0] for text in changed.values() for part in text.split("; ") if text])
-    spec = TRAINERS[model].model
-    path, key = _metric_column(model)
+        role = key_model([part.partition("=")[0] for text in changed.values() for part in text.split("; ") if text])
+    else:
+        role = role_of(model, names)
+    spec = TRAINERS[role].model
+    path, key = _metric_column(role)
     rows = []
     for experiment, row in found.items():
         value = row.get(f"{path}:{key}", row.get(key))
         value = None if value is None else float(value)
-        fact = _facts(runs.get(experiment, []), model)
+        fact = _facts(runs.get(experiment, []), role, names[role])
         metric = "-" if value is None else f"{value:.4f}" + ("" if fact["se"] is None else f" ± {fact['se']:.4f}")
         rows.append(((value is None, -(value or 0.0) if spec.higher_is_better else (value or 0.0)), (
             # A pulled experiment has no queue state: it is a commit, which DVC makes only of a success.
             experiment, row.get("State") or "Success", changed[experiment] or "-", metric, str(fact["version"] or "-"),
             fact["decision"] or "-")))
     rows.sort(key=lambda row: row[0])
-    columns = ("experiment", "state", "changed params", f"{model} {metric_label(spec.val_tag)}", "version",
+    columns = ("experiment", "state", "changed params", f"{names[role]} {metric_label(spec.val_tag)}", "version",
                "decision")
     return format_table([cells for _, cells in rows], columns)

@@ -43,7 +43,7 @@ def _metric_rows(model: ModelSpec, new: ModelVersion, champion: ModelVersion | N
                  decide_on: str) -> list[list[str]]:
     rows = []
     for tag, split in key_tags(model, decide_on).items():
-        mine = measure(model, new.tags, split, f"{model.name} version {new.version}")
+        mine = measure(model, new.tags, split, f"{new.name} version {new.version}")
         theirs = measure(model, champion.tags, split, f"version {champion.version}") if champion else None
         difference = "-"
         if theirs is not None and theirs.value is not None and mine.value is not None:
@@ -79,13 +79,13 @@ def write_card(client: mlflow.MlflowClient, model: ModelSpec, new: ModelVersion,
     champion's, up to three `samples` (prompt, output) and the plots its run carries. Set as the
     version's description and returned. `decision` is promoted or kept."""
     run = client.get_run(new.run_id) if new.run_id else None
-    lines = [f"**{model.name}, version {new.version}.** {model.summary}", ""]
+    lines = [f"**{new.name}, version {new.version}.** {model.summary}", ""]
     champion_name = f"champion (version {champion.version})" if champion else "champion (none yet)"
     outcome = "now the champion" if decision == "promoted" else f"the champion stays version {champion.version}"
     lines += [f"### Decision: {decision}, {outcome}", ""]
     if verdict is not None:
         lines += [verdict.reason, ""]
-    lines += [f"Policy: {policy_text(policy, model.name)}"
+    lines += [f"Policy: {policy_text(policy, model)}"
               + ("" if verdict is None or verdict.gain is None else f" (here: {verdict.needed:.4g})") + ".", ""]
     lines += _table(["metric", f"this version ({new.version})", champion_name, "difference"],
                     _metric_rows(model, new, champion, policy["decide_on"]))
@@ -127,5 +127,5 @@ def write_card(client: mlflow.MlflowClient, model: ModelSpec, new: ModelVersion,
         # The tracking server's UI serves a run's artifacts at get-artifact, relative to its root.
         lines += [f"\n![{p}](get-artifact?{urlencode({'path': p, 'run_uuid': new.run_id})})" for p in plots]
     text = "\n".join(lines).rstrip() + "\n"
-    client.update_model_version(model.name, str(new.version), description=text)
+    client.update_model_version(new.name, str(new.version), description=text)
     return text

@@ -14,7 +14,7 @@ SE_SUFFIX = "_se"  # tag <t>_se holds the standard error of metric tag <t>
 PARAMS = Section(
     decide_on=Str(choices=SPLITS),
     noise_z=Float(low=0),
-    margins=Section(**{name: Float(low=0) for name in TRAINERS}),
+    margins=Section(**{role: Float(low=0) for role in TRAINERS}),  # by model role
 )
 
 
@@ -33,8 +33,8 @@ def metric_tag(model: ModelSpec, split: str) -> str:
 
 
 def key_tags(model: ModelSpec, first: str = "val") -> dict[str, str]:
-    """{tag: split} of `model`'s key metric, the `first` split first, each tag once (gpt-base's val and test
-    are one tag, which keeps `first`)."""
+    """{tag: split} of `model`'s key metric, the `first` split first, each tag once (the base model's val and
+    test are one tag, which keeps `first`)."""
     tags: dict[str, str] = {}
     for split in (first, *(s for s in SPLITS if s != first)):
         tags.setdefault(metric_tag(model, split), split)
@@ -113,7 +113,7 @@ def judge(model: ModelSpec, new: Measure, champion: Measure, margin: float, nois
                    f"{versus}: better by {gain:.4g}, {'more than' if won else 'not more than'} the {bar}")
 
 
-def policy_text(policy: Mapping[str, Any], name: str) -> str:
-    """The policy in one line, for reports and model cards."""
+def policy_text(policy: Mapping[str, Any], model: ModelSpec) -> str:
+    """The policy for `model` in one line, for reports and model cards."""
     return (f"decide on the {policy['decide_on']} split; a new version must beat the champion by more than "
-            f"max(margin {policy['margins'][name]:g}, {policy['noise_z']:g} × the difference's standard error)")
+            f"max(margin {policy['margins'][model.role]:g}, {policy['noise_z']:g} × the difference's standard error)")

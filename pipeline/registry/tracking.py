@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import mlflow
@@ -26,14 +26,23 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 import gpt
 import pipeline
-from pipeline.core.catalog import RUN_GROUP_ENV
+from pipeline.core.catalog import RUN_GROUP_ENV, TRAINERS
 from pipeline.core.http import basic_auth, http_status
 from pipeline.core.layout import project_root
-from pipeline.core.params import Section, Str, load_params
+from pipeline.core.params import ParamsError, Section, Spec, Str, load_params
 from pipeline.core.processes import process_alive
 
 EXPERIMENT = "llm-pipeline"
-MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str())
+# A registered model's name goes into search filters and metric keys: letters, digits and ._- only.
+MODEL_NAME = Str(pattern=r"[A-Za-z0-9][\w.-]{0,99}")
+# The models' registered names, by role, are params so that projects sharing a server keep theirs apart.
+MLFLOW_SECTION = Section(tracking_uri=Str(optional=True), experiment=Str(),
+                         models=Section(**{role: MODEL_NAME for role in TRAINERS}))
+# What a stage that logs to MLflow declares (its PARAMS, so dvc.yaml's params): where it logs. Not the model
+# names, though a training stage reads its own (project_tracking): a name says where a model is registered,
+# not what a stage makes, so renaming one reruns only promote, which registers the trained outputs under the
+# new name without retraining (pipeline.registry.versions).
+LOGGING_PARAMS: dict[str, Spec] = {f"mlflow.{key}": MLFLOW_SECTION.fields[key] for key in ("tracking_uri", "experiment")}
 MODEL_ARTIFACT = "model"
 PARAMS_DIGEST_TAG = "params_digest"
 # `dvc exp run` names the experiment and its baseline commit in the environment of every stage.
@@ -104,7 +113,7 @@ def configure(tracking: Mapping[str, Any] | None = None) -> str:
     # params of a later configure() in this process; MLflow keeps the URI in its own global.
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    name = (tracking or {}).get("experiment") or EXPERIMENT
+    name = experiment_name(tracking)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -364,7 +373,27 @@ def project_tracking(params_path: str | os.PathLike | None = "params.yaml") -> d
     """The params file's checked mlflow section, or None (the defaults) when there is no such file."""
     if params_path is None or not Path(params_path).is_file():
         return None
-    return load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"]
+    tracking = load_params(params_path, {"mlflow": MLFLOW_SECTION})["mlflow"]
+    model_names(tracking, Path(params_path).name)  # checked: one name per model
+    return tracking
+
+
+def experiment_name(tracking: Mapping[str, Any] | None) -> str:
+    """The MLflow experiment the stages log to: the mlflow section's, else the default."""
+    return (tracking or {}).get("experiment") or EXPERIMENT
+
+
+def model_names(tracking: Mapping[str, Any] | None, origin: str = "params.yaml") -> dict[str, str]:
+    """{role: registered name} of the mlflow section (None: the catalog's defaults); two models may not share
+    a name."""
+    names = (tracking or {}).get("models") or {role: trainer.model.default_name for role, trainer in TRAINERS.items()}
+    roles: dict[str, str] = {}
+    for role, name in names.items():
+        if name in roles:
+            raise ParamsError(f"{origin}: mlflow.models.{roles[name]} and mlflow.models.{role} are both {name!r}; "
+                              "each model needs a name of its own")
+        roles[name] = role
+    return dict(names)
 
 
 def use_project_store(params_path: str | os.PathLike | None = "params.yaml") -> str:
@@ -373,15 +402,20 @@ def use_project_store(params_path: str | os.PathLike | None = "params.yaml") -> 
     return configure(project_tracking(params_path))
 
 
-def versions_of(client: mlflow.MlflowClient, name: str) -> list[ModelVersion]:
-    """Every version of registered model `name` (none if there is no such model), oldest first."""
+def all_pages(search: Callable[..., Any], *args: Any, **kwargs: Any) -> list:
+    """Every result of an MLflow search that returns pages (search_model_versions, search_registered_models)."""
     found, token = [], None
     while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        page = search(*args, page_token=token, **kwargs)
         found.extend(page)
         token = page.token
         if not token:
-            return sorted(found, key=lambda v: int(v.version))
+            return found
+
+
+def versions_of(client: mlflow.MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of registered model `name` (none if there is no such model), oldest first."""
+    return sorted(all_pages(client.search_model_versions, f"name = '{name}'"), key=lambda v: int(v.version))
 
 
 def tag_model_version(name: str, version: int | str, tags: Mapping[str, Any],

@@ -19,7 +19,8 @@ from pipeline.core.catalog import STAGES, command_line
 from pipeline.core.layout import BPE_DIR, PRETRAIN_TOKENS
 from pipeline.core.params import DEVICE, Float, Int, List, Section, Str, load_params
 from pipeline.registry.policy import standard_error
-from pipeline.registry.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+from pipeline.registry.tracking import (LOGGING_PARAMS, log_path, log_step_metrics, model_names, project_tracking,
+                                       stage_run, tag_model_version)
 from pipeline.registry.versions import DIGEST_TAG, evaluation_tags, find_version, output_digest
 
 STAGE = STAGES["evaluate"]
@@ -37,7 +38,7 @@ PARAMS = {
         seed=Int(low=0),
         device=DEVICE,
     ),
-    "mlflow": MLFLOW_SECTION,
+    **LOGGING_PARAMS,
 }
 
 
@@ -51,13 +52,14 @@ def val_scores(model, tokens, batch_size: int, max_batches: int | None) -> dict[
 
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
+    tracking = project_tracking(params_path)
     cfg = params["evaluate"]
     device = pick_device(cfg["device"])
     model = load_model(MODEL.folder, device, drop_rate=0.0).eval()
     tokenizer = load_tokenizer(BPE_DIR)
     digest = output_digest(MODEL.folder)  # what a registered version of this model is tagged with
     # The run opens before any output is written: an unreachable tracking server leaves the old ones.
-    with stage_run(STAGE.name, cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, params["mlflow"]):
+    with stage_run(STAGE.name, cfg, {"val.bin": sha256_file(PRETRAIN_TOKENS / "val.bin")}, tracking):
         val = val_scores(model, load_tokens(PRETRAIN_TOKENS / "val.bin"), cfg["batch_size"], cfg["max_batches"])
         train_loss = evaluate_loss(model, load_tokens(PRETRAIN_TOKENS / "train.bin"), cfg["batch_size"],
                                    cfg["max_batches"])
@@ -85,9 +87,10 @@ def main(params_path: Path) -> None:
         log_path(SAMPLES_FILE)
         # The registry entry of the evaluated model carries its evaluation, for review. A registry that lost
         # it gets it back, with these tags from this stage's report, from promote (pipeline.registry.versions).
-        version = find_version(mlflow.MlflowClient(), MODEL.name, digest)
+        name = model_names(tracking)[MODEL.role]
+        version = find_version(mlflow.MlflowClient(), name, digest)
         if version is not None:
-            tag_model_version(MODEL.name, version.version, evaluation_tags(metrics))
+            tag_model_version(name, version.version, evaluation_tags(metrics))
     STAGE.write_results({**metrics, DIGEST_TAG: digest})
 
 

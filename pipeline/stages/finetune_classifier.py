@@ -26,7 +26,7 @@ from pipeline.core.layout import (BPE_DIR, CLASSES_JSON, CLASSIFICATION_TOKENS a
                                   CLASSIFIER_MODEL_DIR as MODEL_DIR, PLOTS)
 from pipeline.core.params import Float, Int, Section, Str, load_params
 from pipeline.registry.policy import standard_error
-from pipeline.registry.tracking import MLFLOW_SECTION, log_history, log_path, log_step_metrics, stage_run
+from pipeline.registry.tracking import LOGGING_PARAMS, log_history, log_path, log_step_metrics, project_tracking, stage_run
 from pipeline.registry.versions import DIGEST_TAG, register_trained
 from pipeline.training.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
 from pipeline.training.plots import plot_confusion, plot_curves, write_rows
@@ -49,7 +49,7 @@ PARAMS = {
         max_length=Int(low=1, optional=True),
         label_smoothing=Float(0, 1, bounds="[)"),
     ),
-    "mlflow": MLFLOW_SECTION,
+    **LOGGING_PARAMS,
 }
 
 
@@ -230,6 +230,7 @@ def write_plots(history: list[dict], data: ClassSplits, predicted_test: torch.Te
 def main(params_path: Path) -> None:
     started = time.perf_counter()
     params = load_params(params_path, PARAMS)
+    tracking = project_tracking(params_path)
     cfg = params["finetune_classifier"]
     device = pick_device(cfg["device"])
     model = load_base(cfg["base"], cfg["drop_rate"]).to(device)
@@ -242,7 +243,7 @@ def main(params_path: Path) -> None:
                      always=[model.out_head])
     trainable = report_trainable(model, cfg["trainable"])
     sizes = {f"{split}.csv": f"{len(rows)} rows" for split, rows in data.encoded.items()}
-    with stage_run("finetune_classifier", cfg, data.hashes, params["mlflow"], sizes):
+    with stage_run("finetune_classifier", cfg, data.hashes, tracking, sizes):
         history = finetune(model, data, cfg, device)
         predictions = {split: predict_logits(model, data.encoded[split], data.spec, 64).argmax(-1) for split in SPLITS}
         reports = {split: split_report(data.targets[split], predictions[split], labels) for split in SPLITS}
@@ -258,7 +259,7 @@ def main(params_path: Path) -> None:
         for path in (CURVE_PNG, CURVE_CSV, EVAL_CSV, CONFUSION_JSON, CONFUSION_PNG):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
-        version = register_trained(STAGE)
+        version = register_trained(STAGE, tracking)
         STAGE.write_results({
             **reports, "max_length": data.spec.max_length,
             "steps": history[-1]["step"], "trainable_parameters": trainable, "parameters": count_parameters(model),

@@ -21,7 +21,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.layout import BPE_DIR, INSTRUCT_MODEL_DIR as MODEL_DIR, INSTRUCTION_TOKENS as SPLITS, PLOTS
 from pipeline.core.params import Bool, Int, Section, load_params
 from pipeline.registry.policy import standard_error
-from pipeline.registry.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
+from pipeline.registry.tracking import LOGGING_PARAMS, log_history, log_path, project_tracking, stage_run
 from pipeline.registry.versions import DIGEST_TAG, register_trained
 from pipeline.training import judge
 from pipeline.training.finetuning import COMMON_PARAMS, base_hash, load_base, report_trainable, train
@@ -39,7 +39,7 @@ PARAMS = {
         max_test_examples=Int(low=1, optional=True),
         judge=judge.JUDGE_SECTION,
     ),
-    "mlflow": MLFLOW_SECTION,
+    **LOGGING_PARAMS,
 }
 
 
@@ -133,6 +133,7 @@ def write_curves(history: list[dict]) -> None:
 
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
+    tracking = project_tracking(params_path)
     cfg = params["finetune_instruct"]
     if cfg["judge"]["enabled"]:
         judge.check_reachable(cfg["judge"]["url"], cfg["judge"]["timeout_s"])
@@ -156,7 +157,7 @@ def main(params_path: Path) -> None:
     val_batches = make_batches(examples["val"], **batching)
     val_loss_before = mean_loss(model, val_batches)
     sizes = {f"{name}.json": f"{len(split)} examples" for name, split in records.items()}
-    with stage_run("finetune_instruct", cfg, data_hashes, params["mlflow"], sizes):
+    with stage_run("finetune_instruct", cfg, data_hashes, tracking, sizes):
         history = finetune(model, examples, val_batches, cfg, batching)
         responses, scores = response_scores(model, tokenizer, records, cfg)
         evals = [h for h in history if "val_loss" in h]
@@ -176,7 +177,7 @@ def main(params_path: Path) -> None:
         for path in (RESPONSES_FILE, PLOTS / "instruct_loss.csv", PLOTS / "instruct_loss.png"):
             log_path(path)
         # The base's sha256 reaches the version with the run's data tags; `champion` is the promote stage's.
-        version = register_trained(STAGE)
+        version = register_trained(STAGE, tracking)
         STAGE.write_results({**metrics, DIGEST_TAG: version.tags[DIGEST_TAG]})
 
 

@@ -23,7 +23,7 @@ from gpt.train import EXECUTION_SETTINGS, Trainer, TrainConfig, TrainState
 from pipeline.core.catalog import STAGES, command_line
 from pipeline.core.layout import BASE_MODEL_DIR, BPE_DIR, DATA, PLOTS, PRETRAIN_TOKENS, SAMPLES
 from pipeline.core.params import DEVICE, Bool, Int, Section, Str, config_specs, load_params
-from pipeline.registry.tracking import MLFLOW_SECTION, log_history, log_path, stage_run
+from pipeline.registry.tracking import LOGGING_PARAMS, log_history, log_path, project_tracking, stage_run
 from pipeline.registry.versions import DIGEST_TAG, KERNELS_FACT, register_trained
 from pipeline.training.plots import plot_curves, write_rows
 
@@ -46,7 +46,7 @@ PARAMS = {
         pad_vocab=Bool(),  # GPTConfig.pad_vocab_to: 64 when true, else 1
         deterministic=Bool(),  # see gpt.runtime.make_deterministic
     ),
-    "mlflow": MLFLOW_SECTION,
+    **LOGGING_PARAMS,
 }
 
 
@@ -125,6 +125,7 @@ def write_curves(history: list[dict]) -> None:
 
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
+    tracking = project_tracking(params_path)
     cfg = params["pretrain"]
     if cfg["deterministic"]:
         make_deterministic()  # before the first matmul, which is when MKL reads its settings
@@ -143,7 +144,7 @@ def main(params_path: Path) -> None:
         trainer.run()  # the other ranks train their shares; rank 0 writes everything
         return
     sizes = {"train.bin": f"{len(train_tokens)} tokens", "val.bin": f"{len(val_tokens)} tokens"}
-    with stage_run("pretrain", cfg, data_hashes, params["mlflow"], sizes):
+    with stage_run("pretrain", cfg, data_hashes, tracking, sizes):
         try:
             state = trainer.run()
         finally:
@@ -160,7 +161,7 @@ def main(params_path: Path) -> None:
         # the version's tags (its model card) hold it; the model folder's config.json does not.
         facts = {KERNELS_FACT: trainer.cpu_kernels}
         mlflow.log_params(facts)
-        version = register_trained(STAGE, facts)
+        version = register_trained(STAGE, tracking, facts)
         STAGE.write_results({**metrics, **facts, DIGEST_TAG: version.tags[DIGEST_TAG]})
     # Checkpoints of other params or data can never be resumed by this run. Dropped only now, so
     # a failed run with new params keeps the resume point of the old ones.

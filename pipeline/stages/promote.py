@@ -17,7 +17,8 @@ from pipeline.core.params import load_params
 from pipeline.registry import policy
 from pipeline.registry.cards import write_card
 from pipeline.registry.locks import model_lock
-from pipeline.registry.tracking import MLFLOW_SECTION, log_path, log_step_metrics, stage_run, tag_model_version
+from pipeline.registry.tracking import (MLFLOW_SECTION, log_path, log_step_metrics, model_names, stage_run,
+                                       tag_model_version)
 from pipeline.registry.versions import check_outputs, register_outputs
 
 STAGE = STAGES["promote"]
@@ -53,22 +54,21 @@ def _champion(client: mlflow.MlflowClient, aliases: Mapping[str, Any], name: str
     return client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
 
 
-def promote(client: mlflow.MlflowClient, name: str, version: str | int, rules: Mapping[str, Any],
+def promote(client: mlflow.MlflowClient, role: str, name: str, version: str | int, rules: Mapping[str, Any],
             sample_outputs: list[tuple[str, str]] = ()) -> dict[str, Any]:
-    """Make `version` of `name` the challenger and decide under the policy `rules` (the promote params)
-    whether it becomes champion; write its model card; return the decision.
+    """Make `version` of `name` (the `role` model) the challenger and decide under the policy `rules` (the
+    promote params) whether it becomes champion; write its model card; return the decision.
 
     The first version always wins. `challenger` stays on the newest version put up, even when it wins,
     so `@challenger` names the latest candidate and `@champion` the one in use. The decision is tagged
     on the version as promotion.decision, promotion.compared_with, promotion.reason.
     """
     with model_lock(client, name):  # the champion read here is the champion until the aliases move
-        return _decide(client, name, str(version), rules, sample_outputs)
+        return _decide(client, TRAINERS[role].model, name, str(version), rules, sample_outputs)
 
 
-def _decide(client: mlflow.MlflowClient, name: str, version: str, rules: Mapping[str, Any],
+def _decide(client: mlflow.MlflowClient, spec: ModelSpec, name: str, version: str, rules: Mapping[str, Any],
             sample_outputs: list[tuple[str, str]]) -> dict[str, Any]:
-    spec = TRAINERS[name].model
     candidate = _version(client, name, version)
     registered = client.get_registered_model(name)
     champion = _champion(client, registered.aliases, name)
@@ -89,7 +89,7 @@ def _decide(client: mlflow.MlflowClient, name: str, version: str, rules: Mapping
         record.update(champion_version=int(version), champion_value=mine.value)
     else:
         theirs = policy.measure(spec, champion.tags, split, f"{name} version {champion.version}")
-        verdict = policy.judge(spec, mine, theirs, rules["margins"][name], rules["noise_z"], str(champion.version))
+        verdict = policy.judge(spec, mine, theirs, rules["margins"][spec.role], rules["noise_z"], str(champion.version))
         decision, reason = (PROMOTED if verdict.won else KEPT), verdict.reason
         record.update(champion_version=int(champion.version), champion_value=theirs.value, gain=verdict.gain,
                       needed=verdict.needed)
@@ -105,7 +105,7 @@ def _decide(client: mlflow.MlflowClient, name: str, version: str, rules: Mapping
     client.set_registered_model_alias(name, CHALLENGER, version)
     if decision == PROMOTED:
         client.set_registered_model_alias(name, CHAMPION, version)
-    return {"model": name, **record, "decision": decision, "reason": reason,
+    return {"role": spec.role, "model": name, **record, "decision": decision, "reason": reason,
             "champion": int(version) if decision != KEPT else int(champion.version)}
 
 
@@ -117,27 +117,30 @@ def describe(record: dict[str, Any]) -> str:
 
 def main(params_path: Path) -> None:
     params = load_params(params_path, PARAMS)
-    rules = params["promote"]
+    rules, names = params["promote"], model_names(params["mlflow"], params_path.name)
     evaluated = check_outputs()  # every input is read before anything is registered or an alias moves
-    outputs = {name: samples(stage.model) for name, stage in TRAINERS.items()}
+    outputs = {role: samples(stage.model) for role, stage in TRAINERS.items()}
     hashes = {path.name: sha256_file(path) for path in INPUTS}
     # Every training stage's output in the registry before any alias moves: found by content, or registered
     # now from data/models when the registry lacks it (emptied, replaced, or another machine's after dvc pull).
     versions = register_outputs(evaluated, params_path, params["mlflow"])
-    for name, (version, registered) in versions.items():
+    for role, (version, registered) in versions.items():
         if registered:
-            print(f"{name}: registered version {version.version} from {TRAINERS[name].model.folder} "
+            print(f"{names[role]}: registered version {version.version} from {TRAINERS[role].model.folder} "
                   "(the registry did not hold this output)")
     with stage_run("promote", rules, hashes, params["mlflow"]):
         client = mlflow.MlflowClient()
-        records = [promote(client, name, versions[name][0].version, rules, outputs[name]) for name in TRAINERS]
+        records = [promote(client, role, names[role], versions[role][0].version, rules, outputs[role])
+                   for role in TRAINERS]
         for record in records:
             print(describe(record))
-        mlflow.log_params({f"decision.{r['model']}": f"{r['decision']} (version {r['version']})" for r in records})
-        log_step_metrics({f"{r['model']}.promoted": r["decision"] == PROMOTED for r in records}
-                         | {f"{r['model']}.{r['metric']}": r["value"] for r in records}
-                         | {f"{r['model']}.champion_version": r["champion"] for r in records}, step=0)
-        atomic_write_json(STAGE.report, {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in records})
+        # Keyed by role, so a renamed model's figures stay comparable across runs; the names are params too.
+        mlflow.log_params({f"decision.{r['role']}": f"{r['decision']} (version {r['version']})" for r in records}
+                          | {f"models.{r['role']}": r["model"] for r in records})
+        log_step_metrics({f"{r['role']}.promoted": r["decision"] == PROMOTED for r in records}
+                         | {f"{r['role']}.{r['metric']}": r["value"] for r in records}
+                         | {f"{r['role']}.champion_version": r["champion"] for r in records}, step=0)
+        atomic_write_json(STAGE.report, {r["role"]: {k: v for k, v in r.items() if k != "role"} for r in records})
         log_path(STAGE.report)
 
 
