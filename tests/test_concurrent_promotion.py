@@ -25,7 +25,7 @@ ROLE = "classifier"
 SPEC = TRAINERS[ROLE].model
 MODEL = SPEC.default_name
 WORKERS, ROUNDS = 4, 10
-RULES = {"decide_on": "val", "noise_z": 0.0, "margins": {role: 0.0 for role in TRAINERS}}
+RULES = {"decide_on": "val", "noise_z": 0.0, "approval": "auto", "margins": {role: 0.0 for role in TRAINERS}}
 # Each worker process imports the pipeline once, then promotes one version a round, all released at once
 # by the round's go file (the versions' metrics are known; the champion before the round is version 1).
 WORKER = """

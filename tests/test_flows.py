@@ -1,6 +1,7 @@
 """Prefect flows over dvc.yaml: flow runs and `dvc repro` agree on what is up to date; the nightly deployment runs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from uuid import UUID
 
@@ -25,9 +27,12 @@ from pipeline.core.params import ParamsError, read_yaml
 from pipeline.core.presets import overlay
 from pipeline.orchestration import flows  # before prefect: it points Prefect at a project-local home, offline
 from pipeline.orchestration.dvc_repo import RepositoryBusy
+from pipeline.orchestration.run_summary import ARTIFACT_KEY, FAILURE_BLOCK, FAILURE_BLOCK_ENV, WEBHOOK_ENV
 from mlflow import MlflowClient
 from prefect import flow, get_client, task
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, DeploymentFilter,
+                                           DeploymentFilterId, LogFilter, LogFilterFlowRunId)
 from prefect.exceptions import ObjectNotFound
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogHandler, APILogWorker
@@ -229,8 +234,18 @@ def ran_stages(output: str) -> list[str]:
     return [name for name in STAGES if f"Running stage '{name}'" in output]
 
 
-def trigger(repo: Path, env: dict) -> tuple[float, str]:
-    """Run the served deployment now and wait for it; (seconds the flow run took, its logs)."""
+def summary_of(flow_run_id: UUID) -> str:
+    """The markdown summary a flow run published, read back through Prefect's API."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+    assert len(artifacts) == 1, artifacts
+    assert artifacts[0].type == "markdown"
+    return artifacts[0].data
+
+
+def trigger(repo: Path, env: dict) -> tuple[float, str, str]:
+    """Run the served deployment now and wait for it; (seconds the flow run took, its logs, its summary)."""
     watched = sh(repo, env, str(BIN / "prefect"), "deployment", "run", "pipeline/nightly",
                  "--watch", "--watch-timeout", "300")
     assert "Flow run finished successfully in 'Completed'" in watched, watched
@@ -238,7 +253,7 @@ def trigger(repo: Path, env: dict) -> tuple[float, str]:
     logs = flow_logs(run_id)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
-    return (run.end_time - run.start_time).total_seconds(), logs
+    return (run.end_time - run.start_time).total_seconds(), logs, summary_of(run_id)
 
 
 @pytest.mark.slow(300)
@@ -275,9 +290,9 @@ def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, 
     try:
         with get_client(sync_client=True) as client:
             wait_until("served deployment", lambda: deployed(client, "pipeline/nightly"), server, log)
-        idle_s, idle = trigger(repo, env)
+        idle_s, idle, idle_summary = trigger(repo, env)
         write_topics(repo / "my-data" / "topics" / "part-2.csv", mirror, {"art": 10, "drama": 10, "chat": 10}, 100)
-        _, retrained = trigger(repo, env)
+        _, retrained, summary = trigger(repo, env)
     finally:
         stop(server)
     print(f"nothing new: the nightly run took {idle_s:.1f} s")
@@ -292,10 +307,76 @@ def test_nightly_run_retrains_only_on_new_data(dvc_repo, prefect_api, tmp_path, 
     decision = json.loads((repo / STAGES["promote"].report).read_text())["classifier"]
     assert decision["version"] == 2 and decision["decision"] in ("promoted", "kept")
 
+    # What each night did, in Prefect's UI: the flow run's markdown artifact, read back through the API.
+    assert idle_summary.startswith("## Pipeline run `prefect-") and ": completed" in idle_summary.splitlines()[0]
+    assert all(f"| {stage} | up to date |" in idle_summary for stage in STAGES)
+    assert "from an earlier run (it did not run in this one)" in idle_summary and "none: no stage ran" in idle_summary
+    for stage in STAGES:
+        assert f"| {stage} | {'ran' if stage in RETRAINED else 'up to date'} |" in summary, summary
+    assert "Decisions of `promote` in this run, under experiment `llm-pipeline`" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| gpt-spam-classifier | 2 |"))
+    assert f" val_accuracy {decision['value']:.4g} ± {decision['se']:.2g} | 1 | " in row
+    assert f" | {decision['champion_value']:.4g} ± {decision['champion_se']:.2g} | " in row
+    assert row.endswith(f"| {decision['decision']} |")
+    assert f"- gpt-spam-classifier version 2: {decision['decision']}; {decision['reason']}" in summary
+    runs = registry.search_runs([registry.get_experiment_by_name("llm-pipeline").experiment_id],
+                                "tags.run_group LIKE 'prefect-%' AND tags.stage = 'finetune_classifier'")
+    assert f"- finetune_classifier (finished, run `{runs[0].info.run_id}`)" in summary
+
     # dvc repro agrees: nothing to do, then the same four stages for the next file.
     assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == []
     write_topics(repo / "my-data" / "topics" / "part-3.csv", mirror, {"art": 5, "drama": 5, "chat": 5}, 150)
     assert ran_stages(sh(repo, env, str(BIN / "dvc"), "repro")) == RETRAINED
+
+
+@pytest.mark.slow(25)
+def test_a_failed_flow_run_says_where_it_stopped_and_notifies_the_webhook(dvc_repo, prefect_api, monkeypatch, capsys):
+    """`llm-pipeline flow notify` saves a webhook block on the server; a flow run that fails at a stage publishes
+    a summary naming it, and its failure hook posts subject and reason to the webhook (a receiver on loopback)."""
+    repo, _ = dvc_repo
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    block = FAILURE_BLOCK.split("/")[1]
+    try:
+        monkeypatch.delenv(FAILURE_BLOCK_ENV, raising=False)
+        monkeypatch.setenv(WEBHOOK_ENV, "not a url")
+        with pytest.raises(SystemExit):
+            flow_command.main(["notify"])
+        assert capsys.readouterr().err.startswith(f"llm-pipeline flow: error: ${WEBHOOK_ENV}: set it to the webhook's")
+        monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{receiver.server_port}/hook")
+        flow_command.main(["notify"])
+        assert capsys.readouterr().out.startswith("saved notification block custom-webhook/llm-pipeline-failures:")
+        # Valid params, but labels the data does not have: validate fails, after download ran.
+        state, run_id = run_flow(flows.stage_flow("tokenize"), project=str(repo),
+                                 overrides={"datasets.classification.labels": ["yes", "no"]})
+        assert state.is_failed()
+        deadline = time.monotonic() + 30
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        receiver.shutdown()
+        with contextlib.suppress(ObjectNotFound):  # the server is the module's: later failures notify no one
+            CustomWebhookNotificationBlock.delete(block)
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(run_id).name
+    [message] = received
+    assert message["subject"] == f"llm-pipeline: stage-tokenize run {name} failed"
+    assert message["body"].startswith(f"Flow run {name} of stage-tokenize ended Failed: ")
+    assert "stage validate failed" in message["body"]
+    summary = summary_of(run_id)
+    assert summary.splitlines()[0].endswith(": failed") and "**stage validate failed: " in summary
+    assert "| download | ran |" in summary and "| validate | failed |" in summary and "| tokenize | not reached |" in summary
 
 
 def _line_with(proc: subprocess.Popen, text: str, seen: list[str], timeout_s: float = 240) -> str:

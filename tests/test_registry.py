@@ -44,7 +44,7 @@ def aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 def rules(margin: float = 0.0, noise_z: float = 0.0, decide_on: str = "val") -> dict:
     """The promote params: the policy."""
-    return {"decide_on": decide_on, "noise_z": noise_z, "margins": {role: margin for role in TRAINERS}}
+    return {"decide_on": decide_on, "noise_z": noise_z, "approval": "auto", "margins": {role: margin for role in TRAINERS}}
 
 
 def test_first_wins_worse_kept_margin_respected_better_promoted(store: MlflowClient):
@@ -182,8 +182,8 @@ def test_stage_logs_its_decisions_and_review_shows_them(store: MlflowClient, tmp
     assert report["instruct"] | {"reason": ""} == {
         "model": "gpt-instruct", "version": 2, "decide_on": "val", "metric": "val_rouge_l_f1", "value": 0.2, "se": None,
         "test_metric": "rouge_l_f1", "test_value": 0.3, "higher_is_better": True, "champion_version": 1,
-        "champion_value": 0.25, "gain": pytest.approx(-0.05), "needed": 0.0, "decision": "kept", "reason": "",
-        "champion": 1}
+        "champion_value": 0.25, "champion_se": None, "gain": pytest.approx(-0.05), "needed": 0.0, "decision": "kept",
+        "recommendation": None, "reason": "", "champion": 1}
     assert not Path("data/metrics/promote.json").exists()  # decisions are a report, not metrics
 
     runs = store.search_runs([store.get_experiment_by_name("llm-pipeline").experiment_id], "tags.stage = 'promote'")

@@ -2,6 +2,7 @@
 retraining or duplicates, and a stage killed anywhere leaves, after a rerun, the registry an uninterrupted run does."""
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import random
@@ -185,6 +186,28 @@ def test_a_renamed_model_is_registered_under_its_new_name_without_retraining(tra
                           "gpt-spam-classifier (classifier, 1 version)")
     again = sh(repo, env, LLM_PIPELINE, "register")
     assert "now registered as" not in again and registry_state(uri) == after  # said once; nothing more registered
+
+
+@pytest.mark.slow(90)
+def test_a_rejected_version_is_never_made_champion_by_a_rerun_or_register(trained):
+    """Under manual approval a retrained classifier waits for a person; once rejected, neither a rerun of the
+    pipeline nor `llm-pipeline register` makes it champion, under either approval mode."""
+    repo, env = trained
+    name = NAMES["classifier"]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    set_param(repo, "promote.approval", "manual")
+    set_param(repo, "finetune_classifier.seed", 7)
+    out = sh(repo, env, LLM_PIPELINE, "run")
+    assert f"{name} version 2: awaiting_approval (champion: version 1; " in out
+    assert client.get_registered_model(name).aliases == {CHAMPION: 1, "challenger": 2}
+    rejected = cli(repo, env, "review", "reject", name, "2", "--reason", "seed 7 looks off")
+    assert rejected.returncode == 0, rejected.stderr
+    assert rejected.stdout == f"{name} version 2: rejected by {getpass.getuser()}; no automatic run will make it champion\n"
+    set_param(repo, "promote.approval", "auto")
+    for command in ("run", "register"):  # promote reruns: its params changed; then forced
+        out = sh(repo, env, LLM_PIPELINE, command)
+        assert f"{name} version 2: blocked (champion: version 1; rejected by {getpass.getuser()} at " in out, out
+        assert client.get_registered_model(name).aliases == {CHAMPION: 1, "challenger": 2}
 
 
 # -- experiments run elsewhere -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from conftest import BIN, SMALL_TRAINING, answers, free_port, make_dvc_repo, set_param, sh, stop, wait_until
 from pipeline.core.http import basic_auth, http_status
 from pipeline.orchestration.services import STATE_DIR, STATE_FILE, SWEEP_POOL
+from pipeline.registry.cards import decision_history
 from test_serving import invoke
 
 DVC, LLM_PIPELINE, PREFECT = str(BIN / "dvc"), str(BIN / "llm-pipeline"), str(BIN / "prefect")
@@ -119,7 +120,7 @@ def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_i
     assert client.get_experiment_by_name("llm-pipeline").artifact_location.startswith("mlflow-artifacts:")
     assert any((repo / STATE_DIR / "mlartifacts").rglob("model.safetensors"))
 
-    only_who_belongs(repo, env, ports, tmp_path)
+    people = only_who_belongs(repo, env, ports, tmp_path)
 
     # Two runs at once: the deployment's concurrency limit makes the second wait for the first.
     runs = wait_done(env, [trigger(repo, env), trigger(repo, env)])
@@ -158,6 +159,7 @@ def test_a_worker_runs_the_deployment_a_clone_pulls_it_and_a_lost_server_fails_i
     assert predictions[0]["label"] == local.split("\t")[0]
 
     sweep_on_two_workers(repo, clone, env, tmp_path)
+    people_decide(repo, *people)
 
     # The tracking server lost mid-stage: one line, and no version half made (classifier versions 1 to 3 are the
     # worker's run's and the sweep's).
@@ -251,8 +253,9 @@ def sweep_on_two_workers(repo: Path, clone_b: Path, env: dict, tmp_path: Path) -
     assert review.stdout == swept.stdout, review.stderr
 
 
-def only_who_belongs(repo: Path, env: dict, ports: dict, tmp_path: Path) -> None:
-    """Both servers refuse anyone without the right credentials; people get roles; secrets stay private."""
+def only_who_belongs(repo: Path, env: dict, ports: dict, tmp_path: Path) -> tuple[dict, dict]:
+    """Both servers refuse anyone without the right credentials; people get roles; secrets stay private.
+    Returns the environments of a reviewer (alice) and a viewer (bob)."""
     mlflow_url, prefect_url = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]
 
     def mlflow_status(user: str | None, password: str = "") -> int | None:
@@ -321,6 +324,44 @@ def only_who_belongs(repo: Path, env: dict, ports: dict, tmp_path: Path) -> None
     commands = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert "mlflow server --app-name basic-auth" in commands
     assert not [value for value in secret_values if value in commands]
+    return alice, bob
+
+
+def people_decide(repo: Path, alice: dict, bob: dict) -> None:
+    """Over HTTP, as people: a viewer's approve, reject and rollback are refused (403, one line, nothing changed);
+    a reviewer's are recorded under her name."""
+    model = "gpt-spam-classifier"
+    registry = MlflowClient(alice["MLFLOW_TRACKING_URI"])
+    champion = str(registry.get_registered_model(model).aliases["champion"])
+    other = max((v for v in registry.search_model_versions(f"name = '{model}'") if str(v.version) != champion),
+                key=lambda v: int(v.version)).version
+
+    def review(who: dict, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LLM_PIPELINE, "review", *argv], cwd=repo, env=who, capture_output=True, text=True,
+                              timeout=120)
+
+    before = {v.version: v.tags for v in registry.search_model_versions(f"name = '{model}'")}
+    for argv in (("approve", model, other), ("reject", model, other), ("rollback", model)):
+        refused = review(bob, *argv, "--reason", "I only read")
+        assert refused.returncode == 1 and refused.stderr.splitlines() == [
+            f"review {argv[0]}: error: MLflow tracking server {bob['MLFLOW_TRACKING_URI']} refused user bob (HTTP 403) "
+            "on model-versions/create: it needs EDIT on the registered model (registering a version); the team's "
+            "admin grants roles (`llm-pipeline services add-user`)"], refused.stderr
+    assert {v.version: v.tags for v in registry.search_model_versions(f"name = '{model}'")} == before
+    assert str(registry.get_registered_model(model).aliases["champion"]) == champion
+
+    approved = review(alice, "approve", model, other, "--reason", "read the samples")
+    assert approved.returncode == 0 and approved.stdout == (
+        f"{model}: champion is now version {other} (was version {champion}), approved by alice\n"), approved.stderr
+    rolled = review(alice, "rollback", model, "--reason", "users preferred the old one")
+    assert rolled.returncode == 0 and rolled.stdout.endswith(f"rolled back by alice\n"), rolled.stderr
+    assert str(registry.get_registered_model(model).aliases["champion"]) == champion
+    rejected = review(alice, "reject", model, other, "--reason", "not again")
+    assert rejected.returncode == 0 and "rejected by alice" in rejected.stdout, rejected.stderr
+    history = decision_history(registry.get_model_version(model, other).tags)
+    assert [(entry["decision"], entry["by"]) for entry in history] == [
+        ("approved", "alice"), ("rolled back", "alice"), ("rejected", "alice")]
+    assert "| alice | rolled back (champion now version " in registry.get_model_version(model, other).description
 
 
 

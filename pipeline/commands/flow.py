@@ -1,4 +1,4 @@
-"""`llm-pipeline flow run|serve|worker|list`: the Prefect flows of pipeline.orchestration.flows from the command line."""
+"""`llm-pipeline flow run|serve|worker|list|notify`: the Prefect flows of pipeline.orchestration.flows from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,17 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     from pipeline.orchestration.sweep_workers import run_worker
 
     sys.exit(run_worker(args.project, args.pool, args.name))
+
+
+def _cmd_notify(args: argparse.Namespace) -> None:
+    from prefect.settings import PREFECT_API_URL  # after flows, which points Prefect at the project's home
+
+    from pipeline.orchestration import run_summary
+
+    if PREFECT_API_URL.value() is None:
+        raise FlowError("notify saves a block on the team's Prefect server: set PREFECT_API_URL")
+    slug = run_summary.save_webhook_block()
+    print(f"saved notification block {slug}: a failed or crashed flow run posts its subject and reason there")
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -93,11 +104,17 @@ def _parser() -> argparse.ArgumentParser:
         "List the end-to-end flow and one flow per dvc.yaml stage, each with the stages it runs, in order."))
     list_cmd.add_argument("--project", help="project folder (default: the current one)")
     list_cmd.set_defaults(handler=_cmd_list)
+    notify = commands.add_parser("notify", help="have failed flow runs post to a webhook", description=(
+        "Save the notification block that failed and crashed flow runs call (a custom webhook receiving "
+        "{\"subject\", \"body\"} as JSON) on the Prefect server at $PREFECT_API_URL, with the URL in "
+        "$LLM_PIPELINE_FAILURE_WEBHOOK. Flow runs call the block named by $LLM_PIPELINE_FAILURE_BLOCK "
+        "(default custom-webhook/llm-pipeline-failures), which may be any Prefect notification block."))
+    notify.set_defaults(handler=_cmd_notify)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`llm-pipeline flow run|serve|worker|list`; an expected error is one line on stderr and exit status 1."""
+    """`llm-pipeline flow run|serve|worker|list|notify`; an expected error is one line on stderr and exit status 1."""
     args = _parser().parse_args(argv)
     with reporting_errors(PROG, FlowError, RepositoryBusy):
         args.handler(args)

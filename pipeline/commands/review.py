@@ -1,7 +1,9 @@
-"""Print the registered models as a table, or two versions side by side (`llm-pipeline review`)."""
+"""Print the registered models as a table, or two versions side by side (`llm-pipeline review`); record a
+person's decision (`llm-pipeline review approve|reject|rollback`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from pipeline.core.catalog import TRAINERS, ModelSpec
 from pipeline.core.errors import DataError, reporting_errors
 from pipeline.core.tables import format_table
 from pipeline.orchestration import sweeps
+from pipeline.registry import decisions
 from pipeline.registry.policy import key_tags, measure, metric_label
 from pipeline.registry.tracking import (PARAMS_DIGEST_TAG, absent_store, all_pages, configure, data_digests,
                                         differing_params, experiment_name, model_names, project_tracking, tracking_uri)
@@ -237,9 +240,52 @@ def review(model: str | None = None, params_path: Path | None = Path("params.yam
     return "\n".join(([format_table(rows, COLUMNS)] if rows else []) + empty + earlier)
 
 
+VERBS = {  # the decisions, each with its synopsis and what it does
+    "approve": ("MODEL VERSION --reason TEXT",
+                "make VERSION the champion (under `promote.approval: manual`, the only way it moves)"),
+    "reject": ("MODEL VERSION --reason TEXT", "VERSION never becomes champion by an automatic run (promote, on any path)"),
+    "rollback": ("MODEL [--to VERSION] --reason TEXT", "return the champion to the one before it (or VERSION); the "
+                 "current one is then blocked like a rejected one"),
+}
+
+
+def decide(verb: str, argv: list[str]) -> None:
+    """`llm-pipeline review VERB`: one decision, recorded with who, when and why on the version and its card."""
+    parser = argparse.ArgumentParser(prog=f"llm-pipeline review {verb}", description=VERBS[verb][1])
+    parser.add_argument("model", metavar="MODEL", help="the registered model's name")
+    if verb == "rollback":
+        parser.add_argument("--to", metavar="VERSION", help="the version to return to (default: the previous champion)")
+    else:
+        parser.add_argument("version", metavar="VERSION", help="the version number")
+    parser.add_argument("--reason", default="", help="why, in a few words (required; recorded on the version)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params file whose mlflow section locates the registry (default: params.yaml, if present)")
+    args = parser.parse_args(argv)
+    with reporting_errors(f"review {verb}"):
+        tracking = project_tracking(args.params)
+        uri = tracking_uri(tracking)
+        if absent_store(uri):
+            raise DataError(f"no MLflow store at {uri}; {missing_model_hint()}")
+        configure(tracking)
+        client = mlflow.MlflowClient()
+        if verb == "rollback":
+            record = decisions.rollback(client, args.model, args.reason, args.to)
+        else:
+            record = getattr(decisions, verb)(client, args.model, args.version, args.reason)
+        print(decisions.describe(record))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print the review table; an expected error is one line on stderr and exit status 1."""
-    parser = argparse.ArgumentParser(prog="llm-pipeline review", description=__doc__)
+    """Print the review table, or record a decision (VERBS); an expected error is one line on stderr and exit
+    status 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in VERBS:
+        decide(argv[0], argv[1:])
+        return
+    parser = argparse.ArgumentParser(prog="llm-pipeline review", description=__doc__,
+                                     epilog="Decisions, recorded on the version with who, when and why: " + "; ".join(
+                                         f"`llm-pipeline review {verb} {synopsis}`: {text}"
+                                         for verb, (synopsis, text) in VERBS.items()))
     parser.add_argument("--model", metavar="NAME", help="only this registered model (default: the project's, "
                         "as params.yaml's mlflow.models names them)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),

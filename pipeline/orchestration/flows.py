@@ -39,6 +39,7 @@ from pipeline.core.params import ParamsError, document_text, load_params, read_d
 from pipeline.core.presets import load_preset, overlay  # noqa: E402
 from pipeline.orchestration.dvc_repo import (DVC_LOCK_ADVICE, RepositoryBusy, dvc_env, dvc_status,  # noqa: E402
                                              lock_error, wait_for_lock)
+from pipeline.orchestration import run_summary  # noqa: E402
 from pipeline.orchestration.dvcyaml import refresh  # noqa: E402
 
 PIPELINE_FLOW = "pipeline"
@@ -267,20 +268,42 @@ def run_stages(targets: Sequence[str] | None, preset: str | None, overrides: Map
     stages = dvc_stages(root)
     names = plan(stages, targets)
     logger = get_run_logger()
-    wait_for_lock(root, lock_wait_s, logger.info)  # before params.yaml changes under a running pipeline
-    changed = apply_params(root, preset, overrides)
-    if changed:
-        logger.info("params.yaml: changed %s", ", ".join(changed))
     # One MLflow parent run for all stages of this flow run, unless the caller chose a group.
     group = os.environ.get(RUN_GROUP_ENV) or f"prefect-{flow_run.id}"
-    if all_up_to_date(root, names, group):
-        # A night with nothing new costs one DVC process, not one per stage.
-        logger.info("dvc status: all %d stages up to date (%s)", len(names), ", ".join(names))
-        return dict.fromkeys(names, "up to date")
-    return {name: "ran" if task_for(name)(name, str(root), group, lock_wait_s) else "up to date" for name in names}
+    results = dict.fromkeys(names, "not reached")
+    try:
+        wait_for_lock(root, lock_wait_s, logger.info)  # before params.yaml changes under a running pipeline
+        changed = apply_params(root, preset, overrides)
+        if changed:
+            logger.info("params.yaml: changed %s", ", ".join(changed))
+        if all_up_to_date(root, names, group):
+            # A night with nothing new costs one DVC process, not one per stage.
+            logger.info("dvc status: all %d stages up to date (%s)", len(names), ", ".join(names))
+            results = dict.fromkeys(names, "up to date")
+        else:
+            for name in names:
+                results[name] = "failed"  # until its task returns
+                results[name] = "ran" if task_for(name)(name, str(root), group, lock_wait_s) else "up to date"
+    except Exception as exc:
+        _publish_summary(root, results, group, str(exc))
+        raise
+    _publish_summary(root, results, group)
+    return results
 
 
-@flow(name=PIPELINE_FLOW)
+def _publish_summary(root: Path, results: Mapping[str, str], group: str, failure: str | None = None) -> None:
+    # The summary reports on the run; it never changes the run's outcome (a store down, params unreadable).
+    try:
+        run_summary.publish(run_summary.summary(root, results, group, failure))
+    except Exception as exc:
+        get_run_logger().warning("the run's summary was not published: %s", exc)
+
+
+# What a failed (or crashed) flow run calls: the team's notification block.
+ON_FAILURE = {"on_failure": [run_summary.notify_failure], "on_crashed": [run_summary.notify_failure]}
+
+
+@flow(name=PIPELINE_FLOW, **ON_FAILURE)
 def pipeline_flow(stages: list[str] | None = None, preset: str | None = None,
                   overrides: dict[str, Any] | None = None, project: str | None = None,
                   lock_wait_s: float = 0.0) -> dict[str, str]:
@@ -296,7 +319,8 @@ def stage_flow(stage: str) -> Flow:
                             project: str | None = None, lock_wait_s: float = 0.0) -> dict[str, str]:
         return run_stages([stage], preset, overrides, project, lock_wait_s)
 
-    return flow(upstream_then_stage, name=f"stage-{stage}", description=f"dvc.yaml stage {stage} after its upstream stages")
+    return flow(upstream_then_stage, name=f"stage-{stage}", description=f"dvc.yaml stage {stage} after its upstream stages",
+                **ON_FAILURE)
 
 
 def serve(cron: str = DEFAULT_CRON, name: str = DEFAULT_DEPLOYMENT, lock_wait_s: float = DEFAULT_SERVE_LOCK_WAIT_S) -> None:

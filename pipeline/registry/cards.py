@@ -1,6 +1,8 @@
-"""Model cards: the markdown description promote writes on each registered version, for its reviewer."""
+"""Model cards: the markdown description promote writes on each registered version, for its reviewer, and the
+history of people's decisions about it."""
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlencode
 
@@ -14,6 +16,10 @@ from pipeline.registry.versions import KERNELS_FACT
 
 SHORT = 12  # hex digits shown of a sha256
 PLOT_SUFFIXES = (".png", ".svg")
+# A person's decision about a version (pipeline.registry.decisions) is the version tag review.<n>, n = 1, 2, ...:
+# JSON with decision, by, at, reason (and the champion before or after), listed on the card under HISTORY_HEADING.
+HISTORY_PREFIX = "review."
+HISTORY_HEADING = "### Decision history"
 
 
 def _cell(text: Any) -> str:
@@ -24,6 +30,31 @@ def _cell(text: Any) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(map(_cell, row)) + " |" for row in rows)]
+
+
+def decision_history(tags: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The people's decisions recorded in a version's tags, oldest first."""
+    numbered = {int(key.removeprefix(HISTORY_PREFIX)): value for key, value in tags.items()
+                if key.startswith(HISTORY_PREFIX) and key.removeprefix(HISTORY_PREFIX).isdecimal()}
+    return [json.loads(numbered[number]) for number in sorted(numbered)]
+
+
+def with_history(card: str, history: Sequence[Mapping[str, Any]]) -> str:
+    """`card` with its decision-history section (last, replaced if there) listing `history`; unchanged if empty."""
+    if not history:
+        return card
+    before = card.split(f"\n{HISTORY_HEADING}\n")[0].rstrip()
+    rows = [[entry["at"], entry["by"], entry["decision"] + _champion_change(entry), entry["reason"]]
+            for entry in history]
+    return "\n".join([before, "", HISTORY_HEADING, "", *_table(["when", "who", "decision", "why"], rows)]) + "\n"
+
+
+def _champion_change(entry: Mapping[str, Any]) -> str:
+    if entry.get("champion_after"):
+        return f" (champion now version {entry['champion_after']})"
+    if entry.get("champion_before"):
+        return f" (champion was version {entry['champion_before']})"
+    return ""
 
 
 def _difference(mine: float, theirs: float) -> str:
@@ -73,16 +104,22 @@ def _data_rows(new: ModelVersion, champion: ModelVersion | None) -> list[list[st
 
 def write_card(client: mlflow.MlflowClient, model: ModelSpec, new: ModelVersion, champion: ModelVersion | None,
                decision: str, verdict: Verdict | None, policy: Mapping[str, Any],
-               samples: Sequence[tuple[str, str]] = ()) -> str:
+               samples: Sequence[tuple[str, str]] = (), recommendation: str | None = None) -> str:
     """The card of version `new`, judged against `champion` (None: the first version) under `policy`:
     what it is, its key metric beside the champion's, the data it saw, the params that differ from the
     champion's, up to three `samples` (prompt, output) and the plots its run carries. Set as the
-    version's description and returned. `decision` is promoted or kept."""
+    version's description and returned, with the history of people's decisions about it. `decision` is the
+    policy's, promoted or kept; under manual approval `recommendation` says which, and the card says it awaits
+    a person's approval."""
     run = client.get_run(new.run_id) if new.run_id else None
     lines = [f"**{new.name}, version {new.version}.** {model.summary}", ""]
     champion_name = f"champion (version {champion.version})" if champion else "champion (none yet)"
-    outcome = "now the champion" if decision == "promoted" else f"the champion stays version {champion.version}"
-    lines += [f"### Decision: {decision}, {outcome}", ""]
+    if recommendation is not None:
+        lines += [f"### Decision: awaiting approval ({recommendation}); `llm-pipeline review approve {new.name} "
+                  f"{new.version}` makes it the champion", ""]
+    else:
+        outcome = "now the champion" if decision == "promoted" else f"the champion stays version {champion.version}"
+        lines += [f"### Decision: {decision}, {outcome}", ""]
     if verdict is not None:
         lines += [verdict.reason, ""]
     lines += [f"Policy: {policy_text(policy, model)}"
@@ -126,6 +163,6 @@ def write_card(client: mlflow.MlflowClient, model: ModelSpec, new: ModelVersion,
                   + (", ".join(f"`{p}`" for p in plots) or "none") + "."]
         # The tracking server's UI serves a run's artifacts at get-artifact, relative to its root.
         lines += [f"\n![{p}](get-artifact?{urlencode({'path': p, 'run_uuid': new.run_id})})" for p in plots]
-    text = "\n".join(lines).rstrip() + "\n"
+    text = with_history("\n".join(lines).rstrip() + "\n", decision_history(new.tags))
     client.update_model_version(new.name, str(new.version), description=text)
     return text

@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from pipeline.core.errors import refusal
 from pipeline.core.processes import process_alive
 from pipeline.registry.tracking import versions_of
 
@@ -72,8 +73,9 @@ def _take_ticket(client: mlflow.MlflowClient, lock: str) -> ModelVersion:
     holder = f"{socket.gethostname()}:{os.getpid()}"
     for attempt in itertools.count(1):
         try:
+            # A ticket holds no files: nothing to wait for (nor a "waiting for creation" line on stderr).
             return client.create_model_version(lock, TICKET_SOURCE, tags={
-                HOLDER_TAG: holder, EXPIRES_TAG: f"{time.time() + LEASE_S:.3f}"})
+                HOLDER_TAG: holder, EXPIRES_TAG: f"{time.time() + LEASE_S:.3f}"}, await_creation_for=None)
         except MlflowException as exc:
             # "Giving up after 3 attempts": other writers took each number first; take the next.
             if "Giving up" not in exc.message or attempt == CREATE_TRIES:
@@ -118,4 +120,11 @@ def model_lock(client: mlflow.MlflowClient, model: str) -> Iterator[None]:
     finally:
         renewal.stopped.set()
         renewal.join()
-        client.delete_model_version(lock, ticket.version)
+        # Released: expired first, which EDIT allows (a reviewer's decisions take the lock too), then deleted
+        # where the user may (MANAGE, the service account); a reviewer's ticket stays, expired, hidden from review.
+        client.set_model_version_tag(lock, ticket.version, EXPIRES_TAG, "0")
+        try:
+            client.delete_model_version(lock, ticket.version)
+        except MlflowException as exc:
+            if refusal(str(exc)) is None:
+                raise

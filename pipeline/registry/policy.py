@@ -10,10 +10,12 @@ from pipeline.core.errors import DataError
 from pipeline.core.params import Float, Section, Str
 
 SPLITS = ("val", "test")
+APPROVALS = ("auto", "manual")  # who moves `champion`: the policy, or a person (`llm-pipeline review approve`)
 SE_SUFFIX = "_se"  # tag <t>_se holds the standard error of metric tag <t>
 PARAMS = Section(
     decide_on=Str(choices=SPLITS),
     noise_z=Float(low=0),
+    approval=Str(choices=APPROVALS),
     margins=Section(**{role: Float(low=0) for role in TRAINERS}),  # by model role
 )
 

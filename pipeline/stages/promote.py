@@ -16,6 +16,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.params import load_params
 from pipeline.registry import policy
 from pipeline.registry.cards import write_card
+from pipeline.registry.decisions import blocked_reason, move_champion
 from pipeline.registry.locks import model_lock
 from pipeline.registry.tracking import (MLFLOW_SECTION, log_path, log_step_metrics, model_names, stage_run,
                                        tag_model_version)
@@ -27,6 +28,8 @@ STAGE = STAGES["promote"]
 INPUTS = (*(stage.report for stage in TRAINERS.values()), *(stage.report for stage in EVALUATORS.values()))
 PARAMS = {"promote": policy.PARAMS, "mlflow": MLFLOW_SECTION}
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
+AWAITING = "awaiting_approval"  # approval: manual; the verdict is a recommendation until a person approves
+BLOCKED = "blocked"  # a person rejected the version, or rolled it back: only a person's approval makes it champion
 DECISION_TIME_TAG = "promotion.decision_time"  # seconds since the epoch: decisions in the order they were taken
 
 
@@ -61,7 +64,9 @@ def promote(client: mlflow.MlflowClient, role: str, name: str, version: str | in
 
     The first version always wins. `challenger` stays on the newest version put up, even when it wins,
     so `@challenger` names the latest candidate and `@champion` the one in use. The decision is tagged
-    on the version as promotion.decision, promotion.compared_with, promotion.reason.
+    on the version as promotion.decision, promotion.compared_with, promotion.reason. With `approval: manual`
+    the verdict is tagged as promotion.recommendation and the decision is AWAITING: `champion` moves only on
+    a person's approval. A version a person rejected or rolled back is BLOCKED, on every path to here.
     """
     with model_lock(client, name):  # the champion read here is the champion until the aliases move
         return _decide(client, TRAINERS[role].model, name, str(version), rules, sample_outputs)
@@ -78,41 +83,57 @@ def _decide(client: mlflow.MlflowClient, spec: ModelSpec, name: str, version: st
     if mine.value is None and champion is not None and str(champion.version) != version:
         raise DataError(f"{name}: version {version} has no {mine.tag} tag to decide on")
     record: dict[str, Any] = {
-        "version": int(version), "decide_on": split, "metric": policy.metric_label(mine.tag), "value": mine.value,
-        "se": mine.se, "test_metric": policy.metric_label(reported.tag), "test_value": reported.value,
-        "higher_is_better": spec.higher_is_better, "champion_version": None, "champion_value": None}
+        "role": spec.role, "model": name, "version": int(version), "decide_on": split,
+        "metric": policy.metric_label(mine.tag), "value": mine.value, "se": mine.se,
+        "test_metric": policy.metric_label(reported.tag), "test_value": reported.value,
+        "higher_is_better": spec.higher_is_better, "champion_version": None, "champion_value": None,
+        "champion_se": None}
+    held = None if champion is None else int(champion.version)
+    blocked = blocked_reason(candidate)
+    if blocked is not None and held != int(version):  # a person's decision stands over the policy's
+        theirs = policy.measure(spec, champion.tags, split, f"{name} version {held}") if champion else None
+        return {**record, "champion_version": held, "champion_value": theirs and theirs.value,
+                "champion_se": theirs and theirs.se, "decision": BLOCKED, "recommendation": None, "champion": held,
+                "reason": f"{blocked}; only `llm-pipeline review approve` makes it champion"}
     verdict = None
     if champion is None:
         decision, reason = PROMOTED, "first version (no champion yet)"
     elif str(champion.version) == version:
         decision, reason = ALREADY, "already the champion"
-        record.update(champion_version=int(version), champion_value=mine.value)
+        record.update(champion_version=int(version), champion_value=mine.value, champion_se=mine.se)
     else:
         theirs = policy.measure(spec, champion.tags, split, f"{name} version {champion.version}")
         verdict = policy.judge(spec, mine, theirs, rules["margins"][spec.role], rules["noise_z"], str(champion.version))
         decision, reason = (PROMOTED if verdict.won else KEPT), verdict.reason
-        record.update(champion_version=int(champion.version), champion_value=theirs.value, gain=verdict.gain,
+        record.update(champion_version=int(champion.version), champion_value=theirs.value, champion_se=theirs.se,
+                      gain=verdict.gain,
                       needed=verdict.needed)
+    tags = {"promotion.decision": decision}
+    if rules["approval"] == "manual" and decision in (PROMOTED, KEPT):
+        tags = {"promotion.decision": AWAITING, "promotion.recommendation":
+                "recommended" if decision == PROMOTED else "not recommended"}
     # Tags and card first, aliases last: killed in between, a rerun meets the same champion, takes the same
     # decision and writes the same tags, so no version ends up champion without the decision that made it.
     if decision != ALREADY:  # a rerun keeps the tags and card of the decision that made it champion
         compared = "none" if champion is None else f"version {champion.version}"
-        tag_model_version(name, version, {"promotion.decision": decision, "promotion.compared_with": compared,
-                                          "promotion.reason": reason, DECISION_TIME_TAG: f"{time.time():.3f}"}, client)
-        write_card(client, spec, candidate, champion, decision, verdict, rules, sample_outputs)
+        tag_model_version(name, version, {**tags, "promotion.compared_with": compared, "promotion.reason": reason,
+                                          DECISION_TIME_TAG: f"{time.time():.3f}"}, client)
+        write_card(client, spec, candidate, champion, decision, verdict, rules, sample_outputs,
+                   tags.get("promotion.recommendation"))
     if registered.description != spec.summary:
         client.update_registered_model(name, description=spec.summary)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    decision = tags["promotion.decision"]
     if decision == PROMOTED:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    return {"role": spec.role, "model": name, **record, "decision": decision, "reason": reason,
-            "champion": int(version) if decision != KEPT else int(champion.version)}
+        move_champion(client, registered, version)
+    return {**record, "decision": decision, "recommendation": tags.get("promotion.recommendation"), "reason": reason,
+            "champion": int(version) if decision in (PROMOTED, ALREADY) else held}
 
 
 def describe(record: dict[str, Any]) -> str:
     """One line per decision, for the stage's output."""
-    return (f"{record['model']} version {record['version']}: {record['decision']} "
-            f"(champion: version {record['champion']}; {record['reason']})")
+    champion = "none" if record["champion"] is None else f"version {record['champion']}"
+    return f"{record['model']} version {record['version']}: {record['decision']} (champion: {champion}; {record['reason']})"
 
 
 def main(params_path: Path) -> None:
@@ -139,7 +160,7 @@ def main(params_path: Path) -> None:
                           | {f"models.{r['role']}": r["model"] for r in records})
         log_step_metrics({f"{r['role']}.promoted": r["decision"] == PROMOTED for r in records}
                          | {f"{r['role']}.{r['metric']}": r["value"] for r in records}
-                         | {f"{r['role']}.champion_version": r["champion"] for r in records}, step=0)
+                         | {f"{r['role']}.champion_version": r["champion"] for r in records if r["champion"]}, step=0)
         atomic_write_json(STAGE.report, {r["role"]: {k: v for k, v in r.items() if k != "role"} for r in records})
         log_path(STAGE.report)
 
