@@ -354,7 +354,7 @@ def people_decide(repo: Path, alice: dict, bob: dict) -> None:
     assert approved.returncode == 0 and approved.stdout == (
         f"{model}: champion is now version {other} (was version {champion}), approved by alice\n"), approved.stderr
     rolled = review(alice, "rollback", model, "--reason", "users preferred the old one")
-    assert rolled.returncode == 0 and rolled.stdout.endswith(f"rolled back by alice\n"), rolled.stderr
+    assert rolled.returncode == 0 and rolled.stdout.endswith("rolled back by alice\n"), rolled.stderr
     assert str(registry.get_registered_model(model).aliases["champion"]) == champion
     rejected = review(alice, "reject", model, other, "--reason", "not again")
     assert rejected.returncode == 0 and "rejected by alice" in rejected.stdout, rejected.stderr
