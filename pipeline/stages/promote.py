@@ -106,8 +106,7 @@ def _decide(client: mlflow.MlflowClient, spec: ModelSpec, name: str, version: st
         verdict = policy.judge(spec, mine, theirs, rules["margins"][spec.role], rules["noise_z"], str(champion.version))
         decision, reason = (PROMOTED if verdict.won else KEPT), verdict.reason
         record.update(champion_version=int(champion.version), champion_value=theirs.value, champion_se=theirs.se,
-                      gain=verdict.gain,
-                      needed=verdict.needed)
+                      gain=verdict.gain, needed=verdict.needed)
     tags = {"promotion.decision": decision}
     if rules["approval"] == "manual" and decision in (PROMOTED, KEPT):
         tags = {"promotion.decision": AWAITING, "promotion.recommendation":
