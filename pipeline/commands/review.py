@@ -19,7 +19,7 @@ from pipeline.registry import decisions
 from pipeline.registry.policy import key_tags, measure, metric_label
 from pipeline.registry.tracking import (PARAMS_DIGEST_TAG, absent_store, all_pages, configure, data_digests,
                                         differing_params, experiment_name, model_names, project_tracking, tracking_uri)
-from pipeline.registry.versions import ROLE_TAG, earlier_names, missing_model_hint
+from pipeline.registry.versions import ROLE_TAG, earlier_names, missing_model_hint, resolve_version
 
 COLUMNS = ("model", "version", "aliases", "key metric", "other metrics", "promotion", "created (UTC)", "commit",
            "run group", "params", "data", "stage run")
@@ -166,18 +166,6 @@ def _decision_rows(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> 
     return rows
 
 
-def _resolve(model: RegisteredModel, versions: list[ModelVersion], ref: str) -> ModelVersion:
-    """The version that `ref` names: a version number or an alias."""
-    by_number = {str(version.version): version for version in versions}
-    number = str(int(ref)) if ref.isascii() and ref.isdecimal() else model.aliases.get(ref)
-    if number is not None and str(number) in by_number:
-        return by_number[str(number)]
-    known = ", ".join(sorted(by_number, key=int)) or "none"
-    aliases = ", ".join(f"{alias}={n}" for alias, n in sorted(model.aliases.items())) or "none"
-    what = f"version {ref}" if ref.isascii() and ref.isdecimal() else f"alias {ref}"
-    raise DataError(f"{model.name} has no {what} (versions: {known}; aliases: {aliases})")
-
-
 def _registered(client: mlflow.MlflowClient, name: str) -> RegisteredModel | None:
     try:
         return client.get_registered_model(name)
@@ -196,7 +184,7 @@ def compare(client: mlflow.MlflowClient, name: str, ref_a: str, ref_b: str, name
         raise DataError(f"no registered model named {name} in {client.tracking_uri} (this project's: {models}); "
                         f"{missing_model_hint()}")
     versions = all_pages(client.search_model_versions, f"name = '{name}'")
-    a, b = _resolve(model, versions, ref_a), _resolve(model, versions, ref_b)
+    a, b = resolve_version(model, versions, ref_a), resolve_version(model, versions, ref_b)
     rows = (_metric_rows(model_spec(model, names), a, b) + _param_rows(client, a, b, show_all) + _data_rows(a, b)
             + _decision_rows(model, a, b))
     columns = ("", f"A (version {a.version})", f"B (version {b.version})", "B - A")
@@ -256,7 +244,7 @@ def decide(verb: str, argv: list[str]) -> None:
     if verb == "rollback":
         parser.add_argument("--to", metavar="VERSION", help="the version to return to (default: the previous champion)")
     else:
-        parser.add_argument("version", metavar="VERSION", help="the version number")
+        parser.add_argument("version", metavar="VERSION", help="the version number (or an alias, e.g. challenger)")
     parser.add_argument("--reason", default="", help="why, in a few words (required; recorded on the version)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file whose mlflow section locates the registry (default: params.yaml, if present)")

@@ -17,6 +17,7 @@ from pipeline.core.errors import DataError
 from pipeline.registry.cards import HISTORY_PREFIX, decision_history, with_history
 from pipeline.registry.locks import model_lock
 from pipeline.registry.tracking import tag_model_version, versions_of
+from pipeline.registry.versions import resolve_version
 
 APPROVED, REJECTED, ROLLED_BACK, RESTORED = "approved", "rejected", "rolled back", "restored"
 STATUS_TAG = "review.status"  # a version's standing after the latest decision about it (APPROVED, REJECTED, ...)
@@ -81,15 +82,6 @@ def _model(client: mlflow.MlflowClient, name: str) -> RegisteredModel:
         raise DataError(f"no registered model named {name} in {client.tracking_uri}") from None
 
 
-def _version(client: mlflow.MlflowClient, model: RegisteredModel, number: str) -> ModelVersion:
-    versions = {str(v.version): v for v in versions_of(client, model.name)}
-    if str(number) not in versions:
-        known = ", ".join(versions) or "none"
-        aliases = ", ".join(f"{alias}={n}" for alias, n in sorted(model.aliases.items())) or "none"
-        raise DataError(f"{model.name} has no version {number} (versions: {known}; aliases: {aliases})")
-    return versions[str(number)]
-
-
 def _reason(reason: str) -> str:
     if not reason.strip():
         raise DataError("--reason: say why, in a few words (an empty reason is refused)")
@@ -102,7 +94,7 @@ def approve(client: mlflow.MlflowClient, name: str, number: str, reason: str) ->
     reason, who = _reason(reason), decider()
     with model_lock(client, name):
         model = _model(client, name)
-        version = _version(client, model, number)
+        version = resolve_version(model, versions_of(client, name), number)
         before = model.aliases.get(CHAMPION)
         if before is not None and str(before) == str(version.version):
             raise DataError(f"{name} version {number} is already the champion")
@@ -117,7 +109,7 @@ def reject(client: mlflow.MlflowClient, name: str, number: str, reason: str) -> 
     reason, who = _reason(reason), decider()
     with model_lock(client, name):
         model = _model(client, name)
-        version = _version(client, model, number)
+        version = resolve_version(model, versions_of(client, name), number)
         if str(model.aliases.get(CHAMPION)) == str(version.version):
             raise DataError(f"{name} version {number} is the champion: roll it back first "
                             f"(llm-pipeline review rollback {name} --reason ...), then reject it")
@@ -134,10 +126,11 @@ def rollback(client: mlflow.MlflowClient, name: str, reason: str, to: str | None
         current = model.aliases.get(CHAMPION)
         if current is None:
             raise DataError(f"{name} has no champion to roll back")
-        current = str(current)
-        history = champions(model)
+        current, history = str(current), champions(model)
+        versions = versions_of(client, name)  # read once: the lock keeps them as they are
+        existing = {str(v.version): v for v in versions}
         if to is not None:
-            target = _version(client, model, to)
+            target = resolve_version(model, versions, to)
             if str(target.version) == current:
                 raise DataError(f"{name} version {to} is already the champion")
             if blocked_reason(target):
@@ -145,7 +138,6 @@ def rollback(client: mlflow.MlflowClient, name: str, reason: str, to: str | None
                                 "(llm-pipeline review approve), which records why it comes back")
             kept = [*history, str(target.version)]
         else:
-            existing = {str(v.version): v for v in versions_of(client, name)}
             earlier = history[:len(history) - 1 - history[::-1].index(current)] if current in history else history
             while earlier and (earlier[-1] == current or earlier[-1] not in existing
                                or blocked_reason(existing[earlier[-1]])):
@@ -154,10 +146,8 @@ def rollback(client: mlflow.MlflowClient, name: str, reason: str, to: str | None
                 raise DataError(f"{name} has no earlier champion to return to (champions so far: "
                                 f"{', '.join(history)}); --to VERSION names one")
             target, kept = existing[earlier[-1]], earlier
-        rolled = _version(client, model, current)
-        _record(client, rolled, ROLLED_BACK, reason, who, champion_after=str(target.version))
-        _record(client, _version(client, model, str(target.version)), RESTORED, reason, who,
-                champion_before=current)
+        _record(client, existing[current], ROLLED_BACK, reason, who, champion_after=str(target.version))
+        _record(client, target, RESTORED, reason, who, champion_before=current)
         move_champion(client, model, str(target.version), kept)
     return {"model": name, "version": str(target.version), "decision": ROLLED_BACK, "by": who,
             "champion_before": current}

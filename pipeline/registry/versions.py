@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from gpt.checkpoint import read_config
@@ -73,6 +73,19 @@ def report_digest(report: Path) -> str:
 def find_version(client: mlflow.MlflowClient, name: str, digest: str) -> ModelVersion | None:
     """The version of `name` holding the output with `digest`, or None (the oldest, should there be two)."""
     return next((v for v in versions_of(client, name) if v.tags.get(DIGEST_TAG) == digest), None)
+
+
+def resolve_version(model: RegisteredModel, versions: list[ModelVersion], ref: str) -> ModelVersion:
+    """The version of `model` among `versions` that `ref` names (a version number or an alias); a DataError
+    naming the versions and aliases there are if none."""
+    by_number = {str(version.version): version for version in versions}
+    number = str(int(ref)) if ref.isascii() and ref.isdecimal() else model.aliases.get(ref)
+    if number is not None and str(number) in by_number:
+        return by_number[str(number)]
+    known = ", ".join(sorted(by_number, key=int)) or "none"
+    aliases = ", ".join(f"{alias}={n}" for alias, n in sorted(model.aliases.items())) or "none"
+    what = f"version {ref}" if ref.isascii() and ref.isdecimal() else f"alias {ref}"
+    raise DataError(f"{model.name} has no {what} (versions: {known}; aliases: {aliases})")
 
 
 def evaluation_tags(metrics: Mapping[str, Any]) -> dict[str, Any]:
